@@ -1,0 +1,201 @@
+//! Value types carried on the wire.
+
+use std::fmt;
+
+use bincode::{Decode, Encode};
+
+use crate::{Epoch, Incarnation, MemberId, OpId};
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum DType {
+    /// IEEE 754 binary32.
+    F32,
+    /// bfloat16 (8-bit exponent, 7-bit mantissa).
+    BF16,
+    /// IEEE 754 binary16.
+    F16,
+}
+
+impl DType {
+    /// Every dtype, for sweeps.
+    pub const ALL: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+    /// Bytes per element.
+    pub const fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+
+    /// The code used in frame headers.
+    pub const fn code(self) -> u8 {
+        match self {
+            DType::F32 => 1,
+            DType::BF16 => 2,
+            DType::F16 => 3,
+        }
+    }
+
+    /// The dtype for a frame-header code.
+    pub const fn from_code(code: u8) -> Option<DType> {
+        match code {
+            1 => Some(DType::F32),
+            2 => Some(DType::BF16),
+            3 => Some(DType::F16),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+        })
+    }
+}
+
+/// How contributions are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise sum divided once, at the end, by the number of contributors.
+    Mean,
+    /// Element-wise minimum.
+    Min,
+    /// Element-wise maximum.
+    Max,
+}
+
+impl ReduceOp {
+    /// Every op, for sweeps.
+    pub const ALL: [ReduceOp; 4] = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Min, ReduceOp::Max];
+
+    /// The element-wise combination applied as contributions arrive: `Mean`
+    /// accumulates as `Sum` and divides once when the op completes.
+    pub const fn accumulate(self) -> ReduceOp {
+        match self {
+            ReduceOp::Mean => ReduceOp::Sum,
+            other => other,
+        }
+    }
+}
+
+impl fmt::Display for ReduceOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Mean => "mean",
+            ReduceOp::Min => "min",
+            ReduceOp::Max => "max",
+        })
+    }
+}
+
+/// Why a peer refused a connection or a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum RejectCode {
+    /// The peer speaks a protocol version outside our supported range.
+    UnsupportedVersion,
+    /// The peer is not a member of this group (or of this cluster).
+    UnknownMember,
+    /// The peer's incarnation is older than one already seen.
+    StaleIncarnation,
+    /// A message could not be decoded.
+    Malformed,
+    /// A tensor or message exceeded a configured limit.
+    TooLarge,
+    /// The request was valid but cannot be served now.
+    Unavailable,
+}
+
+/// Why a collective was aborted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum AbortReason {
+    /// A member of the op's ring was declared down.
+    MemberDown(MemberId),
+    /// A newer epoch was installed while the op was in flight.
+    EpochChanged(Epoch),
+    /// The op did not complete before its deadline.
+    Timeout,
+    /// A peer sent a frame that contradicts the op's schedule.
+    ProtocolViolation(MemberId),
+    /// The local trainer or daemon cancelled it.
+    Cancelled,
+}
+
+impl fmt::Display for AbortReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AbortReason::MemberDown(m) => write!(f, "member {m} is down"),
+            AbortReason::EpochChanged(e) => write!(f, "epoch changed to {e}"),
+            AbortReason::Timeout => f.write_str("timed out"),
+            AbortReason::ProtocolViolation(m) => write!(f, "protocol violation by {m}"),
+            AbortReason::Cancelled => f.write_str("cancelled"),
+        }
+    }
+}
+
+/// Control messages between daemons. Tensor data never travels in these.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum ControlMessage {
+    /// First message on a connection: who is speaking.
+    Hello {
+        /// The sender's protocol version.
+        protocol_version: u16,
+        /// The cluster name both ends must agree on.
+        cluster: String,
+        /// The sender.
+        member: MemberId,
+        /// The sender's current life.
+        incarnation: Incarnation,
+    },
+    /// The answer to an accepted `Hello`.
+    Welcome {
+        /// The answering member.
+        member: MemberId,
+        /// Its current life.
+        incarnation: Incarnation,
+        /// The epoch it has installed.
+        epoch: Epoch,
+    },
+    /// A refusal, with a reason the other side can log.
+    Reject {
+        /// Machine-readable reason.
+        code: RejectCode,
+        /// Human-readable detail.
+        detail: String,
+    },
+    /// Liveness signal.
+    Heartbeat {
+        /// The sender.
+        member: MemberId,
+        /// Its current life.
+        incarnation: Incarnation,
+        /// The epoch it has installed.
+        epoch: Epoch,
+        /// The sender's clock when it sent this, in microseconds (for RTT).
+        sent_at_us: u64,
+    },
+    /// The sender aborted an op; the receiver should abort it too.
+    AbortOp {
+        /// The op.
+        op: OpId,
+        /// Its epoch.
+        epoch: Epoch,
+        /// Why.
+        reason: AbortReason,
+    },
+    /// The sender is leaving on purpose.
+    Goodbye {
+        /// The sender.
+        member: MemberId,
+        /// Why it leaves.
+        reason: String,
+    },
+}
