@@ -28,12 +28,13 @@
 //!
 //! A collective sums `n` contributions in an order the algorithm fixes (ring,
 //! recursive doubling), not the reference's left-to-right order. With `u` the
-//! unit roundoff of the buffer's dtype (2^-24 for f32, 2^-9 for bf16, 2^-11
+//! unit roundoff of the buffer's dtype (2^-24 for f32, 2^-8 for bf16, 2^-11
 //! for f16), each of the at most `n - 1` additions rounds once, so
 //!
 //! `|result - exact| <= (n - 1) * u * sum(|x_i|)` (first order),
 //!
-//! and a `Mean` adds one more rounding of the final division: `u * |mean|`.
+//! and a `Mean`, which multiplies by the f32 reciprocal of `n`, adds the
+//! rounding of the reciprocal and of the product: `2u * |mean|`.
 //! [`sum_error_bound`] computes this bound; the simulator checks every result
 //! against it.
 //!
@@ -163,7 +164,7 @@ pub trait ComputeEngine: Send + Sync + std::fmt::Debug {
 pub fn unit_roundoff(dtype: DType) -> f64 {
     match dtype {
         DType::F32 => 2f64.powi(-24),
-        DType::BF16 => 2f64.powi(-9),
+        DType::BF16 => 2f64.powi(-8),
         DType::F16 => 2f64.powi(-11),
     }
 }
@@ -178,7 +179,7 @@ pub fn sum_error_bound(dtype: DType, n: usize, abs_sum: f64, result: f64, mean: 
     // keeps the bound meaningful for n = 1.
     let sum_bound = (n as f64) * u * abs_sum * 1.01;
     if mean {
-        sum_bound / n as f64 + u * result.abs()
+        sum_bound / n as f64 + 2.0 * u * result.abs()
     } else {
         sum_bound
     }

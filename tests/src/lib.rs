@@ -1,1 +1,11 @@
-//! x
+//! # phalanx-tests
+//!
+//! The deterministic cluster simulator and the invariants it checks. The
+//! sweep tests in `tests/` and the `phalanx-sim` binary drive it; a failing
+//! seed prints the command that replays it.
+#![deny(missing_docs)]
+
+pub mod invariants;
+pub mod scenario;
+pub mod sim;
+pub mod tensor;

@@ -1,0 +1,113 @@
+//! The simulator sweeps: seeded fault scenarios, and a fault-free grid over
+//! member counts, lengths, dtypes and algorithms. CI runs the defaults;
+//! `PHALANX_SIM_SEEDS=5000` (and `PHALANX_SIM_SEED_START`) runs more.
+
+use phalanx_protocol::collective::Algorithm;
+use phalanx_protocol::wire::{DType, ReduceOp};
+use phalanx_tests::scenario::{KindPlan, OpPlan, Scenario, LENGTHS};
+use phalanx_tests::sim;
+use phalanx_tests::tensor::Values;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn seeded_fault_scenarios() {
+    let count = env("PHALANX_SIM_SEEDS", 300);
+    let start = env("PHALANX_SIM_SEED_START", 0);
+    let mut failures = Vec::new();
+    let (mut reruns, mut stale, mut frames) = (0, 0, 0);
+    for seed in start..start + count {
+        match sim::run_seed(seed) {
+            Ok(report) => {
+                reruns += report.reruns;
+                stale += report.stale_frames;
+                frames += report.frames;
+            }
+            Err(failure) => {
+                eprintln!("{failure}\n");
+                failures.push(seed);
+            }
+        }
+    }
+    println!("{count} seeds from {start}: {frames} frames, {reruns} re-runs after kills, {stale} stale frames fenced");
+    assert!(
+        failures.is_empty(),
+        "failing seeds: {failures:?} (replay commands above)"
+    );
+    // The sweep must exercise the fault paths, or it proves nothing about them.
+    if count >= 100 {
+        assert!(reruns > 0, "no scenario re-ran an op after a kill");
+        assert!(
+            stale > 0,
+            "no scenario delivered a frame from a superseded epoch"
+        );
+    }
+}
+
+fn kinds(members: usize) -> Vec<(KindPlan, Algorithm)> {
+    let mut k = vec![
+        (KindPlan::AllReduce(ReduceOp::Sum), Algorithm::Ring),
+        (
+            KindPlan::AllReduce(ReduceOp::Mean),
+            Algorithm::RecursiveDoubling,
+        ),
+        (KindPlan::AllReduce(ReduceOp::Max), Algorithm::Auto),
+        (KindPlan::ReduceScatter(ReduceOp::Min), Algorithm::Auto),
+        (KindPlan::AllGather, Algorithm::Auto),
+        (KindPlan::Barrier, Algorithm::Auto),
+    ];
+    k.push((KindPlan::Broadcast(members / 2), Algorithm::Auto));
+    k
+}
+
+/// N = 1..16 x lengths (0, 1, primes, non-divisible) x every dtype x every
+/// algorithm, with small chunks so large tensors stream in many pieces.
+#[test]
+fn grid_members_lengths_dtypes_algorithms() {
+    let mut runs = 0;
+    let mut failures = Vec::new();
+    let only_members: Option<usize> = std::env::var("PHALANX_GRID_MEMBERS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let only_len: Option<usize> = std::env::var("PHALANX_GRID_LEN")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for members in (1..=16).filter(|m| only_members.is_none_or(|o| o == *m)) {
+        for &len in LENGTHS.iter().filter(|l| only_len.is_none_or(|o| o == **l)) {
+            for dtype in DType::ALL {
+                for (kind, algorithm) in kinds(members) {
+                    let op = OpPlan {
+                        kind,
+                        algorithm,
+                        dtype,
+                        len,
+                        values: Values::Random,
+                    };
+                    let chunk = if len > 1000 { 1024 } else { 16 };
+                    runs += 1;
+                    let mut scenario = Scenario::single(members, op.clone(), chunk);
+                    scenario.replay = Some(format!(
+                        "PHALANX_GRID_MEMBERS={members} PHALANX_GRID_LEN={len} \
+                         cargo test --release --locked -p phalanx-tests --test sim_sweep grid"
+                    ));
+                    if let Err(f) = sim::run(scenario) {
+                        failures.push(format!("{members} members, {op:?}: {f}"));
+                    }
+                }
+            }
+        }
+    }
+    for f in failures.iter().take(5) {
+        eprintln!("{f}\n");
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} grid runs failed",
+        failures.len()
+    );
+}
