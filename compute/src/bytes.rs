@@ -6,7 +6,7 @@ use half::{bf16, f16};
 use crate::{ComputeEngine, ComputeError, DType, ReduceOp};
 
 fn whole(len: usize, dtype: DType) -> Result<(), ComputeError> {
-    if len % dtype.size_bytes() == 0 {
+    if len.is_multiple_of(dtype.size_bytes()) {
         Ok(())
     } else {
         Err(ComputeError::RaggedBytes { len, dtype })

@@ -42,7 +42,7 @@ pub fn all_reduce(len: usize, n: usize, me: usize) -> Plan {
         }
     };
 
-    if me < 2 * rem && me % 2 == 0 {
+    if me < 2 * rem && me.is_multiple_of(2) {
         rounds[0].send = Some(to(me + 1));
         rounds[last].recv = Some((to(me + 1), Apply::Copy));
     } else {
@@ -85,7 +85,7 @@ mod tests {
                     }
                 }
             }
-            let p = 1usize << (usize::BITS - 1 - (n as usize).leading_zeros());
+            let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
             let rem = n - p;
             let expected = if n == 1 {
                 0

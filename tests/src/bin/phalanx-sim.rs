@@ -72,7 +72,7 @@ fn main() -> ExitCode {
                     println!(
                         "{}",
                         sim::Failure {
-                            scenario,
+                            scenario: Box::new(scenario),
                             violations
                         }
                     );

@@ -11,7 +11,7 @@
 //! ordered, so a seed replays exactly.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use phalanx_compute::{reduce_bytes, scale_bytes, ComputeEngine, ScalarEngine, SimdEngine};
@@ -48,6 +48,10 @@ enum Event {
         member: usize,
     },
     Timer {
+        member: usize,
+    },
+    /// A busy or paused member becomes free to handle its inbox.
+    Wake {
         member: usize,
     },
 }
@@ -111,6 +115,9 @@ struct Member {
     busy_until: Time,
     timer_at: Option<Time>,
     runs: BTreeMap<OpId, Run>,
+    /// Events waiting while the member is busy or paused, in arrival order.
+    inbox: VecDeque<Event>,
+    wake_pending: bool,
 }
 
 /// The oracle's record of one op across epochs.
@@ -176,7 +183,7 @@ fn at(d: Duration) -> Time {
 impl Sim {
     /// Sets up members, inputs and faults. `trace` prints every event.
     pub fn new(scenario: Scenario, trace: bool) -> Sim {
-        let mut rng = SplitMix64::new(scenario.seed ^ 0x5EED_0F_5133);
+        let mut rng = SplitMix64::new(scenario.seed ^ 0x005E_ED0F_5133);
         let ids = scenario.member_ids();
         let config = Config {
             chunk_bytes: scenario.chunk_bytes,
@@ -203,6 +210,8 @@ impl Sim {
                     busy_until: Time::ZERO,
                     timer_at: None,
                     runs: BTreeMap::new(),
+                    inbox: VecDeque::new(),
+                    wake_pending: false,
                 }
             })
             .collect();
@@ -315,7 +324,7 @@ impl Sim {
                 )));
                 break;
             }
-            if !matches!(q.event, Event::Timer { .. }) {
+            if !matches!(q.event, Event::Timer { .. } | Event::Wake { .. }) {
                 // Leftover op-timeout timers fire long after the work ends.
                 self.report.end = self.now;
             }
@@ -337,29 +346,56 @@ impl Sim {
     }
 
     fn step(&mut self, event: Event) {
-        let member = match &event {
+        match event {
             Event::Start { member, .. }
             | Event::Deliver { to: member, .. }
-            | Event::Timer { member } => Some(*member),
-            Event::Kill { .. } | Event::Detect { .. } => None,
-        };
-        if let Some(m) = member {
-            let mem = &self.members[m];
+            | Event::Timer { member } => {
+                if self.members[member].alive {
+                    self.members[member].inbox.push_back(event);
+                    self.pump_member(member);
+                }
+            }
+            Event::Wake { member } => {
+                self.members[member].wake_pending = false;
+                self.pump_member(member);
+            }
+            Event::Kill { .. } | Event::Detect { .. } => self.handle(event),
+        }
+    }
+
+    /// Handles the member's inbox in order while it is free; a busy or paused
+    /// member gets one wake-up at the time it is free again (one event per
+    /// wait, not one per queued message).
+    fn pump_member(&mut self, m: usize) {
+        loop {
+            let mem = &mut self.members[m];
             if !mem.alive {
+                mem.inbox.clear();
                 return;
             }
-            // A paused or busy member handles the event when it is free again.
+            if mem.inbox.is_empty() {
+                return;
+            }
+            let now = self.now;
             let resume = mem
                 .pauses
                 .iter()
-                .find(|(from, to)| *from <= self.now && self.now < *to)
+                .find(|(from, to)| *from <= now && now < *to)
                 .map(|&(_, to)| to)
-                .or((mem.busy_until > self.now).then_some(mem.busy_until));
+                .or((mem.busy_until > now).then_some(mem.busy_until));
             if let Some(t) = resume {
-                self.push(t, event);
+                if !mem.wake_pending {
+                    mem.wake_pending = true;
+                    self.push(t, Event::Wake { member: m });
+                }
                 return;
             }
+            let event = mem.inbox.pop_front().expect("non-empty");
+            self.handle(event);
         }
+    }
+
+    fn handle(&mut self, event: Event) {
         if self.trace {
             println!("{} {}", self.now, describe(&event));
         }
@@ -435,6 +471,7 @@ impl Sim {
                 self.push(self.now.after(detect_after), Event::Detect { member });
             }
             Event::Detect { member } => self.detect(member),
+            Event::Wake { .. } => unreachable!("wake-ups are handled by step"),
         }
     }
 
@@ -636,6 +673,7 @@ fn describe(event: &Event) -> String {
         Event::Kill { member } => format!("KILL member#{member}"),
         Event::Detect { member } => format!("DETECT member#{member} down: new epoch"),
         Event::Timer { member } => format!("timer at member#{member}"),
+        Event::Wake { member } => format!("member#{member} free"),
     }
 }
 
@@ -643,7 +681,7 @@ fn describe(event: &Event) -> String {
 #[derive(Debug)]
 pub struct Failure {
     /// The scenario.
-    pub scenario: Scenario,
+    pub scenario: Box<Scenario>,
     /// What broke.
     pub violations: Vec<Violation>,
 }
@@ -667,7 +705,7 @@ pub fn run(scenario: Scenario) -> Result<(Report, Sim), Failure> {
     Sim::new(scenario, false)
         .run()
         .map_err(|violations| Failure {
-            scenario: s,
+            scenario: Box::new(s),
             violations,
         })
 }
