@@ -465,8 +465,11 @@ impl Collectives {
             for o in early {
                 self.orphan_bytes -= o.payload.len();
                 if o.header.epoch == epoch {
-                    // A bad early frame aborts the op; the sender is named in the reason.
-                    let _ = self.deliver(o.header, o.payload);
+                    if self.ops.contains_key(&op_id) {
+                        // A bad early frame aborts the op; the sender is named
+                        // in the abort reason, and later early frames are moot.
+                        let _ = self.deliver(o.header, o.payload);
+                    }
                 } else if o.header.epoch > epoch {
                     self.keep_orphan(o);
                 } else {
