@@ -2,6 +2,8 @@
 //! follows exactly (the SIMD engine applies the same operations in the same
 //! order, without fused multiply-add).
 
+use crate::{same_len, ComputeError};
+
 /// Plain SGD.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SgdParams {
@@ -66,14 +68,69 @@ impl AdamParams {
     }
 }
 
+/// The whole SGD update with its argument checks. `inline(always)` so that,
+/// called inside a `target_feature` function, the loop vectorises with it.
 #[inline(always)]
-pub(crate) fn sgd_one(p: f32, g: f32, h: &SgdParams) -> f32 {
+pub(crate) fn sgd_all(
+    params: &mut [f32],
+    grads: &[f32],
+    h: &SgdParams,
+) -> Result<(), ComputeError> {
+    same_len("grads", grads.len(), params.len())?;
+    for (p, &g) in params.iter_mut().zip(grads) {
+        *p = sgd_one(*p, g, h);
+    }
+    Ok(())
+}
+
+/// The whole momentum update with its argument checks.
+#[inline(always)]
+pub(crate) fn momentum_all(
+    params: &mut [f32],
+    grads: &[f32],
+    velocity: &mut [f32],
+    h: &MomentumParams,
+) -> Result<(), ComputeError> {
+    same_len("grads", grads.len(), params.len())?;
+    same_len("velocity", velocity.len(), params.len())?;
+    for ((p, &g), v) in params.iter_mut().zip(grads).zip(velocity.iter_mut()) {
+        (*p, *v) = momentum_one(*p, g, *v, h);
+    }
+    Ok(())
+}
+
+/// The whole Adam update with its argument checks.
+#[inline(always)]
+pub(crate) fn adam_all(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    h: &AdamParams,
+) -> Result<(), ComputeError> {
+    same_len("grads", grads.len(), params.len())?;
+    same_len("m", m.len(), params.len())?;
+    same_len("v", v.len(), params.len())?;
+    let bc = h.bias_corrections();
+    for (((p, &g), m), v) in params
+        .iter_mut()
+        .zip(grads)
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+    {
+        (*p, *m, *v) = adam_one(*p, g, *m, *v, h, bc);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn sgd_one(p: f32, g: f32, h: &SgdParams) -> f32 {
     let g = g + h.weight_decay * p;
     p - h.lr * g
 }
 
 #[inline(always)]
-pub(crate) fn momentum_one(p: f32, g: f32, v: f32, h: &MomentumParams) -> (f32, f32) {
+fn momentum_one(p: f32, g: f32, v: f32, h: &MomentumParams) -> (f32, f32) {
     let g = g + h.weight_decay * p;
     let v = h.momentum * v + g;
     let d = if h.nesterov { g + h.momentum * v } else { v };
@@ -81,14 +138,7 @@ pub(crate) fn momentum_one(p: f32, g: f32, v: f32, h: &MomentumParams) -> (f32, 
 }
 
 #[inline(always)]
-pub(crate) fn adam_one(
-    p: f32,
-    g: f32,
-    m: f32,
-    v: f32,
-    h: &AdamParams,
-    bc: (f32, f32),
-) -> (f32, f32, f32) {
+fn adam_one(p: f32, g: f32, m: f32, v: f32, h: &AdamParams, bc: (f32, f32)) -> (f32, f32, f32) {
     let g = g + h.weight_decay * p;
     let m = h.beta1 * m + (1.0 - h.beta1) * g;
     let v = h.beta2 * v + (1.0 - h.beta2) * (g * g);

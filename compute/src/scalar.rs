@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 
-use crate::optim::{adam_one, momentum_one, sgd_one};
+use crate::optim::{adam_all, momentum_all, sgd_all};
 use crate::{
     same_len, AdamParams, ComputeEngine, ComputeError, MomentumParams, ReduceOp, SgdParams,
 };
@@ -158,11 +158,7 @@ impl ComputeEngine for ScalarEngine {
     }
 
     fn sgd(&self, params: &mut [f32], grads: &[f32], h: &SgdParams) -> Result<(), ComputeError> {
-        same_len("grads", grads.len(), params.len())?;
-        for (p, &g) in params.iter_mut().zip(grads) {
-            *p = sgd_one(*p, g, h);
-        }
-        Ok(())
+        sgd_all(params, grads, h)
     }
 
     fn momentum(
@@ -172,12 +168,7 @@ impl ComputeEngine for ScalarEngine {
         velocity: &mut [f32],
         h: &MomentumParams,
     ) -> Result<(), ComputeError> {
-        same_len("grads", grads.len(), params.len())?;
-        same_len("velocity", velocity.len(), params.len())?;
-        for ((p, &g), v) in params.iter_mut().zip(grads).zip(velocity.iter_mut()) {
-            (*p, *v) = momentum_one(*p, g, *v, h);
-        }
-        Ok(())
+        momentum_all(params, grads, velocity, h)
     }
 
     fn adam(
@@ -188,18 +179,6 @@ impl ComputeEngine for ScalarEngine {
         v: &mut [f32],
         h: &AdamParams,
     ) -> Result<(), ComputeError> {
-        same_len("grads", grads.len(), params.len())?;
-        same_len("m", m.len(), params.len())?;
-        same_len("v", v.len(), params.len())?;
-        let bc = h.bias_corrections();
-        for (((p, &g), m), v) in params
-            .iter_mut()
-            .zip(grads)
-            .zip(m.iter_mut())
-            .zip(v.iter_mut())
-        {
-            (*p, *m, *v) = adam_one(*p, g, *m, *v, h, bc);
-        }
-        Ok(())
+        adam_all(params, grads, m, v, h)
     }
 }

@@ -371,23 +371,50 @@ fn early_frames_after_the_op_ended_are_dropped_without_panicking() {
     for _ in 0..3 {
         core.handle_frame(Time(1), h, vec![0; 16]).unwrap();
     }
-    core.start(Time(2), spec(Kind::AllReduce(ReduceOp::Sum), Algorithm::RecursiveDoubling, 4))
-        .unwrap();
+    core.start(
+        Time(2),
+        spec(
+            Kind::AllReduce(ReduceOp::Sum),
+            Algorithm::RecursiveDoubling,
+            4,
+        ),
+    )
+    .unwrap();
     let actions = drain(&mut core);
-    assert_eq!(actions.iter().filter(|a| matches!(a, Action::Complete { .. })).count(), 1);
+    assert_eq!(
+        actions
+            .iter()
+            .filter(|a| matches!(a, Action::Complete { .. }))
+            .count(),
+        1
+    );
     assert_eq!(core.in_flight(), 0);
 
     // A bad early frame aborts the op; the good ones after it are moot.
     let mut core = Collectives::new(B, Config::default());
-    core.handle_frame(Time(1), header(A, 1, 0, 3), vec![0; 12]).unwrap();
-    core.handle_frame(Time(1), h, vec![0; 16]).unwrap();
-    core.start(Time(2), spec(Kind::AllReduce(ReduceOp::Sum), Algorithm::RecursiveDoubling, 4))
+    core.handle_frame(Time(1), header(A, 1, 0, 3), vec![0; 12])
         .unwrap();
+    core.handle_frame(Time(1), h, vec![0; 16]).unwrap();
+    core.start(
+        Time(2),
+        spec(
+            Kind::AllReduce(ReduceOp::Sum),
+            Algorithm::RecursiveDoubling,
+            4,
+        ),
+    )
+    .unwrap();
     let actions = drain(&mut core);
-    assert!(matches!(
-        actions.last(),
-        Some(Action::Aborted { reason: AbortReason::ProtocolViolation(A), .. })
-    ), "{actions:?}");
+    assert!(
+        matches!(
+            actions.last(),
+            Some(Action::Aborted {
+                reason: AbortReason::ProtocolViolation(A),
+                ..
+            })
+        ),
+        "{actions:?}"
+    );
     assert!(!actions.iter().any(|a| matches!(a, Action::Reduce { .. })));
     assert_eq!(core.in_flight(), 0);
 }

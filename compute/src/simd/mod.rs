@@ -11,7 +11,7 @@ use std::fmt;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
-use crate::optim::{adam_one, momentum_one, sgd_one};
+use crate::optim::{adam_all, momentum_all, sgd_all};
 use crate::scalar::{reduce_f32_scalar, scale_f32_scalar};
 use crate::{
     same_len, AdamParams, ComputeEngine, ComputeError, MomentumParams, ReduceOp, SgdParams,
@@ -270,13 +270,9 @@ impl ComputeEngine for SimdEngine {
     }
 
     fn sgd(&self, params: &mut [f32], grads: &[f32], h: &SgdParams) -> Result<(), ComputeError> {
-        same_len("grads", grads.len(), params.len())?;
-        self.with_level_loop(|| {
-            for (p, &g) in params.iter_mut().zip(grads) {
-                *p = sgd_one(*p, g, h);
-            }
-        });
-        Ok(())
+        let mut result = Ok(());
+        self.with_level_loop(|| result = sgd_all(params, grads, h));
+        result
     }
 
     fn momentum(
@@ -286,14 +282,9 @@ impl ComputeEngine for SimdEngine {
         velocity: &mut [f32],
         h: &MomentumParams,
     ) -> Result<(), ComputeError> {
-        same_len("grads", grads.len(), params.len())?;
-        same_len("velocity", velocity.len(), params.len())?;
-        self.with_level_loop(|| {
-            for ((p, &g), v) in params.iter_mut().zip(grads).zip(velocity.iter_mut()) {
-                (*p, *v) = momentum_one(*p, g, *v, h);
-            }
-        });
-        Ok(())
+        let mut result = Ok(());
+        self.with_level_loop(|| result = momentum_all(params, grads, velocity, h));
+        result
     }
 
     fn adam(
@@ -304,20 +295,8 @@ impl ComputeEngine for SimdEngine {
         v: &mut [f32],
         h: &AdamParams,
     ) -> Result<(), ComputeError> {
-        same_len("grads", grads.len(), params.len())?;
-        same_len("m", m.len(), params.len())?;
-        same_len("v", v.len(), params.len())?;
-        let bc = h.bias_corrections();
-        self.with_level_loop(|| {
-            for (((p, &g), m), v) in params
-                .iter_mut()
-                .zip(grads)
-                .zip(m.iter_mut())
-                .zip(v.iter_mut())
-            {
-                (*p, *m, *v) = adam_one(*p, g, *m, *v, h, bc);
-            }
-        });
-        Ok(())
+        let mut result = Ok(());
+        self.with_level_loop(|| result = adam_all(params, grads, m, v, h));
+        result
     }
 }
