@@ -1,9 +1,20 @@
 //! # phalanx-client
 //!
-//! The library trainers link. This release carries the pieces a trainer
-//! plugs in: the compute-engine trait and its engines, and the wire-level
-//! element and reduction types. The connection to the local `phalanxd` and
-//! the collective calls arrive with the daemon.
+//! The library trainers link: [`Client`] connects to the node's `phalanxd`
+//! over its Unix socket and runs collectives with the group; tensors travel
+//! through shared memory (a sealed memfd registered once), never through the
+//! socket. [`AsyncClient`] offers the same calls to tokio code. The compute
+//! engines are re-exported so a trainer picks one by name.
+//!
+//! ```no_run
+//! use phalanx_client::{Client, ReduceOp};
+//!
+//! let mut client = Client::connect("/run/phalanx/phalanxd.sock")?;
+//! let mut grads = vec![0.5f32; 1 << 20];
+//! let info = client.all_reduce(&mut grads, ReduceOp::Mean)?;
+//! println!("averaged over {} members", info.contributors.len());
+//! # Ok::<(), phalanx_client::ClientError>(())
+//! ```
 //!
 //! ```
 //! use phalanx_client::{engine_by_name, ReduceOp};
@@ -15,6 +26,12 @@
 //! assert!(engine_by_name("tpu").is_err());
 //! ```
 #![deny(missing_docs)]
+
+mod client;
+#[cfg(feature = "async")]
+pub use client::AsyncClient;
+pub use client::{Client, ClientError, Element, OpInfo};
+pub use phalanx_protocol::{Epoch, MemberId, OpId};
 
 pub use phalanx_compute::{
     bf16, f16, AdamParams, ComputeEngine, ComputeError, MomentumParams, ScalarEngine, SgdParams,

@@ -1,9 +1,124 @@
 //! # phalanx-daemon
 //!
-//! The IO shell around the sans-IO core: `phalanxd` (QUIC transport with
-//! mutual TLS, the raft-rs loop, sled checkpoints, the trainer socket and the
-//! metrics endpoint) and `phalanxctl`. This crate is reserved in the workspace
-//! so its dependency edges are fixed from the start; the daemon itself lands
-//! with the data-plane work (issue 3). Until then the simulator in
-//! `phalanx-tests` drives the same core under a virtual clock.
+//! `phalanxd`, the IO shell around the sans-IO core: a QUIC mesh with mutual
+//! TLS between daemons, the trainer socket with shared memory, the driver loop
+//! that feeds both into the collective core, and a Prometheus endpoint.
+//! [`run`] is the whole daemon, so tests can start several in one process.
+//!
+//! Membership is the static `members` list of the configuration in this
+//! release; [`config::Config::ring`] is the one seam through which the group
+//! is read, for the Raft control plane to replace.
 #![deny(missing_docs)]
+
+pub mod cluster;
+pub mod config;
+pub mod driver;
+pub mod local;
+pub mod metrics;
+pub mod shm;
+pub mod tls;
+pub mod transport;
+
+use std::future::Future;
+
+use anyhow::{Context, Result};
+use phalanx_compute::{ComputeEngine, ScalarEngine, SimdEngine};
+use phalanx_protocol::collective::{Collectives, Config as CoreConfig};
+use phalanx_protocol::MemberId;
+use tokio::sync::{mpsc, watch};
+use tracing::info;
+
+use crate::config::Config;
+
+/// Queue depth from the network and trainers into the driver; readers wait
+/// when it is full, which pushes back through QUIC flow control.
+const DRIVER_QUEUE: usize = 1024;
+
+fn engine(name: &str) -> Box<dyn ComputeEngine> {
+    match name {
+        "scalar" => Box::new(ScalarEngine),
+        _ => Box::new(SimdEngine::detect()),
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves: in-flight ops then fail with a
+/// clear error, peers are told, the socket file is removed.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    config.validate()?;
+    let me = MemberId(config.member_id);
+    let identity = tls::load(&config.tls_files())?;
+    let endpoint = transport::quic::endpoint(&config, &identity)?;
+    let engine = engine(&config.engine);
+    info!(
+        member = %me,
+        listen = %endpoint.local_addr().context("endpoint address")?,
+        socket = %config.socket.display(),
+        engine = %engine.name(),
+        members = config.members.len(),
+        "phalanxd starting"
+    );
+
+    let metrics_task = match config.metrics {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            Some(tokio::spawn(metrics::serve(listener, metrics::handle()?)))
+        }
+        None => None,
+    };
+
+    let (driver_tx, driver_rx) = mpsc::channel(DRIVER_QUEUE);
+    let (mesh, outboxes, writers) = transport::quic::mesh(&config, driver_tx.clone());
+    let dp = &config.data_plane;
+    let core = Collectives::new(
+        me,
+        CoreConfig {
+            chunk_bytes: dp.chunk_bytes,
+            small_tensor_bytes: dp.small_tensor_bytes,
+            max_chunks_in_flight: dp.max_chunks_in_flight,
+            op_timeout: config.op_timeout(),
+            max_tensor_bytes: dp.max_tensor_bytes,
+            ..CoreConfig::default()
+        },
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let driver = driver::Driver::new(core, engine, config.ring(), outboxes);
+    let driver_task = tokio::spawn(driver.run(driver_rx, stop_rx));
+    for w in writers {
+        tokio::spawn(w.run());
+    }
+    tokio::spawn(mesh.clone().accept(endpoint.clone()));
+    for peer in config.members.iter().filter(|p| p.id > config.member_id) {
+        tokio::spawn(mesh.clone().dial(endpoint.clone(), peer.clone()));
+    }
+
+    let listener = local::bind(&config.socket)?;
+    let local = local::LocalServer::start(
+        listener,
+        config.socket.clone(),
+        local::LocalContext {
+            me,
+            ring: config.ring(),
+            driver: driver_tx,
+            max_tensor_bytes: dp.max_tensor_bytes,
+        },
+    );
+    info!(member = %me, "phalanxd ready");
+
+    shutdown.await;
+    info!(member = %me, "shutting down: failing in-flight ops, closing connections");
+    let _ = stop_tx.send(true);
+    let _ = driver_task.await;
+    tokio::task::spawn_blocking(move || local.stop())
+        .await
+        .context("stopping the trainer socket")?;
+    endpoint.close(
+        quinn::VarInt::from_u32(transport::quic::close::SHUTDOWN),
+        b"shutting down",
+    );
+    endpoint.wait_idle().await;
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    info!(member = %me, "phalanxd stopped");
+    Ok(())
+}

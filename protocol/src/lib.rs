@@ -36,6 +36,7 @@
 
 pub mod collective;
 mod ids;
+pub mod local;
 pub mod rng;
 pub mod wire;
 

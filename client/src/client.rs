@@ -1,0 +1,446 @@
+//! The connection to the local daemon.
+
+use std::io::{IoSlice, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::ptr::NonNull;
+
+use half::{bf16, f16};
+use phalanx_protocol::local::{
+    decode_local, encode_local, local_limits, LocalErrorCode, LocalKind, LocalRequest,
+    LocalResponse,
+};
+use phalanx_protocol::wire::{DType, EnvelopeHeader, ReduceOp, ENVELOPE_LEN, PROTOCOL_VERSION};
+use phalanx_protocol::{Epoch, MemberId, OpId};
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::mm::{MapFlags, ProtFlags};
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use thiserror::Error;
+
+/// An element type the daemon can reduce.
+pub trait Element: bytemuck::Pod + Send + 'static {
+    /// Its wire dtype.
+    const DTYPE: DType;
+}
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+}
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+}
+
+/// What a collective reports besides its result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpInfo {
+    /// The group's id for the op.
+    pub op: OpId,
+    /// The membership epoch it ran in.
+    pub epoch: Epoch,
+    /// The members whose inputs the result combines (a `Mean` divides by
+    /// their number).
+    pub contributors: Vec<MemberId>,
+}
+
+/// Why a call failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The socket or the shared memory failed.
+    #[error("I/O with the daemon failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon answered something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The daemon refused the request (bad sizes, unknown root, ...).
+    #[error("the daemon refused the request: {0}")]
+    BadRequest(String),
+    /// The collective was aborted (a member went down, a timeout).
+    #[error("the collective was aborted: {0}")]
+    Aborted(String),
+    /// The daemon is shutting down.
+    #[error("the daemon is shutting down: {0}")]
+    ShuttingDown(String),
+    /// The daemon speaks another protocol version.
+    #[error("version mismatch: {0}")]
+    Version(String),
+}
+
+impl From<rustix::io::Errno> for ClientError {
+    fn from(e: rustix::io::Errno) -> Self {
+        ClientError::Io(e.into())
+    }
+}
+
+/// A shared, sealed memory file mapped into this process.
+#[derive(Debug)]
+struct Arena {
+    id: u32,
+    ptr: NonNull<u8>,
+    len: usize,
+    _fd: OwnedFd,
+}
+
+// SAFETY: plain memory owned by this arena.
+unsafe impl Send for Arena {}
+
+impl Arena {
+    fn new(id: u32, len: usize) -> Result<(Arena, OwnedFd), ClientError> {
+        let fd = rustix::fs::memfd_create(
+            "phalanx-tensor",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+        )?;
+        rustix::fs::ftruncate(&fd, len as u64)?;
+        // The daemon maps this file; sealing it against shrinking means no one
+        // can truncate it under the daemon's mapping.
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::SEAL)?;
+        // SAFETY: a fresh shared mapping of a file of `len` bytes.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )
+        }?;
+        let dup = fd.try_clone()?;
+        Ok((
+            Arena {
+                id,
+                ptr: NonNull::new(ptr.cast()).expect("mmap success is non-null"),
+                len,
+                _fd: fd,
+            },
+            dup,
+        ))
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: mapped for `len` bytes; `&mut self` gives exclusivity here,
+        // and the daemon touches it only while a call blocks on it.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A blocking connection to the node's daemon. One trainer per daemon; calls
+/// must be made in the same order on every member (as with MPI or NCCL).
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    member: MemberId,
+    members: Vec<MemberId>,
+    arena: Arena,
+}
+
+const MIN_ARENA: usize = 1 << 20;
+
+impl Client {
+    /// Connects to the daemon's socket and says hello.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path).map_err(|e| {
+            ClientError::Io(std::io::Error::new(
+                e.kind(),
+                format!("connecting to {}: {e}", path.display()),
+            ))
+        })?;
+        let (arena, fd) = Arena::new(1, MIN_ARENA)?;
+        let mut client = Client {
+            stream,
+            member: MemberId(0),
+            members: Vec::new(),
+            arena,
+        };
+        let hello = LocalRequest::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+        };
+        match client.call(&hello, None)? {
+            LocalResponse::Welcome {
+                member, members, ..
+            } => {
+                client.member = member;
+                client.members = members;
+            }
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected a welcome, got {other:?}"
+                )))
+            }
+        }
+        client.register(fd)?;
+        Ok(client)
+    }
+
+    /// This node's member id.
+    pub fn member(&self) -> MemberId {
+        self.member
+    }
+
+    /// The group, in ring order.
+    pub fn members(&self) -> &[MemberId] {
+        &self.members
+    }
+
+    fn register(&mut self, fd: OwnedFd) -> Result<(), ClientError> {
+        let req = LocalRequest::RegisterBuffer {
+            buffer: self.arena.id,
+            len_bytes: self.arena.len as u64,
+        };
+        match self.call(&req, Some(fd))? {
+            LocalResponse::Registered { buffer } if buffer == self.arena.id => Ok(()),
+            other => Err(ClientError::Protocol(format!(
+                "expected Registered, got {other:?}"
+            ))),
+        }
+    }
+
+    fn ensure_arena(&mut self, bytes: usize) -> Result<(), ClientError> {
+        if bytes <= self.arena.len {
+            return Ok(());
+        }
+        let len = bytes.max(self.arena.len * 2).next_multiple_of(4096);
+        let (arena, fd) = Arena::new(self.arena.id + 1, len)?;
+        self.arena = arena;
+        self.register(fd)
+    }
+
+    fn call(
+        &mut self,
+        req: &LocalRequest,
+        fd: Option<OwnedFd>,
+    ) -> Result<LocalResponse, ClientError> {
+        let bytes = encode_local(req);
+        match fd {
+            Some(fd) => {
+                let fds = [fd.as_fd()];
+                let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+                let mut cmsg = SendAncillaryBuffer::new(&mut space);
+                cmsg.push(SendAncillaryMessage::ScmRights(&fds));
+                let sent = rustix::net::sendmsg(
+                    &self.stream,
+                    &[IoSlice::new(&bytes)],
+                    &mut cmsg,
+                    SendFlags::empty(),
+                )?;
+                self.stream.write_all(&bytes[sent..])?;
+            }
+            None => self.stream.write_all(&bytes)?,
+        }
+        let mut env = [0u8; ENVELOPE_LEN];
+        self.stream.read_exact(&mut env)?;
+        let header = EnvelopeHeader::decode(&env, &local_limits())
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut body = vec![0u8; header.body_len as usize];
+        self.stream.read_exact(&mut body)?;
+        let resp: LocalResponse =
+            decode_local(&header, &body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        match resp {
+            LocalResponse::Error { code, message } => Err(match code {
+                LocalErrorCode::BadRequest => ClientError::BadRequest(message),
+                LocalErrorCode::Aborted => ClientError::Aborted(message),
+                LocalErrorCode::ShuttingDown => ClientError::ShuttingDown(message),
+                LocalErrorCode::UnsupportedVersion => ClientError::Version(message),
+            }),
+            ok => Ok(ok),
+        }
+    }
+
+    /// Runs one collective over the arena's first `bytes` bytes.
+    fn collective(
+        &mut self,
+        kind: LocalKind,
+        dtype: DType,
+        len: usize,
+    ) -> Result<OpInfo, ClientError> {
+        let req = LocalRequest::Collective {
+            buffer: self.arena.id,
+            offset_bytes: 0,
+            kind,
+            dtype,
+            len: len as u64,
+        };
+        match self.call(&req, None)? {
+            LocalResponse::Done {
+                op,
+                epoch,
+                contributors,
+            } => Ok(OpInfo {
+                op,
+                epoch,
+                contributors,
+            }),
+            other => Err(ClientError::Protocol(format!(
+                "expected Done, got {other:?}"
+            ))),
+        }
+    }
+
+    fn stage<T: Element>(&mut self, offset: usize, data: &[T]) {
+        let src: &[u8] = bytemuck::cast_slice(data);
+        self.arena.bytes()[offset..offset + src.len()].copy_from_slice(src);
+    }
+
+    fn unstage<T: Element>(&mut self, offset: usize, out: &mut [T]) {
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(out);
+        let n = dst.len();
+        dst.copy_from_slice(&self.arena.bytes()[offset..offset + n]);
+    }
+
+    /// Reduces `data` with every member's, in place.
+    pub fn all_reduce<T: Element>(
+        &mut self,
+        data: &mut [T],
+        op: ReduceOp,
+    ) -> Result<OpInfo, ClientError> {
+        self.ensure_arena(std::mem::size_of_val(data))?;
+        self.stage(0, data);
+        let info = self.collective(LocalKind::AllReduce(op), T::DTYPE, data.len())?;
+        self.unstage(0, data);
+        Ok(info)
+    }
+
+    /// Replaces `data` with `root`'s.
+    pub fn broadcast<T: Element>(
+        &mut self,
+        data: &mut [T],
+        root: MemberId,
+    ) -> Result<OpInfo, ClientError> {
+        self.ensure_arena(std::mem::size_of_val(data))?;
+        self.stage(0, data);
+        let info = self.collective(LocalKind::Broadcast(root), T::DTYPE, data.len())?;
+        self.unstage(0, data);
+        Ok(info)
+    }
+
+    /// Every member's `input`, concatenated in ring order.
+    pub fn all_gather<T: Element>(&mut self, input: &[T]) -> Result<(Vec<T>, OpInfo), ClientError> {
+        let n = self.members.len();
+        let me = self
+            .members
+            .iter()
+            .position(|&m| m == self.member)
+            .expect("member of its group");
+        let block = std::mem::size_of_val(input);
+        self.ensure_arena(block * n)?;
+        self.stage(me * block, input);
+        let info = self.collective(LocalKind::AllGather, T::DTYPE, input.len())?;
+        let mut out = vec![T::zeroed(); input.len() * n];
+        self.unstage(0, &mut out);
+        Ok((out, info))
+    }
+
+    /// Reduces `data` across members and returns this member's segment of the
+    /// result (segment i of n near-equal parts, the first `len % n` one longer).
+    pub fn reduce_scatter<T: Element>(
+        &mut self,
+        data: &[T],
+        op: ReduceOp,
+    ) -> Result<(Vec<T>, OpInfo), ClientError> {
+        self.ensure_arena(std::mem::size_of_val(data))?;
+        self.stage(0, data);
+        let info = self.collective(LocalKind::ReduceScatter(op), T::DTYPE, data.len())?;
+        let n = self.members.len();
+        let me = self
+            .members
+            .iter()
+            .position(|&m| m == self.member)
+            .expect("member of its group");
+        let seg = phalanx_protocol::collective::schedule::segment(data.len(), n, me);
+        let mut out = vec![T::zeroed(); seg.len()];
+        self.unstage(seg.start * std::mem::size_of::<T>(), &mut out);
+        Ok((out, info))
+    }
+
+    /// Returns once every member has entered the barrier.
+    pub fn barrier(&mut self) -> Result<OpInfo, ClientError> {
+        self.collective(LocalKind::Barrier, DType::F32, 0)
+    }
+}
+
+/// The same calls for tokio code: each runs the blocking call on tokio's
+/// blocking pool, so the runtime's workers never wait on the daemon. Buffers
+/// are passed by value and handed back.
+#[cfg(feature = "async")]
+#[derive(Debug, Clone)]
+pub struct AsyncClient {
+    inner: std::sync::Arc<std::sync::Mutex<Client>>,
+}
+
+#[cfg(feature = "async")]
+impl AsyncClient {
+    /// Connects to the daemon's socket.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<AsyncClient, ClientError> {
+        let path = path.as_ref().to_path_buf();
+        let client = tokio::task::spawn_blocking(move || Client::connect(path))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))??;
+        Ok(AsyncClient {
+            inner: std::sync::Arc::new(std::sync::Mutex::new(client)),
+        })
+    }
+
+    async fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<R, ClientError> + Send + 'static,
+    ) -> Result<R, ClientError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&mut inner.lock().expect("client poisoned")))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+    }
+
+    /// [`Client::all_reduce`].
+    pub async fn all_reduce<T: Element>(
+        &self,
+        mut data: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<(Vec<T>, OpInfo), ClientError> {
+        self.with(move |c| c.all_reduce(&mut data, op).map(|i| (data, i)))
+            .await
+    }
+
+    /// [`Client::broadcast`].
+    pub async fn broadcast<T: Element>(
+        &self,
+        mut data: Vec<T>,
+        root: MemberId,
+    ) -> Result<(Vec<T>, OpInfo), ClientError> {
+        self.with(move |c| c.broadcast(&mut data, root).map(|i| (data, i)))
+            .await
+    }
+
+    /// [`Client::all_gather`].
+    pub async fn all_gather<T: Element>(
+        &self,
+        input: Vec<T>,
+    ) -> Result<(Vec<T>, OpInfo), ClientError> {
+        self.with(move |c| c.all_gather(&input)).await
+    }
+
+    /// [`Client::reduce_scatter`].
+    pub async fn reduce_scatter<T: Element>(
+        &self,
+        data: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<(Vec<T>, OpInfo), ClientError> {
+        self.with(move |c| c.reduce_scatter(&data, op)).await
+    }
+
+    /// [`Client::barrier`].
+    pub async fn barrier(&self) -> Result<OpInfo, ClientError> {
+        self.with(|c| c.barrier()).await
+    }
+}

@@ -1,0 +1,90 @@
+//! `phalanxd`: the Phalanx daemon. A thin main: parse, log, run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+use phalanx_daemon::config::Config;
+use tracing_subscriber::EnvFilter;
+
+/// The Phalanx daemon: one per node. It joins the group listed in its config,
+/// connects to every other member over QUIC with mutual TLS, and serves the
+/// trainers on this node through a Unix socket, running their collectives
+/// (all-reduce, broadcast, all-gather, reduce-scatter, barrier) with the
+/// group. Flags override the config file. Logs go to stderr; set RUST_LOG
+/// (e.g. `RUST_LOG=phalanx_daemon=debug`) for more. SIGTERM or SIGINT stop it
+/// cleanly: in-flight collectives fail with a clear error, connections close,
+/// the socket file is removed.
+#[derive(Parser, Debug)]
+#[command(name = "phalanxd", version)]
+struct Cli {
+    /// The TOML config file (see deploy/phalanxd.example.toml).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// This node's member id (overrides `member_id`).
+    #[arg(long)]
+    member_id: Option<u32>,
+    /// QUIC listen address (overrides `listen`; default: this member's `addr`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// The trainer socket path (overrides `socket`).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Prometheus `/metrics` address (overrides `metrics`).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Disable the metrics endpoint.
+    #[arg(long, conflicts_with = "metrics")]
+    no_metrics: bool,
+    /// Compute engine: `scalar` or `simd` (overrides `engine`).
+    #[arg(long)]
+    engine: Option<String>,
+    /// Log filter when RUST_LOG is unset.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = Config::load(&cli.config)?;
+    if let Some(id) = cli.member_id {
+        config.member_id = id;
+    }
+    if let Some(l) = cli.listen {
+        config.listen = Some(l);
+    }
+    if let Some(s) = cli.socket {
+        config.socket = s;
+    }
+    if let Some(m) = cli.metrics {
+        config.metrics = Some(m);
+    }
+    if cli.no_metrics {
+        config.metrics = None;
+    }
+    if let Some(e) = cli.engine {
+        config.engine = e;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("phalanxd")
+        .build()?;
+    runtime.block_on(phalanx_daemon::run(config, shutdown_signal()))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,239 @@
+//! A local cluster of real `phalanxd` processes on loopback addresses, with
+//! certificates in a scratch directory: what the process tests, the
+//! benchmarks and the demo start. Member `i` (1-based) listens on
+//! `127.0.0.{10+i}`, so every member has an address of its own.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::tls;
+
+/// How to start the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Number of members.
+    pub members: usize,
+    /// The `phalanxd` binary.
+    pub phalanxd: PathBuf,
+    /// Scratch directory (created; removed on drop unless `keep`).
+    pub dir: PathBuf,
+    /// Extra `[data_plane]` lines for every member's config.
+    pub data_plane: String,
+    /// Keep the directory (logs, configs) after drop.
+    pub keep: bool,
+}
+
+/// One member process.
+#[derive(Debug)]
+pub struct Member {
+    /// 1-based member id.
+    pub id: u32,
+    /// The trainer socket.
+    pub socket: PathBuf,
+    /// The metrics endpoint.
+    pub metrics: SocketAddr,
+    /// The QUIC address.
+    pub addr: SocketAddr,
+    /// The config file.
+    pub config: PathBuf,
+    /// The daemon's log.
+    pub log: PathBuf,
+    /// The process, while it runs.
+    pub child: Option<Child>,
+}
+
+/// The running cluster; dropping it kills every member.
+#[derive(Debug)]
+pub struct LocalCluster {
+    /// The options it was started with.
+    pub options: ClusterOptions,
+    /// Members, index `i` is member id `i + 1`.
+    pub members: Vec<Member>,
+}
+
+/// A free UDP port on `ip` (bound and released: another process could take it
+/// in between, which on a test machine is rare enough to retry by hand).
+fn free_udp(ip: [u8; 4]) -> Result<SocketAddr> {
+    let s = UdpSocket::bind(SocketAddr::from((ip, 0)))
+        .with_context(|| format!("binding a UDP port on {ip:?}"))?;
+    Ok(s.local_addr()?)
+}
+
+fn free_tcp(ip: [u8; 4]) -> Result<SocketAddr> {
+    let s = TcpListener::bind(SocketAddr::from((ip, 0)))
+        .with_context(|| format!("binding a TCP port on {ip:?}"))?;
+    Ok(s.local_addr()?)
+}
+
+impl LocalCluster {
+    /// Issues certificates, writes configs and starts every member; returns
+    /// once every trainer socket accepts connections.
+    pub fn start(options: ClusterOptions) -> Result<LocalCluster> {
+        if options.members == 0 || options.members > 200 {
+            bail!(
+                "a local cluster has 1..=200 members, not {}",
+                options.members
+            );
+        }
+        let certs = options.dir.join("certs");
+        std::fs::create_dir_all(&options.dir)
+            .with_context(|| format!("creating {}", options.dir.display()))?;
+        tls::init_ca(&certs)?;
+        let mut entries = String::new();
+        let mut members = Vec::new();
+        for i in 1..=options.members as u32 {
+            let ip = [127, 0, 0, 10 + i as u8];
+            tls::issue_node(&certs, &format!("node{i}"))?;
+            let addr = free_udp(ip)?;
+            let metrics = free_tcp(ip)?;
+            entries.push_str(&format!(
+                "[[members]]\nid = {i}\nname = \"node{i}\"\naddr = \"{addr}\"\n"
+            ));
+            members.push(Member {
+                id: i,
+                socket: options.dir.join(format!("node{i}.sock")),
+                metrics,
+                addr,
+                config: options.dir.join(format!("node{i}.toml")),
+                log: options.dir.join(format!("node{i}.log")),
+                child: None,
+            });
+        }
+        for m in &members {
+            let text = format!(
+                "cluster = \"local\"\nmember_id = {id}\nsocket = \"{sock}\"\nmetrics = \"{metrics}\"\n\
+                 [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node{id}.pem\"\nkey = \"certs/node{id}.key\"\n\
+                 [data_plane]\n{dp}\n{entries}",
+                id = m.id,
+                sock = m.socket.display(),
+                metrics = m.metrics,
+                dp = options.data_plane,
+            );
+            std::fs::write(&m.config, text)
+                .with_context(|| format!("writing {}", m.config.display()))?;
+        }
+        let mut cluster = LocalCluster { options, members };
+        for i in 0..cluster.members.len() {
+            cluster.spawn(i)?;
+        }
+        cluster.wait_ready(Duration::from_secs(60))?;
+        Ok(cluster)
+    }
+
+    /// Starts member index `i`'s process.
+    pub fn spawn(&mut self, i: usize) -> Result<()> {
+        let m = &mut self.members[i];
+        let log = std::fs::File::create(&m.log)
+            .with_context(|| format!("creating {}", m.log.display()))?;
+        let child = Command::new(&self.options.phalanxd)
+            .arg("--config")
+            .arg(&m.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("PHALANX_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.options.phalanxd.display()))?;
+        m.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until every running member's trainer socket accepts a connection.
+    pub fn wait_ready(&mut self, bound: Duration) -> Result<()> {
+        let start = Instant::now();
+        for m in &mut self.members {
+            loop {
+                if std::os::unix::net::UnixStream::connect(&m.socket).is_ok() {
+                    break;
+                }
+                if let Some(child) = &mut m.child {
+                    if let Some(status) = child.try_wait()? {
+                        bail!(
+                            "member {} exited with {status} during start-up; log:\n{}",
+                            m.id,
+                            tail(&m.log)
+                        );
+                    }
+                }
+                if start.elapsed() > bound {
+                    bail!(
+                        "member {} not ready after {bound:?}; log:\n{}",
+                        m.id,
+                        tail(&m.log)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM to member index `i` and waits for it to exit.
+    pub fn terminate(&mut self, i: usize, bound: Duration) -> Result<std::process::ExitStatus> {
+        let m = &mut self.members[i];
+        let Some(mut child) = m.child.take() else {
+            bail!("member {} is not running", m.id)
+        };
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).context("pid")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .context("sending SIGTERM")?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > bound {
+                let _ = child.kill();
+                bail!(
+                    "member {} ignored SIGTERM for {bound:?}; log:\n{}",
+                    m.id,
+                    tail(&m.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Member index `i`'s metrics page.
+    pub fn metrics(&self, i: usize) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.members[i].metrics)?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// The scratch directory.
+    pub fn dir(&self) -> &Path {
+        &self.options.dir
+    }
+}
+
+/// The last lines of a log, for error messages.
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if !self.options.keep {
+            let _ = std::fs::remove_dir_all(&self.options.dir);
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! `phalanxd` configuration: a TOML file, then command-line overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::tls::TlsFiles;
+use phalanx_protocol::MemberId;
+
+/// One member of the static group.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// The member's id.
+    pub id: u32,
+    /// The DNS name in its certificate.
+    pub name: String,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+}
+
+/// Data-plane tuning. The group-wide fields must agree on every member.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    /// Group-wide: largest frame payload, in bytes.
+    pub chunk_bytes: usize,
+    /// Group-wide: all-reduce uses recursive doubling up to this size.
+    pub small_tensor_bytes: usize,
+    /// Pieces of one op in flight.
+    pub max_chunks_in_flight: u32,
+    /// Parallel QUIC streams ("channels") per peer.
+    pub channels: usize,
+    /// Per-stream receive window, bytes.
+    pub stream_window_bytes: u64,
+    /// Per-connection receive and send windows, bytes.
+    pub connection_window_bytes: u64,
+    /// A peer silent this long is considered gone (QUIC idle timeout).
+    pub idle_timeout_ms: u64,
+    /// Keep-alive interval; must be well below the idle timeout.
+    pub keep_alive_ms: u64,
+    /// An op not complete this long after it started is aborted.
+    pub op_timeout_ms: u64,
+    /// Largest tensor a trainer may submit, in bytes.
+    pub max_tensor_bytes: u64,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        DataPlaneConfig {
+            chunk_bytes: 1 << 20,
+            small_tensor_bytes: 64 << 10,
+            max_chunks_in_flight: 16,
+            channels: 4,
+            stream_window_bytes: 16 << 20,
+            connection_window_bytes: 64 << 20,
+            idle_timeout_ms: 10_000,
+            keep_alive_ms: 1_000,
+            op_timeout_ms: 60_000,
+            max_tensor_bytes: 1 << 30,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Cluster name; peers must agree.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// This node's member id.
+    pub member_id: u32,
+    /// QUIC listen address (default: this member's `addr`).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The trainer socket.
+    pub socket: PathBuf,
+    /// Prometheus `/metrics` address; `None` disables it.
+    #[serde(default = "default_metrics")]
+    pub metrics: Option<SocketAddr>,
+    /// Compute engine: `scalar` or `simd`.
+    #[serde(default = "default_engine")]
+    pub engine: String,
+    /// TLS files.
+    pub tls: TlsConfig,
+    /// The group (static in this release).
+    pub members: Vec<MemberConfig>,
+    /// Data-plane tuning.
+    #[serde(default)]
+    pub data_plane: DataPlaneConfig,
+}
+
+/// TLS file paths, relative to the config file's directory when relative.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Cluster CA certificate.
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// This node's key.
+    pub key: PathBuf,
+}
+
+fn default_cluster() -> String {
+    "phalanx".into()
+}
+fn default_metrics() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+}
+fn default_engine() -> String {
+    "simd".into()
+}
+
+impl Config {
+    /// Parses a config file; relative paths are resolved against its directory.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let mut config: Config =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.tls.ca,
+            &mut config.tls.cert,
+            &mut config.tls.key,
+            &mut config.socket,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Checks the relations between fields; every message says how to fix it.
+    pub fn validate(&self) -> Result<()> {
+        if self.members.is_empty() {
+            bail!("`members` is empty: list every member of the group, this one included");
+        }
+        let mut ids: Vec<u32> = self.members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            bail!("member ids in `members` must be unique");
+        }
+        if !ids.contains(&self.member_id) {
+            bail!("member_id {} is not listed in `members`", self.member_id);
+        }
+        let dp = &self.data_plane;
+        if dp.keep_alive_ms * 2 > dp.idle_timeout_ms {
+            bail!(
+                "data_plane.keep_alive_ms ({}) must be at most half of idle_timeout_ms ({}), or idle peers time out",
+                dp.keep_alive_ms,
+                dp.idle_timeout_ms
+            );
+        }
+        if dp.channels == 0 || dp.channels > 64 {
+            bail!("data_plane.channels must be 1..=64, got {}", dp.channels);
+        }
+        if dp.chunk_bytes < 1024 || dp.chunk_bytes > (64 << 20) {
+            bail!(
+                "data_plane.chunk_bytes must be 1 KiB..=64 MiB, got {}",
+                dp.chunk_bytes
+            );
+        }
+        if dp.stream_window_bytes < dp.chunk_bytes as u64 {
+            bail!("data_plane.stream_window_bytes must be at least chunk_bytes");
+        }
+        if !matches!(self.engine.as_str(), "scalar" | "simd") {
+            bail!("engine must be `scalar` or `simd`, got {:?}", self.engine);
+        }
+        Ok(())
+    }
+
+    /// This member's entry.
+    pub fn me(&self) -> &MemberConfig {
+        self.members
+            .iter()
+            .find(|m| m.id == self.member_id)
+            .expect("validated")
+    }
+
+    /// The member ids in ring order.
+    pub fn ring(&self) -> Vec<MemberId> {
+        let mut ids: Vec<MemberId> = self.members.iter().map(|m| MemberId(m.id)).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The QUIC listen address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.unwrap_or(self.me().addr)
+    }
+
+    /// TLS file paths.
+    pub fn tls_files(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.tls.ca.clone(),
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+        }
+    }
+
+    /// The op timeout.
+    pub fn op_timeout(&self) -> Duration {
+        Duration::from_millis(self.data_plane.op_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+cluster = "test"
+member_id = 2
+socket = "p2.sock"
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/node2.pem"
+key = "certs/node2.key"
+[[members]]
+id = 1
+name = "node1"
+addr = "127.0.0.1:7001"
+[[members]]
+id = 2
+name = "node2"
+addr = "127.0.0.2:7001"
+[data_plane]
+channels = 2
+"#;
+
+    #[test]
+    fn parses_resolves_and_validates() {
+        let dir = std::env::temp_dir().join(format!("phalanx-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("phalanxd.toml");
+        std::fs::write(&path, SAMPLE).unwrap();
+        let c = Config::load(&path).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.tls.ca, dir.join("certs/ca.pem"));
+        assert_eq!(c.listen_addr(), "127.0.0.2:7001".parse().unwrap());
+        assert_eq!(c.data_plane.channels, 2);
+        assert_eq!(
+            c.data_plane.chunk_bytes,
+            DataPlaneConfig::default().chunk_bytes
+        );
+        assert_eq!(c.ring(), vec![MemberId(1), MemberId(2)]);
+
+        let mut bad = c.clone();
+        bad.member_id = 9;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not listed"));
+        let mut bad = c.clone();
+        bad.data_plane.keep_alive_ms = bad.data_plane.idle_timeout_ms;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("keep_alive_ms"));
+        std::fs::write(&path, SAMPLE.replace("channels = 2", "chanels = 2")).unwrap();
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("chanels"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

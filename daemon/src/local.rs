@@ -1,0 +1,324 @@
+//! The local plane: the trainer socket. Each trainer connection is served by
+//! its own thread with blocking IO (trainers per node are few, and a blocking
+//! `recvmsg` is the simplest way to receive the memory file descriptors that
+//! ride along as `SCM_RIGHTS`). Every request is validated before it reaches
+//! the driver; a bad one gets an error answer and the connection stays up.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{IoSliceMut, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use phalanx_protocol::local::{
+    decode_local, encode_local, local_limits, LocalErrorCode, LocalKind, LocalRequest,
+    LocalResponse,
+};
+use phalanx_protocol::wire::{EnvelopeHeader, ENVELOPE_LEN, PROTOCOL_VERSION};
+use phalanx_protocol::{Epoch, MemberId};
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::driver::{Input, OpError, OpRequest, Region};
+use crate::shm::Mapping;
+
+/// What the local plane needs from the daemon.
+#[derive(Clone, Debug)]
+pub struct LocalContext {
+    /// This member.
+    pub me: MemberId,
+    /// The group in ring order.
+    pub ring: Vec<MemberId>,
+    /// The driver.
+    pub driver: mpsc::Sender<Input>,
+    /// Largest tensor a trainer may submit.
+    pub max_tensor_bytes: u64,
+}
+
+/// Binds the socket with mode 0660. A stale socket file (no daemon behind it)
+/// is replaced; a live one is an error.
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!("{} is in use by a running daemon", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the trainer socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// The accept loop and its connections, stoppable from another thread.
+#[derive(Debug)]
+pub struct LocalServer {
+    path: PathBuf,
+    conns: Arc<Mutex<Vec<UnixStream>>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    accept_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LocalServer {
+    /// Starts accepting trainers on `listener`.
+    pub fn start(listener: UnixListener, path: PathBuf, ctx: LocalContext) -> LocalServer {
+        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, s) = (conns.clone(), stopping.clone());
+        let accept_thread = std::thread::Builder::new()
+            .name("phalanx-local".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if s.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    if let Ok(clone) = stream.try_clone() {
+                        c.lock().expect("poisoned").push(clone);
+                    }
+                    let ctx = ctx.clone();
+                    let _ = std::thread::Builder::new().name("phalanx-trainer".into()).spawn(move || {
+                        if let Err(e) = serve(stream, &ctx) {
+                            warn!(error = %format!("{e:#}"), "trainer connection ended with an error");
+                        }
+                    });
+                }
+            })
+            .expect("spawning the local accept thread");
+        LocalServer {
+            path,
+            conns,
+            stopping,
+            accept_thread: Some(accept_thread),
+        }
+    }
+
+    /// Stops accepting, disconnects every trainer and removes the socket file.
+    pub fn stop(mut self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = UnixStream::connect(&self.path); // wakes the accept loop
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+        for c in self.conns.lock().expect("poisoned").drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Reads exactly `buf.len()` bytes, keeping any descriptors that arrive.
+fn recv_exact(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut VecDeque<OwnedFd>,
+) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+        let res = rustix::net::recvmsg(
+            stream,
+            &mut [IoSliceMut::new(&mut buf[got..])],
+            &mut cmsg,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        for msg in cmsg.drain() {
+            if let RecvAncillaryMessage::ScmRights(received) = msg {
+                fds.extend(received);
+            }
+        }
+        if res.bytes == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got += res.bytes;
+    }
+    Ok(true)
+}
+
+fn send(stream: &mut UnixStream, resp: &LocalResponse) -> std::io::Result<()> {
+    let bytes = encode_local(resp);
+    stream.write_all(&bytes)
+}
+
+fn error(code: LocalErrorCode, message: impl Into<String>) -> LocalResponse {
+    LocalResponse::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
+    let mut fds = VecDeque::new();
+    let mut buffers: HashMap<u32, Arc<Mapping>> = HashMap::new();
+    let limits = local_limits();
+    let mut env = [0u8; ENVELOPE_LEN];
+    loop {
+        if !recv_exact(&stream, &mut env, &mut fds)? {
+            debug!("trainer disconnected");
+            return Ok(());
+        }
+        let header = match EnvelopeHeader::decode(&env, &limits) {
+            Ok(h) => h,
+            Err(e) => {
+                // Framing is lost: answer and hang up.
+                send(
+                    &mut stream,
+                    &error(LocalErrorCode::BadRequest, format!("bad envelope: {e}")),
+                )?;
+                bail!("bad envelope from trainer: {e}");
+            }
+        };
+        let mut body = vec![0u8; header.body_len as usize];
+        if !recv_exact(&stream, &mut body, &mut fds)? {
+            bail!("trainer hung up inside a message");
+        }
+        let req: LocalRequest = match decode_local(&header, &body) {
+            Ok(r) => r,
+            Err(e) => {
+                send(
+                    &mut stream,
+                    &error(LocalErrorCode::BadRequest, format!("bad request: {e}")),
+                )?;
+                continue;
+            }
+        };
+        let resp = match req {
+            LocalRequest::Hello {
+                protocol_version,
+                pid,
+            } => {
+                if protocol_version != PROTOCOL_VERSION {
+                    error(
+                        LocalErrorCode::UnsupportedVersion,
+                        format!("client protocol {protocol_version}, daemon {PROTOCOL_VERSION}"),
+                    )
+                } else {
+                    info!(pid, "trainer connected");
+                    LocalResponse::Welcome {
+                        member: ctx.me,
+                        members: ctx.ring.clone(),
+                        epoch: Epoch(1),
+                    }
+                }
+            }
+            LocalRequest::RegisterBuffer { buffer, len_bytes } => match fds.pop_front() {
+                None => error(
+                    LocalErrorCode::BadRequest,
+                    "RegisterBuffer must carry a memory fd (SCM_RIGHTS)",
+                ),
+                Some(fd) => {
+                    match Mapping::map(fd, len_bytes, ctx.max_tensor_bytes.saturating_mul(2)) {
+                        Ok(map) => {
+                            buffers.insert(buffer, Arc::new(map));
+                            LocalResponse::Registered { buffer }
+                        }
+                        Err(e) => {
+                            error(LocalErrorCode::BadRequest, format!("buffer {buffer}: {e}"))
+                        }
+                    }
+                }
+            },
+            LocalRequest::Collective {
+                buffer,
+                offset_bytes,
+                kind,
+                dtype,
+                len,
+            } => match collective(ctx, &buffers, buffer, offset_bytes, kind, dtype, len) {
+                Err(message) => error(LocalErrorCode::BadRequest, message),
+                Ok(req) => {
+                    let (reply, rx) = oneshot::channel();
+                    if ctx
+                        .driver
+                        .blocking_send(Input::Submit { req, reply })
+                        .is_err()
+                    {
+                        error(LocalErrorCode::ShuttingDown, "the daemon is shutting down")
+                    } else {
+                        match rx.blocking_recv() {
+                            Ok(Ok(done)) => LocalResponse::Done {
+                                op: done.op,
+                                epoch: done.epoch,
+                                contributors: done.contributors,
+                            },
+                            Ok(Err(OpError::Rejected(m))) => error(LocalErrorCode::BadRequest, m),
+                            Ok(Err(OpError::Aborted(r))) => {
+                                error(LocalErrorCode::Aborted, r.to_string())
+                            }
+                            Ok(Err(OpError::ShuttingDown)) | Err(_) => {
+                                error(LocalErrorCode::ShuttingDown, "the daemon is shutting down")
+                            }
+                        }
+                    }
+                }
+            },
+        };
+        send(&mut stream, &resp)?;
+    }
+}
+
+fn collective(
+    ctx: &LocalContext,
+    buffers: &HashMap<u32, Arc<Mapping>>,
+    buffer: u32,
+    offset_bytes: u64,
+    kind: LocalKind,
+    dtype: phalanx_protocol::wire::DType,
+    len: u64,
+) -> Result<OpRequest, String> {
+    let map = buffers
+        .get(&buffer)
+        .ok_or_else(|| format!("buffer {buffer} is not registered"))?;
+    let n = ctx.ring.len() as u64;
+    let elems = match kind {
+        LocalKind::AllGather => len.checked_mul(n).ok_or("length overflows")?,
+        LocalKind::Barrier => 0,
+        _ => len,
+    };
+    if let LocalKind::Broadcast(root) = kind {
+        if !ctx.ring.contains(&root) {
+            return Err(format!("broadcast root {root} is not a member"));
+        }
+    }
+    let bytes = elems
+        .checked_mul(dtype.size_bytes() as u64)
+        .ok_or("length overflows")?;
+    if bytes > ctx.max_tensor_bytes {
+        return Err(format!(
+            "tensor of {bytes} bytes exceeds the limit of {}",
+            ctx.max_tensor_bytes
+        ));
+    }
+    let end = offset_bytes.checked_add(bytes).ok_or("range overflows")?;
+    if end > map.len() as u64 {
+        return Err(format!(
+            "bytes {offset_bytes}..{end} lie outside buffer {buffer} ({} bytes)",
+            map.len()
+        ));
+    }
+    Ok(OpRequest {
+        kind,
+        dtype,
+        len: len as usize,
+        region: Region {
+            map: map.clone(),
+            offset: offset_bytes as usize,
+            len: bytes as usize,
+        },
+    })
+}

@@ -1,0 +1,96 @@
+//! Prometheus metrics: recorded through the `metrics` facade, rendered by
+//! `metrics-exporter-prometheus`, served by a small HTTP/1.1 endpoint so no
+//! HTTP stack (and no second TLS provider) is pulled in.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+/// Bytes of tensor frames sent, labelled by peer.
+pub const BYTES_SENT: &str = "phalanx_bytes_sent_total";
+/// Bytes of tensor frames received, labelled by peer.
+pub const BYTES_RECEIVED: &str = "phalanx_bytes_received_total";
+/// Collective latency, seconds, labelled by kind.
+pub const OP_SECONDS: &str = "phalanx_op_duration_seconds";
+/// Collectives in flight.
+pub const OPS_IN_FLIGHT: &str = "phalanx_ops_in_flight";
+/// Collectives completed / failed, labelled by outcome.
+pub const OPS: &str = "phalanx_ops_total";
+/// Established peer connections.
+pub const CONNECTIONS: &str = "phalanx_peer_connections";
+/// Peers refused during the TLS handshake or the hello, labelled by reason.
+pub const REFUSED: &str = "phalanx_peers_refused_total";
+/// Connections closed for a protocol error, labelled by reason.
+pub const PROTOCOL_ERRORS: &str = "phalanx_protocol_errors_total";
+
+/// Explicit latency buckets: 50 µs to 60 s.
+const OP_BUCKETS: [f64; 16] = [
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
+    5.0, 15.0, 60.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once (several daemons in one test
+/// process share it) and returns its handle.
+pub fn handle() -> Result<PrometheusHandle> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(OP_SECONDS.into()), &OP_BUCKETS)
+        .context("histogram buckets")?
+        .build_recorder();
+    let h = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_ok() {
+        let _ = HANDLE.set(h);
+    }
+    Ok(HANDLE
+        .get()
+        .context("another metrics recorder is installed in this process")?
+        .clone())
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "metrics endpoint listening");
+    }
+    loop {
+        let Ok((mut stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut req = [0u8; 1024];
+            let n = match stream.read(&mut req).await {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            let line = String::from_utf8_lossy(&req[..n]);
+            let (status, body) = if line.starts_with("GET /metrics") {
+                ("200 OK", handle.render())
+            } else {
+                ("404 Not Found", "only GET /metrics is served\n".to_string())
+            };
+            debug!(%peer, status, "metrics request");
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+/// Binds the metrics endpoint.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {addr}"))
+}

@@ -1,0 +1,3 @@
+//! Transports between daemons.
+
+pub mod quic;

@@ -1,0 +1,517 @@
+//! The QUIC mesh: one connection per pair of members (the lower id dials),
+//! mutual TLS against the cluster CA, a hello on the first bidirectional
+//! stream, then `channels` unidirectional streams per direction that carry
+//! tensor frames. Every frame is validated before it reaches the core; a peer
+//! that breaks the protocol is disconnected with the reason, and everyone else
+//! is served on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use metrics::{counter, gauge};
+use phalanx_protocol::wire::{
+    decode, encode_control, ControlMessage, DecodeError, Decoded, EnvelopeHeader, FrameHeader,
+    Limits, MessageKind, RejectCode, ENVELOPE_LEN, FRAME_HEADER_LEN, PROTOCOL_VERSION,
+};
+use phalanx_protocol::{Epoch, Incarnation, MemberId};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Connection, Endpoint, RecvStream, VarInt};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, MemberConfig};
+use crate::driver::{Input, OutFrame, Outbox};
+use crate::metrics as m;
+use crate::tls::{cert_names, Identity};
+
+/// Application close codes.
+pub mod close {
+    /// Orderly shutdown.
+    pub const SHUTDOWN: u32 = 0;
+    /// The peer broke the wire protocol.
+    pub const PROTOCOL_ERROR: u32 = 1;
+    /// The hello was refused.
+    pub const REFUSED: u32 = 2;
+}
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Builds the endpoint: a server for the mesh, and a client with this node's
+/// certificate for dialing peers.
+pub fn endpoint(config: &Config, identity: &Identity) -> Result<Endpoint> {
+    let dp = &config.data_plane;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(VarInt::try_from(dp.stream_window_bytes).context("stream window")?)
+        .receive_window(VarInt::try_from(dp.connection_window_bytes).context("connection window")?)
+        .send_window(dp.connection_window_bytes)
+        .max_concurrent_uni_streams(VarInt::from_u32(dp.channels as u32 * 2 + 8))
+        .max_concurrent_bidi_streams(VarInt::from_u32(4))
+        .keep_alive_interval(Some(Duration::from_millis(dp.keep_alive_ms)))
+        .max_idle_timeout(Some(
+            VarInt::from_u64(dp.idle_timeout_ms)
+                .context("idle timeout")?
+                .into(),
+        ));
+    let transport = Arc::new(transport);
+    let server_crypto =
+        QuicServerConfig::try_from(identity.server.clone()).context("QUIC server TLS")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server.transport_config(transport.clone());
+    let addr = config.listen_addr();
+    let mut ep =
+        Endpoint::server(server, addr).with_context(|| format!("binding QUIC on {addr}"))?;
+    let client_crypto =
+        QuicClientConfig::try_from(identity.client.clone()).context("QUIC client TLS")?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client.transport_config(transport);
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
+/// Everything the connection tasks share.
+#[derive(Debug)]
+pub struct Mesh {
+    me: MemberId,
+    cluster: String,
+    incarnation: Incarnation,
+    members: BTreeMap<MemberId, MemberConfig>,
+    primaries: HashMap<MemberId, watch::Sender<Option<Connection>>>,
+    driver: mpsc::Sender<Input>,
+    limits: Limits,
+}
+
+/// The mesh and the outboxes the driver sends through.
+pub fn mesh(
+    config: &Config,
+    driver: mpsc::Sender<Input>,
+) -> (Arc<Mesh>, HashMap<MemberId, Outbox>, Vec<WriterTask>) {
+    let me = MemberId(config.member_id);
+    let mut primaries = HashMap::new();
+    let mut outboxes = HashMap::new();
+    let mut writers = Vec::new();
+    for peer in config.members.iter().filter(|p| p.id != config.member_id) {
+        let id = MemberId(peer.id);
+        let (conn_tx, conn_rx) = watch::channel(None);
+        primaries.insert(id, conn_tx);
+        let mut channels = Vec::new();
+        for _ in 0..config.data_plane.channels {
+            let (tx, rx) = mpsc::unbounded_channel();
+            channels.push(tx);
+            writers.push(WriterTask {
+                peer: id,
+                conn: conn_rx.clone(),
+                frames: rx,
+            });
+        }
+        outboxes.insert(id, Outbox { channels });
+    }
+    let limits = Limits {
+        max_frame_payload_len: u32::try_from(config.data_plane.chunk_bytes).unwrap_or(u32::MAX),
+        ..Limits::default()
+    };
+    let mesh = Mesh {
+        me,
+        cluster: config.cluster.clone(),
+        incarnation: Incarnation(0),
+        members: config
+            .members
+            .iter()
+            .map(|m| (MemberId(m.id), m.clone()))
+            .collect(),
+        primaries,
+        driver,
+        limits,
+    };
+    (Arc::new(mesh), outboxes, writers)
+}
+
+/// One channel's writer: waits for the peer's connection, opens a stream and
+/// writes frames from its queue; reopens after a reconnect.
+#[derive(Debug)]
+pub struct WriterTask {
+    peer: MemberId,
+    conn: watch::Receiver<Option<Connection>>,
+    frames: mpsc::UnboundedReceiver<OutFrame>,
+}
+
+impl WriterTask {
+    /// Runs until the driver drops the queue.
+    pub async fn run(mut self) {
+        'connection: loop {
+            let conn = loop {
+                if let Some(c) = self.conn.borrow_and_update().clone() {
+                    break c;
+                }
+                if self.conn.changed().await.is_err() {
+                    return;
+                }
+            };
+            let mut stream = match conn.open_uni().await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(peer = %self.peer, error = %e, "opening a channel failed; waiting for a new connection");
+                    let _ = self.conn.changed().await;
+                    continue 'connection;
+                }
+            };
+            while let Some(frame) = self.frames.recv().await {
+                let mut chunks = [Bytes::copy_from_slice(&frame.head), frame.payload];
+                if let Err(e) = stream.write_all_chunks(&mut chunks).await {
+                    warn!(peer = %self.peer, error = %e, "channel write failed; frame lost");
+                    continue 'connection;
+                }
+            }
+            let _ = stream.finish();
+            return;
+        }
+    }
+}
+
+impl Mesh {
+    /// Dials `peer` until connected, keeps the connection, redials when it
+    /// drops. Only the lower id dials, so each pair has one primary connection.
+    pub async fn dial(self: Arc<Self>, endpoint: Endpoint, peer: MemberConfig) {
+        let id = MemberId(peer.id);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.connect_once(&endpoint, &peer).await {
+                Ok(conn) => {
+                    backoff = Duration::from_millis(50);
+                    info!(peer = %id, addr = %peer.addr, "connected");
+                    self.serve(conn.clone(), id, true).await;
+                    let reason = conn.closed().await;
+                    if let quinn::ConnectionError::LocallyClosed = reason {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    debug!(peer = %id, addr = %peer.addr, error = %format!("{e:#}"), "dial failed; retrying")
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    async fn connect_once(&self, endpoint: &Endpoint, peer: &MemberConfig) -> Result<Connection> {
+        let conn = endpoint
+            .connect(peer.addr, &peer.name)
+            .context("starting the connection")?
+            .await
+            .context("TLS handshake")?;
+        let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
+        let hello = ControlMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            cluster: self.cluster.clone(),
+            member: self.me,
+            incarnation: self.incarnation,
+        };
+        send.write_all(&encode_control(&hello))
+            .await
+            .context("sending hello")?;
+        let reply = tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv, &self.limits))
+            .await
+            .context("no answer to hello")??;
+        match reply {
+            ControlMessage::Welcome { member, .. } if member == MemberId(peer.id) => {
+                spawn_control_reader(conn.clone(), recv, MemberId(peer.id), self.limits);
+                drop(send);
+                Ok(conn)
+            }
+            ControlMessage::Reject { code, detail } => {
+                bail!("refused by {}: {code:?}: {detail}", peer.name)
+            }
+            other => bail!("unexpected answer to hello: {other:?}"),
+        }
+    }
+
+    /// Accepts connections until the endpoint closes.
+    pub async fn accept(self: Arc<Self>, endpoint: Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let mesh = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Wrong CA, no certificate, wrong ALPN: refused before any message.
+                        warn!(%remote, error = %e, "peer refused during the TLS handshake");
+                        counter!(m::REFUSED, "reason" => "tls").increment(1);
+                        return;
+                    }
+                };
+                match mesh.accept_hello(&conn).await {
+                    Ok(member) => {
+                        // The expected direction (the lower id dials us) makes
+                        // this the primary link; any other is served read-only.
+                        let primary = member < mesh.me;
+                        info!(peer = %member, %remote, primary, "peer accepted");
+                        mesh.serve(conn, member, primary).await;
+                    }
+                    Err(reason) => {
+                        warn!(%remote, %reason, "peer refused at hello");
+                        counter!(m::REFUSED, "reason" => "hello").increment(1);
+                        conn.close(VarInt::from_u32(close::REFUSED), reason.as_bytes());
+                    }
+                }
+            });
+        }
+    }
+
+    async fn accept_hello(&self, conn: &Connection) -> Result<MemberId, String> {
+        let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| "no hello within 5 s".to_string())?
+            .map_err(|e| format!("no control stream: {e}"))?;
+        match self.check_hello(conn, &mut recv).await {
+            Ok(member) => {
+                let welcome = ControlMessage::Welcome {
+                    member: self.me,
+                    incarnation: self.incarnation,
+                    epoch: Epoch(1),
+                };
+                send.write_all(&encode_control(&welcome))
+                    .await
+                    .map_err(|e| format!("sending welcome: {e}"))?;
+                spawn_control_reader(conn.clone(), recv, member, self.limits);
+                Ok(member)
+            }
+            Err((code, detail)) => {
+                // Tell the peer why before closing, so its logs say it too.
+                let reject = ControlMessage::Reject {
+                    code,
+                    detail: detail.clone(),
+                };
+                let _ = send.write_all(&encode_control(&reject)).await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                Err(detail)
+            }
+        }
+    }
+
+    async fn check_hello(
+        &self,
+        conn: &Connection,
+        recv: &mut RecvStream,
+    ) -> Result<MemberId, (RejectCode, String)> {
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_control(recv, &self.limits))
+            .await
+        {
+            Err(_) => return Err((RejectCode::Malformed, "no hello within 5 s".into())),
+            Ok(Err(e)) => {
+                counter!(m::PROTOCOL_ERRORS, "reason" => "hello").increment(1);
+                let code = match e.downcast_ref::<DecodeError>() {
+                    Some(DecodeError::UnsupportedVersion { .. }) => RejectCode::UnsupportedVersion,
+                    Some(DecodeError::TooLarge { .. }) => RejectCode::TooLarge,
+                    _ => RejectCode::Malformed,
+                };
+                return Err((code, format!("bad hello: {e:#}")));
+            }
+            Ok(Ok(msg)) => msg,
+        };
+        let ControlMessage::Hello {
+            protocol_version,
+            cluster,
+            member,
+            ..
+        } = hello
+        else {
+            return Err((
+                RejectCode::Malformed,
+                "the first message must be a hello".into(),
+            ));
+        };
+        if protocol_version != PROTOCOL_VERSION {
+            return Err((
+                RejectCode::UnsupportedVersion,
+                format!(
+                    "protocol version {protocol_version}, this daemon speaks {PROTOCOL_VERSION}"
+                ),
+            ));
+        }
+        if cluster != self.cluster {
+            return Err((
+                RejectCode::UnknownMember,
+                format!("cluster {cluster:?} is not {:?}", self.cluster),
+            ));
+        }
+        let Some(entry) = self.members.get(&member) else {
+            return Err((
+                RejectCode::UnknownMember,
+                format!("{member} is not a member of this group"),
+            ));
+        };
+        let certified = conn
+            .peer_identity()
+            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|chain| chain.first().map(|c| cert_names(c, &entry.name)))
+            .unwrap_or(false);
+        if !certified {
+            return Err((
+                RejectCode::UnknownMember,
+                format!("the certificate is not for {member} ({})", entry.name),
+            ));
+        }
+        Ok(member)
+    }
+
+    /// Reads frames from `conn`'s streams; a primary link also carries our
+    /// frames to the peer and its loss takes the peer down.
+    async fn serve(self: &Arc<Self>, conn: Connection, peer: MemberId, primary: bool) {
+        if primary {
+            if let Some(tx) = self.primaries.get(&peer) {
+                tx.send_replace(Some(conn.clone()));
+            }
+        }
+        gauge!(m::CONNECTIONS).increment(1.0);
+        let mesh = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let stream = match conn.accept_uni().await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        gauge!(m::CONNECTIONS).decrement(1.0);
+                        if primary {
+                            if let Some(tx) = mesh.primaries.get(&peer) {
+                                let is_this = tx
+                                    .borrow()
+                                    .as_ref()
+                                    .is_some_and(|c| c.stable_id() == conn.stable_id());
+                                if is_this {
+                                    tx.send_replace(None);
+                                    let _ = mesh
+                                        .driver
+                                        .send(Input::PeerDown {
+                                            member: peer,
+                                            reason: e.to_string(),
+                                        })
+                                        .await;
+                                }
+                            }
+                        }
+                        return;
+                    }
+                };
+                let mesh = mesh.clone();
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    if let Err(reason) = mesh.read_frames(stream, peer).await {
+                        warn!(%peer, remote = %conn.remote_address(), %reason, "protocol error: disconnecting the peer");
+                        counter!(m::PROTOCOL_ERRORS, "reason" => "frame").increment(1);
+                        conn.close(VarInt::from_u32(close::PROTOCOL_ERROR), reason.as_bytes());
+                    }
+                });
+            }
+        });
+    }
+
+    /// Reads frames until the stream ends; `Err` is a protocol violation.
+    async fn read_frames(&self, mut stream: RecvStream, peer: MemberId) -> Result<(), String> {
+        let mut env = [0u8; ENVELOPE_LEN];
+        loop {
+            match stream.read_exact(&mut env).await {
+                Ok(()) => {}
+                Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(()),
+                Err(quinn::ReadExactError::FinishedEarly(n)) => {
+                    return Err(format!("stream ended inside an envelope ({n} bytes)"))
+                }
+                Err(quinn::ReadExactError::ReadError(_)) => return Ok(()), // the connection is going away
+            }
+            let header = EnvelopeHeader::decode(&env, &self.limits).map_err(|e| e.to_string())?;
+            if header.kind != MessageKind::Frame {
+                return Err("a control message on a data channel".into());
+            }
+            let mut fh = [0u8; FRAME_HEADER_LEN];
+            if (header.body_len as usize) < FRAME_HEADER_LEN {
+                return Err(format!(
+                    "frame body of {} bytes is shorter than its header",
+                    header.body_len
+                ));
+            }
+            stream
+                .read_exact(&mut fh)
+                .await
+                .map_err(|e| format!("reading a frame header: {e}"))?;
+            let frame = FrameHeader::decode(&fh, &self.limits).map_err(|e| e.to_string())?;
+            let payload_len = header.body_len as u64 - FRAME_HEADER_LEN as u64;
+            if payload_len != frame.payload_len() {
+                return Err(DecodeError::PayloadLength {
+                    expected: frame.payload_len(),
+                    actual: payload_len,
+                }
+                .to_string());
+            }
+            if frame.sender != peer {
+                return Err(format!(
+                    "frame claims sender {} on {peer}'s connection",
+                    frame.sender
+                ));
+            }
+            let mut payload = vec![0u8; payload_len as usize];
+            stream
+                .read_exact(&mut payload)
+                .await
+                .map_err(|e| format!("reading a frame payload: {e}"))?;
+            if self
+                .driver
+                .send(Input::Frame {
+                    header: frame,
+                    payload,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(()); // shutting down
+            }
+        }
+    }
+}
+
+/// Reads one control message from a stream.
+pub async fn read_control(recv: &mut RecvStream, limits: &Limits) -> Result<ControlMessage> {
+    let mut env = [0u8; ENVELOPE_LEN];
+    recv.read_exact(&mut env)
+        .await
+        .context("reading an envelope")?;
+    let header = EnvelopeHeader::decode(&env, limits)?;
+    let mut buf = env.to_vec();
+    buf.resize(header.message_len(), 0);
+    recv.read_exact(&mut buf[ENVELOPE_LEN..])
+        .await
+        .context("reading a control body")?;
+    match decode(&buf, limits)? {
+        (Decoded::Control(msg), _) => Ok(msg),
+        (Decoded::Frame { .. }, _) => bail!("a tensor frame on the control stream"),
+    }
+}
+
+fn spawn_control_reader(conn: Connection, mut recv: RecvStream, peer: MemberId, limits: Limits) {
+    tokio::spawn(async move {
+        loop {
+            match read_control(&mut recv, &limits).await {
+                Ok(ControlMessage::Goodbye { reason, .. }) => {
+                    info!(%peer, %reason, "peer says goodbye");
+                }
+                Ok(msg) => debug!(%peer, ?msg, "control message"),
+                Err(e) => {
+                    let closed = e.downcast_ref::<quinn::ReadExactError>().is_some();
+                    if !closed {
+                        warn!(%peer, error = %format!("{e:#}"), "protocol error on the control stream: disconnecting");
+                        counter!(m::PROTOCOL_ERRORS, "reason" => "control").increment(1);
+                        conn.close(
+                            VarInt::from_u32(close::PROTOCOL_ERROR),
+                            e.to_string().as_bytes(),
+                        );
+                    }
+                    return;
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,26 @@
+//! Shared helpers of the process tests.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use phalanx_daemon::cluster::{ClusterOptions, LocalCluster};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh cluster of `members` real `phalanxd` processes.
+pub fn cluster(members: usize, data_plane: &str) -> LocalCluster {
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "phalanx-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    LocalCluster::start(ClusterOptions {
+        members,
+        phalanxd: PathBuf::from(env!("CARGO_BIN_EXE_phalanxd")),
+        dir,
+        data_plane: data_plane.to_string(),
+        keep: std::env::var_os("PHALANX_KEEP_TEST_DIRS").is_some(),
+    })
+    .expect("starting the local cluster")
+}

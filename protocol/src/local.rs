@@ -1,0 +1,194 @@
+//! The local plane: messages between a trainer and its node's daemon over the
+//! daemon's Unix socket. Tensor bytes never travel in these: the trainer
+//! shares a memory file descriptor once (`RegisterBuffer`, with the fd in the
+//! same `sendmsg` as `SCM_RIGHTS`) and then names byte ranges of it.
+//!
+//! Framing is the wire envelope with kind `Control` around a bincode body, so
+//! the one decoder (and its limits) serves both planes.
+
+use bincode::{Decode, Encode};
+
+use crate::wire::{
+    DType, DecodeError, EnvelopeHeader, Limits, MessageKind, ReduceOp, ENVELOPE_LEN,
+    PROTOCOL_VERSION,
+};
+use crate::{Epoch, MemberId, OpId};
+
+/// A collective as the trainer asks for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum LocalKind {
+    /// All-reduce in place.
+    AllReduce(ReduceOp),
+    /// Broadcast from the member with this id.
+    Broadcast(MemberId),
+    /// All-gather: the buffer holds one block per member.
+    AllGather,
+    /// Reduce-scatter: the caller's segment of the buffer holds the result.
+    ReduceScatter(ReduceOp),
+    /// Barrier (no data).
+    Barrier,
+}
+
+/// Trainer to daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum LocalRequest {
+    /// First message: who is asking.
+    Hello {
+        /// Protocol version of the client library.
+        protocol_version: u16,
+        /// The trainer's process id, for logs.
+        pid: u32,
+    },
+    /// Shares a memory file of `len_bytes`; its fd rides along as `SCM_RIGHTS`.
+    RegisterBuffer {
+        /// The trainer's name for it.
+        buffer: u32,
+        /// Its size.
+        len_bytes: u64,
+    },
+    /// Runs one collective over bytes `offset_bytes..` of a registered buffer.
+    Collective {
+        /// The registered buffer.
+        buffer: u32,
+        /// Where the working buffer starts.
+        offset_bytes: u64,
+        /// What to compute.
+        kind: LocalKind,
+        /// Element type.
+        dtype: DType,
+        /// Elements per member (all-gather: per block).
+        len: u64,
+    },
+}
+
+/// Why the daemon refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum LocalErrorCode {
+    /// The request was malformed or inconsistent (bad sizes, unknown buffer).
+    BadRequest,
+    /// The collective was aborted (member down, timeout, shutdown).
+    Aborted,
+    /// The daemon is shutting down.
+    ShuttingDown,
+    /// The client speaks another protocol version.
+    UnsupportedVersion,
+}
+
+/// Daemon to trainer.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum LocalResponse {
+    /// Answer to `Hello`.
+    Welcome {
+        /// This node's member id.
+        member: MemberId,
+        /// The group's members, in ring order.
+        members: Vec<MemberId>,
+        /// The installed epoch.
+        epoch: Epoch,
+    },
+    /// Answer to `RegisterBuffer`.
+    Registered {
+        /// The buffer.
+        buffer: u32,
+    },
+    /// A collective finished; the buffer holds the result.
+    Done {
+        /// The op id the group gave it.
+        op: OpId,
+        /// The epoch it ran in.
+        epoch: Epoch,
+        /// The members whose inputs the result combines.
+        contributors: Vec<MemberId>,
+    },
+    /// A request failed; the connection stays usable unless the code says otherwise.
+    Error {
+        /// Machine-readable reason.
+        code: LocalErrorCode,
+        /// What went wrong, for the trainer's logs.
+        message: String,
+    },
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ crate::wire::MAX_CONTROL_LEN as usize }>()
+}
+
+/// Encodes a local message with its envelope.
+pub fn encode_local<T: Encode>(msg: &T) -> Vec<u8> {
+    let mut out = vec![0u8; ENVELOPE_LEN];
+    bincode::encode_into_std_write(msg, &mut out, config())
+        .expect("encoding into a Vec cannot fail");
+    let env = EnvelopeHeader {
+        version: PROTOCOL_VERSION,
+        kind: MessageKind::Control,
+        body_len: u32::try_from(out.len() - ENVELOPE_LEN).expect("local message fits u32"),
+    };
+    out[..ENVELOPE_LEN].copy_from_slice(&env.encode());
+    out
+}
+
+/// Decodes the body of a local message whose envelope was `env`.
+pub fn decode_local<T: Decode<()>>(env: &EnvelopeHeader, body: &[u8]) -> Result<T, DecodeError> {
+    if env.kind != MessageKind::Control {
+        return Err(DecodeError::UnknownKind(2));
+    }
+    let (msg, used): (T, usize) = bincode::decode_from_slice(body, config())
+        .map_err(|e| DecodeError::Control(e.to_string()))?;
+    if used != body.len() {
+        return Err(DecodeError::TrailingBytes(body.len() - used));
+    }
+    Ok(msg)
+}
+
+/// Limits for the local socket: control bodies only, small.
+pub fn local_limits() -> Limits {
+    Limits {
+        max_control_len: 64 << 10,
+        max_frame_payload_len: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_messages_round_trip() {
+        let reqs = [
+            LocalRequest::Hello {
+                protocol_version: 1,
+                pid: 7,
+            },
+            LocalRequest::RegisterBuffer {
+                buffer: 1,
+                len_bytes: 1 << 30,
+            },
+            LocalRequest::Collective {
+                buffer: 1,
+                offset_bytes: 64,
+                kind: LocalKind::Broadcast(MemberId(3)),
+                dtype: DType::BF16,
+                len: 99,
+            },
+        ];
+        for r in reqs {
+            let bytes = encode_local(&r);
+            let env = EnvelopeHeader::decode(&bytes, &local_limits()).unwrap();
+            let back: LocalRequest = decode_local(&env, &bytes[ENVELOPE_LEN..]).unwrap();
+            assert_eq!(back, r);
+        }
+        let resp = LocalResponse::Error {
+            code: LocalErrorCode::BadRequest,
+            message: "x".into(),
+        };
+        let bytes = encode_local(&resp);
+        let env = EnvelopeHeader::decode(&bytes, &local_limits()).unwrap();
+        assert_eq!(
+            decode_local::<LocalResponse>(&env, &bytes[ENVELOPE_LEN..]).unwrap(),
+            resp
+        );
+        assert!(
+            decode_local::<LocalResponse>(&env, &bytes[ENVELOPE_LEN..bytes.len() - 1]).is_err()
+        );
+    }
+}
