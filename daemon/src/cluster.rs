@@ -145,9 +145,16 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Waits until every running member's trainer socket accepts a connection.
+    /// Waits until every running member's trainer socket accepts a connection
+    /// and every member reports a connection to each of the others.
     pub fn wait_ready(&mut self, bound: Duration) -> Result<()> {
         let start = Instant::now();
+        let peers = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .count()
+            .saturating_sub(1);
         for m in &mut self.members {
             loop {
                 if std::os::unix::net::UnixStream::connect(&m.socket).is_ok() {
@@ -168,6 +175,30 @@ impl LocalCluster {
                         m.id,
                         tail(&m.log)
                     );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            loop {
+                let connected = self
+                    .metrics(i)
+                    .ok()
+                    .and_then(|text| {
+                        text.lines()
+                            .find(|l| l.starts_with("phalanx_peer_connections "))
+                            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    })
+                    .unwrap_or(0.0);
+                if connected >= peers as f64 {
+                    break;
+                }
+                if start.elapsed() > bound {
+                    let m = &self.members[i];
+                    bail!("member {} has {connected} of {peers} peer connections after {bound:?}; log:\n{}", m.id, tail(&m.log));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -101,6 +101,11 @@ pub enum Input {
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<OpDone, OpError>>,
     },
+    /// A peer's primary connection is up (again).
+    PeerUp {
+        /// The peer.
+        member: MemberId,
+    },
     /// A peer's connection is gone.
     PeerDown {
         /// The peer.
@@ -143,6 +148,9 @@ pub struct Driver {
     next_op: u64,
     ops: HashMap<OpId, OpCtx>,
     outboxes: HashMap<MemberId, Outbox>,
+    /// Peers whose connection is down; an op that needs one fails at once
+    /// instead of waiting for its timeout.
+    down: std::collections::BTreeSet<MemberId>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -181,6 +189,7 @@ impl Driver {
             next_op: 0,
             ops: HashMap::new(),
             outboxes,
+            down: std::collections::BTreeSet::new(),
         }
     }
 
@@ -229,8 +238,12 @@ impl Driver {
                 }
             }
             Input::Submit { req, reply } => self.submit(now, req, reply),
+            Input::PeerUp { member } => {
+                self.down.remove(&member);
+            }
             Input::PeerDown { member, reason } => {
                 warn!(peer = %member, %reason, "peer down: aborting its ops");
+                self.down.insert(member);
                 self.core.handle_member_down(now, member);
             }
         }
@@ -261,6 +274,10 @@ impl Driver {
                 "buffer holds {} bytes, the op needs {need}",
                 req.region.len
             ))));
+            return;
+        }
+        if let Some(&down) = self.down.iter().next() {
+            let _ = reply.send(Err(OpError::Aborted(AbortReason::MemberDown(down))));
             return;
         }
         if let Err(e) = self.core.start(now, spec) {

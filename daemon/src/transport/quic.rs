@@ -367,6 +367,7 @@ impl Mesh {
         if primary {
             if let Some(tx) = self.primaries.get(&peer) {
                 tx.send_replace(Some(conn.clone()));
+                let _ = self.driver.send(Input::PeerUp { member: peer }).await;
             }
         }
         gauge!(m::CONNECTIONS).increment(1.0);

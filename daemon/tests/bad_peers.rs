@@ -1,0 +1,281 @@
+//! Peers that break the protocol are refused or disconnected with a reason,
+//! and the other members' collectives go on.
+
+mod common;
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use phalanx_client::{Client, ReduceOp};
+use phalanx_daemon::tls;
+use phalanx_daemon::transport::quic::{close, read_control};
+use phalanx_protocol::wire::{
+    encode_control, encode_frame_header, ControlMessage, DType, FrameHeader, Limits, RejectCode,
+    PROTOCOL_VERSION,
+};
+use phalanx_protocol::{Epoch, Incarnation, MemberId, OpId, Step};
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{Connection, ConnectionError, Endpoint};
+
+fn endpoint(certs: &std::path::Path, node: &str) -> Endpoint {
+    let id = tls::load(&tls::TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join(format!("{node}.pem")),
+        key: certs.join(format!("{node}.key")),
+    })
+    .unwrap();
+    let mut ep = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(id.client.clone()).unwrap(),
+    )));
+    ep
+}
+
+fn hello(member: u32) -> Vec<u8> {
+    encode_control(&ControlMessage::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        cluster: "local".into(),
+        member: MemberId(member),
+        incarnation: Incarnation(0),
+    })
+}
+
+/// Sends `hello_bytes`, returns the connection and the daemon's answer.
+async fn say_hello(
+    ep: &Endpoint,
+    addr: std::net::SocketAddr,
+    hello_bytes: &[u8],
+) -> (Connection, ControlMessage) {
+    let conn = ep
+        .connect(addr, "node1")
+        .unwrap()
+        .await
+        .expect("TLS handshake with a valid certificate");
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(hello_bytes).await.unwrap();
+    let answer = read_control(&mut recv, &Limits::default()).await.unwrap();
+    // Keep the control stream open: dropping it would close our side.
+    std::mem::forget(send);
+    std::mem::forget(recv);
+    (conn, answer)
+}
+
+fn closed_with(err: ConnectionError) -> (u64, String) {
+    match err {
+        ConnectionError::ApplicationClosed(c) => (
+            c.error_code.into_inner(),
+            String::from_utf8_lossy(&c.reason).into(),
+        ),
+        other => panic!("expected an application close, got {other:?}"),
+    }
+}
+
+fn counter(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn trainers(
+    cluster: &phalanx_daemon::cluster::LocalCluster,
+    ops: usize,
+) -> Vec<thread::JoinHandle<()>> {
+    (0..cluster.members.len())
+        .map(|me| {
+            let socket = cluster.members[me].socket.clone();
+            let n = cluster.members.len() as f32;
+            thread::spawn(move || {
+                let mut c = Client::connect(&socket).unwrap();
+                for k in 0..ops {
+                    let mut v = vec![(me + k) as f32; 16 << 10];
+                    c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                    let want = (0..n as usize).map(|m| (m + k) as f32).sum::<f32>();
+                    assert!(v.iter().all(|&x| x == want), "op {k}: {} != {want}", v[0]);
+                }
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn bad_peers_are_disconnected_and_the_group_goes_on() {
+    let cluster = common::cluster(3, "chunk_bytes = 65536");
+    let certs = cluster.dir().join("certs");
+    let addr = cluster.members[0].addr;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let busy = trainers(&cluster, 300);
+
+    rt.block_on(async {
+        // A valid member certificate, a valid hello, then garbage on a data channel.
+        let ep = endpoint(&certs, "node3");
+        let (conn, answer) = say_hello(&ep, addr, &hello(3)).await;
+        assert!(matches!(answer, ControlMessage::Welcome { .. }), "{answer:?}");
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(b"this is not a phalanx frame").await.unwrap();
+        let (code, reason) = closed_with(conn.closed().await);
+        assert_eq!(code, u64::from(close::PROTOCOL_ERROR));
+        assert!(reason.contains("bad magic"), "{reason}");
+
+        // A frame whose element count exceeds the frame limit.
+        let (conn, _) = say_hello(&ep, addr, &hello(3)).await;
+        let header = FrameHeader {
+            op: OpId(1),
+            epoch: Epoch(1),
+            step: Step(1),
+            incarnation: Incarnation(0),
+            sender: MemberId(3),
+            round: 0,
+            chunk: 0,
+            dtype: DType::F32,
+            elem_count: 1 << 28,
+        };
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&encode_frame_header(&header)).await.unwrap();
+        let (code, reason) = closed_with(conn.closed().await);
+        assert_eq!(code, u64::from(close::PROTOCOL_ERROR));
+        assert!(reason.contains("exceeds the limit"), "{reason}");
+
+        // A frame that claims another sender than the connection's member.
+        let (conn, _) = say_hello(&ep, addr, &hello(3)).await;
+        let mut forged = header;
+        forged.sender = MemberId(2);
+        forged.elem_count = 1;
+        let mut s = conn.open_uni().await.unwrap();
+        s.write_all(&encode_frame_header(&forged)).await.unwrap();
+        s.write_all(&[0; 4]).await.unwrap();
+        let (_, reason) = closed_with(conn.closed().await);
+        assert!(reason.contains("claims sender"), "{reason}");
+
+        // A wrong protocol version: refused with the reason.
+        let mut old = hello(3);
+        old[4..6].copy_from_slice(&(PROTOCOL_VERSION + 7).to_le_bytes());
+        let (conn, answer) = say_hello(&ep, addr, &old).await;
+        match answer {
+            ControlMessage::Reject { code, detail } => {
+                assert_eq!(code, RejectCode::UnsupportedVersion);
+                assert!(detail.contains("unsupported protocol version"), "{detail}");
+            }
+            other => panic!("expected a reject, got {other:?}"),
+        }
+        assert_eq!(closed_with(conn.closed().await).0, u64::from(close::REFUSED));
+
+        // A certificate of the cluster CA claiming to be another member.
+        let (conn, answer) = say_hello(&ep, addr, &hello(2)).await;
+        assert!(
+            matches!(&answer, ControlMessage::Reject { code: RejectCode::UnknownMember, detail } if detail.contains("certificate is not for")),
+            "{answer:?}"
+        );
+        drop(conn);
+    });
+
+    // A certificate from another CA never reaches the protocol layer.
+    let before = cluster.metrics(0).unwrap();
+    let foreign = cluster.dir().join("foreign");
+    tls::init_ca(&foreign).unwrap();
+    tls::issue_node(&foreign, "node3").unwrap();
+    rt.block_on(async {
+        let ep = endpoint(&foreign, "node3");
+        let result = ep.connect(addr, "node1").unwrap().await;
+        // The client may see the refusal at the handshake or right after it.
+        if let Ok(conn) = result {
+            let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+                .await
+                .unwrap();
+            assert!(!matches!(e, ConnectionError::LocallyClosed), "{e:?}");
+        }
+    });
+    let refused = |m: &str| counter(m, "phalanx_peers_refused_total{reason=\"tls\"}");
+    // The daemon counts the refusal when its side of the handshake fails,
+    // which can be just after the client has seen the close.
+    let start = std::time::Instant::now();
+    let after = loop {
+        let m = cluster.metrics(0).unwrap();
+        if refused(&m) >= refused(&before) + 1.0 || start.elapsed() > Duration::from_secs(30) {
+            break m;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let protocol = |m: &str| {
+        counter(m, "phalanx_protocol_errors_total{reason=\"frame\"}")
+            + counter(m, "phalanx_protocol_errors_total{reason=\"hello\"}")
+    };
+    assert!(
+        refused(&after) >= refused(&before) + 1.0,
+        "refusal not counted:\n{after}"
+    );
+    assert_eq!(
+        protocol(&after),
+        protocol(&before),
+        "a refused certificate reached the protocol layer"
+    );
+    assert!(
+        protocol(&after) >= 3.0,
+        "protocol errors not counted:\n{after}"
+    );
+
+    for t in busy {
+        t.join()
+            .expect("a trainer failed while bad peers were around");
+    }
+    // And the group still works afterwards.
+    for t in trainers(&cluster, 5) {
+        t.join().unwrap();
+    }
+    let log = std::fs::read_to_string(&cluster.members[0].log).unwrap();
+    assert!(
+        log.contains("peer refused during the TLS handshake"),
+        "log does not say who was refused"
+    );
+}
+
+#[test]
+fn sigterm_fails_in_flight_ops_clearly_and_cleans_up() {
+    let mut cluster = common::cluster(2, "");
+    let socket = cluster.members[0].socket.clone();
+    // Trainer 1 enters a barrier that trainer 2 never joins: it is in flight.
+    let waiter = thread::spawn(move || {
+        let mut c = Client::connect(&socket).unwrap();
+        c.barrier()
+    });
+    // Wait until the op is really in flight at member 1.
+    let start = std::time::Instant::now();
+    while !cluster
+        .metrics(0)
+        .unwrap()
+        .contains("phalanx_ops_in_flight 1")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the barrier never started"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let status = cluster.terminate(0, Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "phalanxd exited with {status}");
+    let err = waiter.join().unwrap().unwrap_err();
+    assert!(err.to_string().contains("shutting down"), "{err}");
+    assert!(
+        !cluster.members[0].socket.exists(),
+        "the socket file was left behind"
+    );
+
+    // Member 2 sees member 1 gone: its next op fails at once, naming it.
+    let mut c = Client::connect(&cluster.members[1].socket).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        match c.barrier() {
+            Err(e) if e.to_string().contains("member m1 is down") => break,
+            other => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "member 2 never noticed: {other:?}"
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
