@@ -1,6 +1,7 @@
 //! `phalanx-bench`: Phalanx's benchmarks. Each prints a table and, with
 //! `--json FILE`, writes the raw figures and a `summary` object.
 
+mod allreduce;
 mod kernels;
 
 use std::path::PathBuf;
@@ -38,10 +39,79 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// End-to-end all-reduce (f32 sum) through real `phalanxd` processes on
+    /// 127.0.0.x with TLS, one trainer per member, nccl-tests definitions
+    /// (op time = max over members, median over iterations after warm-up;
+    /// busbw = algbw x 2(n-1)/n). Where `mpicc` and `mpirun` exist, the Open
+    /// MPI peer from ../shared/peers runs in the same invocation over TCP on
+    /// loopback, and the table shows both with the ratios.
+    Allreduce {
+        /// Member counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        members: Vec<usize>,
+        /// Tensor sizes in bytes (4K, 64K, 1M, 16M, 64M ...), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "4K,64K,1M,16M,64M")]
+        sizes: Vec<String>,
+        /// Timed iterations per size (default: the peers' 500/200/40/15 by size).
+        #[arg(long)]
+        iters: Option<usize>,
+        /// Warm-up iterations per size.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Write the figures and the summary as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The phalanxd binary (default: next to this one).
+        #[arg(long)]
+        phalanxd: Option<PathBuf>,
+        /// Where mpi_allreduce_bench.c lives.
+        #[arg(long, default_value = "../shared/peers")]
+        peers_dir: PathBuf,
+        /// Do not run the Open MPI peer.
+        #[arg(long)]
+        no_mpi: bool,
+        /// Extra `[data_plane]` config lines for every member (e.g. "channels = 8").
+        #[arg(long, default_value = "")]
+        data_plane: String,
+    },
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
+        Command::Allreduce {
+            members,
+            sizes,
+            iters,
+            warmup,
+            json,
+            phalanxd,
+            peers_dir,
+            no_mpi,
+            data_plane,
+        } => (|| {
+            let sizes = sizes
+                .iter()
+                .map(|s| allreduce::parse_size(s))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            if members.contains(&0) {
+                anyhow::bail!("--members must be positive");
+            }
+            let phalanxd = match phalanxd {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name("phalanxd"),
+            };
+            let o = allreduce::Options {
+                members,
+                sizes,
+                iters,
+                warmup,
+                phalanxd,
+                peers_dir,
+                mpi: !no_mpi,
+                data_plane,
+            };
+            allreduce::run(&o, json.as_deref())
+        })(),
         Command::Kernels {
             json,
             samples,

@@ -312,6 +312,47 @@ impl Client {
         Ok(info)
     }
 
+    /// All-reduces many tensors with few collectives (Horovod-style fusion):
+    /// consecutive tensors are packed into one buffer of at most
+    /// `max_fused_bytes` (a larger tensor goes alone) and each buffer is one
+    /// all-reduce. Every member must pass the same tensor lengths in the same
+    /// order, which makes the packing identical everywhere without any
+    /// negotiation. Returns one [`OpInfo`] per collective run.
+    pub fn all_reduce_fused<T: Element>(
+        &mut self,
+        tensors: &mut [&mut [T]],
+        op: ReduceOp,
+        max_fused_bytes: usize,
+    ) -> Result<Vec<OpInfo>, ClientError> {
+        let size = std::mem::size_of::<T>();
+        let mut infos = Vec::new();
+        let mut start = 0;
+        while start < tensors.len() {
+            let mut end = start + 1;
+            let mut bytes = std::mem::size_of_val(&*tensors[start]);
+            while end < tensors.len()
+                && bytes + std::mem::size_of_val(&*tensors[end]) <= max_fused_bytes
+            {
+                bytes += std::mem::size_of_val(&*tensors[end]);
+                end += 1;
+            }
+            self.ensure_arena(bytes)?;
+            let mut offset = 0;
+            for t in &tensors[start..end] {
+                self.stage(offset, t);
+                offset += std::mem::size_of_val(&**t);
+            }
+            infos.push(self.collective(LocalKind::AllReduce(op), T::DTYPE, bytes / size)?);
+            let mut offset = 0;
+            for t in tensors[start..end].iter_mut() {
+                self.unstage(offset, t);
+                offset += std::mem::size_of_val(&**t);
+            }
+            start = end;
+        }
+        Ok(infos)
+    }
+
     /// Replaces `data` with `root`'s.
     pub fn broadcast<T: Element>(
         &mut self,
@@ -410,6 +451,21 @@ impl AsyncClient {
     ) -> Result<(Vec<T>, OpInfo), ClientError> {
         self.with(move |c| c.all_reduce(&mut data, op).map(|i| (data, i)))
             .await
+    }
+
+    /// [`Client::all_reduce_fused`], with owned tensors.
+    pub async fn all_reduce_fused<T: Element>(
+        &self,
+        mut tensors: Vec<Vec<T>>,
+        op: ReduceOp,
+        max_fused_bytes: usize,
+    ) -> Result<(Vec<Vec<T>>, Vec<OpInfo>), ClientError> {
+        self.with(move |c| {
+            let mut views: Vec<&mut [T]> = tensors.iter_mut().map(|t| t.as_mut_slice()).collect();
+            let infos = c.all_reduce_fused(&mut views, op, max_fused_bytes)?;
+            Ok((tensors, infos))
+        })
+        .await
     }
 
     /// [`Client::broadcast`].

@@ -46,6 +46,14 @@ pub struct DataPlaneConfig {
     pub op_timeout_ms: u64,
     /// Largest tensor a trainer may submit, in bytes.
     pub max_tensor_bytes: u64,
+    /// First QUIC packet size tried; path MTU discovery raises it up to
+    /// `max_mtu`. Loopback and jumbo-frame networks carry far more than 1200.
+    pub initial_mtu: u16,
+    /// Upper bound for path MTU discovery.
+    pub max_mtu: u16,
+    /// Congestion window a connection starts (and restarts after idle) with;
+    /// collectives are bursts, so slow start from a small window costs each op.
+    pub initial_window_bytes: u64,
 }
 
 impl Default for DataPlaneConfig {
@@ -61,6 +69,9 @@ impl Default for DataPlaneConfig {
             keep_alive_ms: 1_000,
             op_timeout_ms: 60_000,
             max_tensor_bytes: 1 << 30,
+            initial_mtu: 1200,
+            max_mtu: 1452,
+            initial_window_bytes: 1 << 20,
         }
     }
 }

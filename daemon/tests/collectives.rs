@@ -129,6 +129,42 @@ fn exercise<T: Element + Conv>(
             "{dtype} reduce-scatter len {len}"
         );
     }
+    // Fusion: many small tensors, a few collectives, the same sums.
+    let lens_fused = [3usize, 100, 1, 2000, 17, 5000, 64];
+    let mut tensors: Vec<Vec<T>> = lens_fused
+        .iter()
+        .enumerate()
+        .map(|(k, &l)| to(&input(me, l, 100 + k)))
+        .collect();
+    let mut views: Vec<&mut [T]> = tensors.iter_mut().map(|t| t.as_mut_slice()).collect();
+    let infos = client
+        .all_reduce_fused(&mut views, ReduceOp::Sum, 8192)
+        .unwrap();
+    // 8 KiB bound: f32 packs [3,100,1] [2000,17] [5000] [64];
+    // 2-byte dtypes pack [3,100,1,2000,17] [5000] [64].
+    let expected_groups = if dtype == DType::F32 { 4 } else { 3 };
+    assert_eq!(
+        infos.len(),
+        expected_groups,
+        "{dtype}: fused into {} collectives",
+        infos.len()
+    );
+    for (k, t) in tensors.iter().enumerate() {
+        let inputs: Vec<Vec<T>> = (0..n)
+            .map(|m| to::<T>(&input(m, lens_fused[k], 100 + k)))
+            .collect();
+        for (i, got) in t.iter().enumerate() {
+            let xs: Vec<f64> = inputs.iter().map(|v| f64::from(v[i].to_f32())).collect();
+            let sum: f64 = xs.iter().sum();
+            let abs: f64 = xs.iter().map(|x| x.abs()).sum();
+            let g = f64::from(got.to_f32());
+            assert!(
+                (g - sum).abs() <= sum_error_bound(dtype, n, abs, g, false),
+                "{dtype} fused tensor {k} element {i}"
+            );
+        }
+        outputs.push(bits(t));
+    }
     client.barrier().unwrap();
     outputs
 }
@@ -173,7 +209,6 @@ fn run(n: usize) {
         text.contains("phalanx_bytes_sent_total"),
         "metrics:\n{text}"
     );
-    let _ = DType::F32;
 }
 
 #[test]

@@ -40,6 +40,10 @@ struct Cli {
     /// Compute engine: `scalar` or `simd` (overrides `engine`).
     #[arg(long)]
     engine: Option<String>,
+    /// Tokio worker threads (the QUIC connections, the driver and the
+    /// metrics endpoint share them).
+    #[arg(long, default_value_t = 2)]
+    worker_threads: usize,
     /// Log filter when RUST_LOG is unset.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -73,7 +77,7 @@ fn main() -> Result<()> {
         config.engine = e;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(cli.worker_threads.max(1))
         .enable_all()
         .thread_name("phalanxd")
         .build()?;
