@@ -263,8 +263,21 @@ pub fn tail(path: &Path) -> String {
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        // SIGTERM first, so daemons close their peers and remove their sockets;
+        // SIGKILL whatever is still there after a grace period.
+        for m in &self.members {
+            if let Some(c) = &m.child {
+                if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
         for m in &mut self.members {
             if let Some(mut c) = m.child.take() {
+                while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 let _ = c.kill();
                 let _ = c.wait();
             }

@@ -247,6 +247,19 @@ channels = 2
 "#;
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/phalanxd.example.toml");
+        let c = Config::load(&path).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.members.len(), 3);
+        assert_eq!(
+            c.data_plane,
+            DataPlaneConfig::default(),
+            "the example documents the defaults"
+        );
+    }
+
+    #[test]
     fn parses_resolves_and_validates() {
         let dir = std::env::temp_dir().join(format!("phalanx-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
