@@ -56,15 +56,31 @@ pub fn endpoint(config: &Config, identity: &Identity) -> Result<Endpoint> {
             VarInt::from_u64(dp.idle_timeout_ms)
                 .context("idle timeout")?
                 .into(),
-        ));
+        ))
+        .initial_mtu(dp.initial_mtu.max(1200));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(dp.max_mtu.max(dp.initial_mtu).max(1200));
+    transport.mtu_discovery_config(Some(mtu));
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window(dp.initial_window_bytes);
+    transport.congestion_controller_factory(Arc::new(cubic));
     let transport = Arc::new(transport);
     let server_crypto =
         QuicServerConfig::try_from(identity.server.clone()).context("QUIC server TLS")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
     server.transport_config(transport.clone());
     let addr = config.listen_addr();
-    let mut ep =
-        Endpoint::server(server, addr).with_context(|| format!("binding QUIC on {addr}"))?;
+    // The largest datagram we accept is advertised to peers; quinn's default
+    // (1472) would cap path MTU discovery below `max_mtu`.
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    endpoint_config
+        .max_udp_payload_size(dp.max_mtu.max(1200))
+        .context("data_plane.max_mtu")?;
+    let socket =
+        std::net::UdpSocket::bind(addr).with_context(|| format!("binding QUIC on {addr}"))?;
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    let mut ep = Endpoint::new(endpoint_config, Some(server), socket, runtime)
+        .with_context(|| format!("starting the QUIC endpoint on {addr}"))?;
     let client_crypto =
         QuicClientConfig::try_from(identity.client.clone()).context("QUIC client TLS")?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
@@ -182,7 +198,7 @@ impl Mesh {
             match self.connect_once(&endpoint, &peer).await {
                 Ok(conn) => {
                     backoff = Duration::from_millis(50);
-                    info!(peer = %id, addr = %peer.addr, "connected");
+                    info!(peer = %id, addr = %peer.addr, mtu = conn.stats().path.current_mtu, "connected");
                     self.serve(conn.clone(), id, true).await;
                     let reason = conn.closed().await;
                     if let quinn::ConnectionError::LocallyClosed = reason {
