@@ -103,12 +103,7 @@ impl LocalCluster {
                 child: None,
             });
         }
-        // Loopback carries 64 KiB datagrams: large QUIC packets cut the
-        // per-packet cost, unless the caller chose otherwise.
-        let mut data_plane = options.data_plane.clone();
-        if !data_plane.contains("initial_mtu") && !data_plane.contains("max_mtu") {
-            data_plane.push_str("\ninitial_mtu = 16384\nmax_mtu = 16384\n");
-        }
+        let data_plane = &options.data_plane;
         for m in &members {
             let text = format!(
                 "cluster = \"local\"\nmember_id = {id}\nsocket = \"{sock}\"\nmetrics = \"{metrics}\"\n\

@@ -51,9 +51,11 @@ pub struct DataPlaneConfig {
     pub initial_mtu: u16,
     /// Upper bound for path MTU discovery.
     pub max_mtu: u16,
-    /// Congestion window a connection starts (and restarts after idle) with;
-    /// collectives are bursts, so slow start from a small window costs each op.
+    /// Congestion window a connection starts (and restarts after idle) with.
     pub initial_window_bytes: u64,
+    /// UDP socket send and receive buffer sizes requested from the kernel
+    /// (capped by net.core.rmem_max / wmem_max).
+    pub socket_buffer_bytes: usize,
 }
 
 impl Default for DataPlaneConfig {
@@ -71,7 +73,8 @@ impl Default for DataPlaneConfig {
             max_tensor_bytes: 1 << 30,
             initial_mtu: 1200,
             max_mtu: 1452,
-            initial_window_bytes: 1 << 20,
+            initial_window_bytes: 14720,
+            socket_buffer_bytes: 4 << 20,
         }
     }
 }

@@ -78,6 +78,11 @@ pub fn endpoint(config: &Config, identity: &Identity) -> Result<Endpoint> {
         .context("data_plane.max_mtu")?;
     let socket =
         std::net::UdpSocket::bind(addr).with_context(|| format!("binding QUIC on {addr}"))?;
+    // Bursts of a collective overflow the default socket buffers (~200 KiB)
+    // and every drop costs a loss-recovery delay; the kernel caps the request
+    // at net.core.{r,w}mem_max.
+    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&socket, dp.socket_buffer_bytes);
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&socket, dp.socket_buffer_bytes);
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
     let mut ep = Endpoint::new(endpoint_config, Some(server), socket, runtime)
         .with_context(|| format!("starting the QUIC endpoint on {addr}"))?;
