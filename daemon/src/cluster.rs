@@ -150,12 +150,17 @@ impl LocalCluster {
     /// and every member reports a connection to each of the others.
     pub fn wait_ready(&mut self, bound: Duration) -> Result<()> {
         let start = Instant::now();
+        // Every member holds every link to every other member.
+        let links = crate::config::Config::load(&self.members[0].config)?
+            .data_plane
+            .connections;
         let peers = self
             .members
             .iter()
             .filter(|m| m.child.is_some())
             .count()
-            .saturating_sub(1);
+            .saturating_sub(1)
+            * links;
         for m in &mut self.members {
             loop {
                 if std::os::unix::net::UnixStream::connect(&m.socket).is_ok() {

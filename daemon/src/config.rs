@@ -32,8 +32,11 @@ pub struct DataPlaneConfig {
     pub small_tensor_bytes: usize,
     /// Pieces of one op in flight.
     pub max_chunks_in_flight: u32,
-    /// Parallel QUIC streams ("channels") per peer.
+    /// Parallel QUIC streams ("channels") per peer, spread over `connections`.
     pub channels: usize,
+    /// Parallel QUIC connections per peer: each has its own packet processing,
+    /// so several use more than one core, as NCCL's several sockets do.
+    pub connections: usize,
     /// Per-stream receive window, bytes.
     pub stream_window_bytes: u64,
     /// Per-connection receive and send windows, bytes.
@@ -65,6 +68,7 @@ impl Default for DataPlaneConfig {
             small_tensor_bytes: 64 << 10,
             max_chunks_in_flight: 16,
             channels: 4,
+            connections: 2,
             stream_window_bytes: 16 << 20,
             connection_window_bytes: 64 << 20,
             idle_timeout_ms: 10_000,
@@ -174,6 +178,13 @@ impl Config {
         }
         if dp.channels == 0 || dp.channels > 64 {
             bail!("data_plane.channels must be 1..=64, got {}", dp.channels);
+        }
+        if dp.connections == 0 || dp.connections > dp.channels {
+            bail!(
+                "data_plane.connections must be 1..=channels ({}), got {}",
+                dp.channels,
+                dp.connections
+            );
         }
         if dp.chunk_bytes < 1024 || dp.chunk_bytes > (64 << 20) {
             bail!(

@@ -88,7 +88,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     tokio::spawn(mesh.clone().accept(endpoint.clone()));
     for peer in config.members.iter().filter(|p| p.id > config.member_id) {
-        tokio::spawn(mesh.clone().dial(endpoint.clone(), peer.clone()));
+        for link in 0..mesh.links() {
+            tokio::spawn(mesh.clone().dial(endpoint.clone(), peer.clone(), link));
+        }
     }
 
     let listener = local::bind(&config.socket)?;

@@ -60,11 +60,14 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// Trainer connections: a handle on each socket, to close it, and its thread.
+type Connections = Arc<Mutex<Vec<(UnixStream, std::thread::JoinHandle<()>)>>>;
+
 /// The accept loop and its connections, stoppable from another thread.
 #[derive(Debug)]
 pub struct LocalServer {
     path: PathBuf,
-    conns: Arc<Mutex<Vec<UnixStream>>>,
+    conns: Connections,
     stopping: Arc<std::sync::atomic::AtomicBool>,
     accept_thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -72,7 +75,7 @@ pub struct LocalServer {
 impl LocalServer {
     /// Starts accepting trainers on `listener`.
     pub fn start(listener: UnixListener, path: PathBuf, ctx: LocalContext) -> LocalServer {
-        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let conns: Connections = Arc::default();
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (c, s) = (conns.clone(), stopping.clone());
         let accept_thread = std::thread::Builder::new()
@@ -83,15 +86,16 @@ impl LocalServer {
                         return;
                     }
                     let Ok(stream) = stream else { continue };
-                    if let Ok(clone) = stream.try_clone() {
-                        c.lock().expect("poisoned").push(clone);
-                    }
+                    let Ok(clone) = stream.try_clone() else { continue };
                     let ctx = ctx.clone();
-                    let _ = std::thread::Builder::new().name("phalanx-trainer".into()).spawn(move || {
+                    let spawned = std::thread::Builder::new().name("phalanx-trainer".into()).spawn(move || {
                         if let Err(e) = serve(stream, &ctx) {
                             warn!(error = %format!("{e:#}"), "trainer connection ended with an error");
                         }
                     });
+                    if let Ok(handle) = spawned {
+                        c.lock().expect("poisoned").push((clone, handle));
+                    }
                 }
             })
             .expect("spawning the local accept thread");
@@ -104,6 +108,9 @@ impl LocalServer {
     }
 
     /// Stops accepting, disconnects every trainer and removes the socket file.
+    /// Call it after the driver has stopped: each connection first writes the
+    /// answer to its pending request (the driver's "shutting down"), then sees
+    /// its read side closed and ends.
     pub fn stop(mut self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -111,8 +118,11 @@ impl LocalServer {
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
-        for c in self.conns.lock().expect("poisoned").drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+        let conns: Vec<_> = self.conns.lock().expect("poisoned").drain(..).collect();
+        for (stream, handle) in conns {
+            let _ = stream.shutdown(std::net::Shutdown::Read);
+            let _ = handle.join();
+            let _ = stream.shutdown(std::net::Shutdown::Both);
         }
         let _ = std::fs::remove_file(&self.path);
     }

@@ -38,6 +38,7 @@ fn hello(member: u32) -> Vec<u8> {
         cluster: "local".into(),
         member: MemberId(member),
         incarnation: Incarnation(0),
+        link: 0,
     })
 }
 

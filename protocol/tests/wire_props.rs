@@ -45,14 +45,22 @@ fn abort_reason() -> impl Strategy<Value = AbortReason> {
 
 fn control() -> impl Strategy<Value = ControlMessage> {
     prop_oneof![
-        (any::<u16>(), ".{0,40}", member(), any::<u64>()).prop_map(|(v, c, m, i)| {
-            ControlMessage::Hello {
-                protocol_version: v,
-                cluster: c,
-                member: m,
-                incarnation: Incarnation(i),
-            }
-        }),
+        (
+            any::<u16>(),
+            ".{0,40}",
+            member(),
+            any::<u64>(),
+            any::<u16>()
+        )
+            .prop_map(|(v, c, m, i, l)| {
+                ControlMessage::Hello {
+                    protocol_version: v,
+                    cluster: c,
+                    member: m,
+                    incarnation: Incarnation(i),
+                    link: l,
+                }
+            }),
         (member(), any::<u64>(), any::<u64>()).prop_map(|(m, i, e)| ControlMessage::Welcome {
             member: m,
             incarnation: Incarnation(i),
@@ -192,6 +200,7 @@ fn hello() -> Vec<u8> {
         cluster: "c".into(),
         member: MemberId(1),
         incarnation: Incarnation(0),
+        link: 0,
     })
 }
 

@@ -101,7 +101,9 @@ pub struct Mesh {
     cluster: String,
     incarnation: Incarnation,
     members: BTreeMap<MemberId, MemberConfig>,
-    primaries: HashMap<MemberId, watch::Sender<Option<Connection>>>,
+    /// Per peer, one slot per parallel connection ("link").
+    primaries: HashMap<MemberId, Vec<watch::Sender<Option<Connection>>>>,
+    links: usize,
     driver: mpsc::Sender<Input>,
     limits: Limits,
 }
@@ -117,15 +119,17 @@ pub fn mesh(
     let mut writers = Vec::new();
     for peer in config.members.iter().filter(|p| p.id != config.member_id) {
         let id = MemberId(peer.id);
-        let (conn_tx, conn_rx) = watch::channel(None);
-        primaries.insert(id, conn_tx);
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..config.data_plane.connections)
+            .map(|_| watch::channel(None))
+            .unzip();
+        primaries.insert(id, txs);
         let mut channels = Vec::new();
-        for _ in 0..config.data_plane.channels {
+        for k in 0..config.data_plane.channels {
             let (tx, rx) = mpsc::unbounded_channel();
             channels.push(tx);
             writers.push(WriterTask {
                 peer: id,
-                conn: conn_rx.clone(),
+                conn: rxs[k % rxs.len()].clone(),
                 frames: rx,
             });
         }
@@ -145,6 +149,7 @@ pub fn mesh(
             .map(|m| (MemberId(m.id), m.clone()))
             .collect(),
         primaries,
+        links: config.data_plane.connections,
         driver,
         limits,
     };
@@ -194,17 +199,22 @@ impl WriterTask {
 }
 
 impl Mesh {
-    /// Dials `peer` until connected, keeps the connection, redials when it
-    /// drops. Only the lower id dials, so each pair has one primary connection.
-    pub async fn dial(self: Arc<Self>, endpoint: Endpoint, peer: MemberConfig) {
+    /// How many parallel connections each pair keeps.
+    pub fn links(&self) -> usize {
+        self.links
+    }
+
+    /// Dials link `link` to `peer` until connected, keeps it, redials when it
+    /// drops. Only the lower id dials, so each link of a pair is one connection.
+    pub async fn dial(self: Arc<Self>, endpoint: Endpoint, peer: MemberConfig, link: usize) {
         let id = MemberId(peer.id);
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.connect_once(&endpoint, &peer).await {
+            match self.connect_once(&endpoint, &peer, link).await {
                 Ok(conn) => {
                     backoff = Duration::from_millis(50);
-                    info!(peer = %id, addr = %peer.addr, mtu = conn.stats().path.current_mtu, "connected");
-                    self.serve(conn.clone(), id, true).await;
+                    info!(peer = %id, addr = %peer.addr, link, mtu = conn.stats().path.current_mtu, "connected");
+                    self.serve(conn.clone(), id, Some(link)).await;
                     let reason = conn.closed().await;
                     if let quinn::ConnectionError::LocallyClosed = reason {
                         return;
@@ -219,7 +229,12 @@ impl Mesh {
         }
     }
 
-    async fn connect_once(&self, endpoint: &Endpoint, peer: &MemberConfig) -> Result<Connection> {
+    async fn connect_once(
+        &self,
+        endpoint: &Endpoint,
+        peer: &MemberConfig,
+        link: usize,
+    ) -> Result<Connection> {
         let conn = endpoint
             .connect(peer.addr, &peer.name)
             .context("starting the connection")?
@@ -231,6 +246,7 @@ impl Mesh {
             cluster: self.cluster.clone(),
             member: self.me,
             incarnation: self.incarnation,
+            link: u16::try_from(link).expect("links are few"),
         };
         send.write_all(&encode_control(&hello))
             .await
@@ -267,12 +283,12 @@ impl Mesh {
                     }
                 };
                 match mesh.accept_hello(&conn).await {
-                    Ok(member) => {
+                    Ok((member, link)) => {
                         // The expected direction (the lower id dials us) makes
-                        // this the primary link; any other is served read-only.
+                        // this a primary link; any other is served read-only.
                         let primary = member < mesh.me;
-                        info!(peer = %member, %remote, primary, "peer accepted");
-                        mesh.serve(conn, member, primary).await;
+                        info!(peer = %member, %remote, link, primary, "peer accepted");
+                        mesh.serve(conn, member, primary.then_some(link)).await;
                     }
                     Err(reason) => {
                         warn!(%remote, %reason, "peer refused at hello");
@@ -284,13 +300,13 @@ impl Mesh {
         }
     }
 
-    async fn accept_hello(&self, conn: &Connection) -> Result<MemberId, String> {
+    async fn accept_hello(&self, conn: &Connection) -> Result<(MemberId, usize), String> {
         let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
             .await
             .map_err(|_| "no hello within 5 s".to_string())?
             .map_err(|e| format!("no control stream: {e}"))?;
         match self.check_hello(conn, &mut recv).await {
-            Ok(member) => {
+            Ok((member, link)) => {
                 let welcome = ControlMessage::Welcome {
                     member: self.me,
                     incarnation: self.incarnation,
@@ -300,7 +316,7 @@ impl Mesh {
                     .await
                     .map_err(|e| format!("sending welcome: {e}"))?;
                 spawn_control_reader(conn.clone(), recv, member, self.limits);
-                Ok(member)
+                Ok((member, link))
             }
             Err((code, detail)) => {
                 // Tell the peer why before closing, so its logs say it too.
@@ -320,7 +336,7 @@ impl Mesh {
         &self,
         conn: &Connection,
         recv: &mut RecvStream,
-    ) -> Result<MemberId, (RejectCode, String)> {
+    ) -> Result<(MemberId, usize), (RejectCode, String)> {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_control(recv, &self.limits))
             .await
         {
@@ -340,6 +356,7 @@ impl Mesh {
             protocol_version,
             cluster,
             member,
+            link,
             ..
         } = hello
         else {
@@ -379,15 +396,25 @@ impl Mesh {
                 format!("the certificate is not for {member} ({})", entry.name),
             ));
         }
-        Ok(member)
+        if usize::from(link) >= self.links {
+            return Err((
+                RejectCode::Malformed,
+                format!(
+                    "link {link} is beyond the {} connections per peer this daemon uses",
+                    self.links
+                ),
+            ));
+        }
+        Ok((member, usize::from(link)))
     }
 
     /// Reads frames from `conn`'s streams; a primary link also carries our
     /// frames to the peer and its loss takes the peer down.
-    async fn serve(self: &Arc<Self>, conn: Connection, peer: MemberId, primary: bool) {
-        if primary {
-            if let Some(tx) = self.primaries.get(&peer) {
-                tx.send_replace(Some(conn.clone()));
+    async fn serve(self: &Arc<Self>, conn: Connection, peer: MemberId, link: Option<usize>) {
+        if let Some(slots) = link.and_then(|_| self.primaries.get(&peer)) {
+            slots[link.expect("checked")].send_replace(Some(conn.clone()));
+            // The peer is up once every link is.
+            if slots.iter().all(|s| s.borrow().is_some()) {
                 let _ = self.driver.send(Input::PeerUp { member: peer }).await;
             }
         }
@@ -399,8 +426,8 @@ impl Mesh {
                     Ok(s) => s,
                     Err(e) => {
                         gauge!(m::CONNECTIONS).decrement(1.0);
-                        if primary {
-                            if let Some(tx) = mesh.primaries.get(&peer) {
+                        if let Some(link) = link {
+                            if let Some(tx) = mesh.primaries.get(&peer).map(|s| &s[link]) {
                                 let is_this = tx
                                     .borrow()
                                     .as_ref()

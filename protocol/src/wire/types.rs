@@ -154,6 +154,8 @@ pub enum ControlMessage {
         member: MemberId,
         /// The sender's current life.
         incarnation: Incarnation,
+        /// Which of the sender's parallel connections to this peer this is.
+        link: u16,
     },
     /// The answer to an accepted `Hello`.
     Welcome {
