@@ -73,3 +73,54 @@ pub fn scale_bytes(
     }
     Ok(())
 }
+
+/// Bytes `range` (in elements of `dtype`) of a buffer of raw elements.
+pub fn element_range(dtype: DType, range: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+    let size = dtype.size_bytes();
+    range.start * size..range.end * size
+}
+
+/// Applies one of the collective core's buffer actions (`Reduce`, `Copy`,
+/// `Divide`) to the op's working buffer of raw little-endian `dtype`
+/// elements. Returns `Ok(false)` for the actions that do not touch the buffer
+/// (`Send`, `Complete`, `Aborted`), which the caller handles. One function so
+/// the daemon and the simulator execute the core's actions identically.
+pub fn apply_action(
+    engine: &dyn ComputeEngine,
+    dtype: DType,
+    buf: &mut [u8],
+    action: &phalanx_protocol::collective::Action,
+) -> Result<bool, ComputeError> {
+    use phalanx_protocol::collective::Action;
+    match action {
+        Action::Reduce {
+            range,
+            reduce,
+            payload,
+            ..
+        } => {
+            reduce_bytes(
+                engine,
+                dtype,
+                *reduce,
+                &mut buf[element_range(dtype, range)],
+                payload,
+            )?;
+        }
+        Action::Copy { range, payload, .. } => {
+            let dst = &mut buf[element_range(dtype, range)];
+            crate::same_len("payload bytes", payload.len(), dst.len())?;
+            dst.copy_from_slice(payload);
+        }
+        Action::Divide { range, divisor, .. } => {
+            scale_bytes(
+                engine,
+                dtype,
+                &mut buf[element_range(dtype, range)],
+                1.0 / *divisor as f32,
+            )?;
+        }
+        Action::Send { .. } | Action::Complete { .. } | Action::Aborted { .. } => return Ok(false),
+    }
+    Ok(true)
+}

@@ -61,7 +61,7 @@ mod optim;
 mod scalar;
 mod simd;
 
-pub use bytes::{reduce_bytes, scale_bytes};
+pub use bytes::{apply_action, element_range, reduce_bytes, scale_bytes};
 pub use half::{bf16, f16};
 pub use optim::{AdamParams, MomentumParams, SgdParams};
 pub use phalanx_protocol::wire::{DType, ReduceOp};

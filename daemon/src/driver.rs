@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use metrics::{counter, gauge, histogram};
-use phalanx_compute::{reduce_bytes, scale_bytes, ComputeEngine};
+use phalanx_compute::{apply_action, element_range, ComputeEngine};
 use phalanx_protocol::collective::{Action, Algorithm, Collectives, Kind, OpSpec};
 use phalanx_protocol::local::LocalKind;
 use phalanx_protocol::wire::{
@@ -309,11 +309,10 @@ impl Driver {
                     let Some(ctx) = self.ops.get(&op) else {
                         continue;
                     };
-                    let size = ctx.req.dtype.size_bytes();
                     // SAFETY: one op per region; this op owns it until it ends.
                     let bytes = unsafe { ctx.req.region.bytes_mut() };
                     let payload =
-                        Bytes::copy_from_slice(&bytes[range.start * size..range.end * size]);
+                        Bytes::copy_from_slice(&bytes[element_range(ctx.req.dtype, &range)]);
                     counter!(m::BYTES_SENT, "peer" => to.to_string())
                         .increment(payload.len() as u64);
                     match self.outboxes.get(&to) {
@@ -329,52 +328,6 @@ impl Driver {
                         }
                         None => warn!(peer = %to, "no outbox for peer"),
                     }
-                }
-                Action::Reduce {
-                    op,
-                    range,
-                    reduce,
-                    payload,
-                    ..
-                } => {
-                    let Some(ctx) = self.ops.get(&op) else {
-                        continue;
-                    };
-                    let size = ctx.req.dtype.size_bytes();
-                    // SAFETY: as above.
-                    let bytes = unsafe { ctx.req.region.bytes_mut() };
-                    let dst = &mut bytes[range.start * size..range.end * size];
-                    if let Err(e) =
-                        reduce_bytes(self.engine.as_ref(), ctx.req.dtype, reduce, dst, &payload)
-                    {
-                        warn!(%op, error = %e, "reduce failed");
-                    }
-                }
-                Action::Copy {
-                    op, range, payload, ..
-                } => {
-                    let Some(ctx) = self.ops.get(&op) else {
-                        continue;
-                    };
-                    let size = ctx.req.dtype.size_bytes();
-                    // SAFETY: as above.
-                    let bytes = unsafe { ctx.req.region.bytes_mut() };
-                    bytes[range.start * size..range.end * size].copy_from_slice(&payload);
-                }
-                Action::Divide { op, range, divisor } => {
-                    let Some(ctx) = self.ops.get(&op) else {
-                        continue;
-                    };
-                    let size = ctx.req.dtype.size_bytes();
-                    // SAFETY: as above.
-                    let bytes = unsafe { ctx.req.region.bytes_mut() };
-                    let dst = &mut bytes[range.start * size..range.end * size];
-                    let _ = scale_bytes(
-                        self.engine.as_ref(),
-                        ctx.req.dtype,
-                        dst,
-                        1.0 / divisor as f32,
-                    );
                 }
                 Action::Complete {
                     op,
@@ -397,6 +350,18 @@ impl Driver {
                         warn!(%op, %reason, "op aborted");
                         counter!(m::OPS, "outcome" => "aborted").increment(1);
                         let _ = ctx.reply.send(Err(OpError::Aborted(reason)));
+                    }
+                }
+                Action::Reduce { op, .. } | Action::Copy { op, .. } | Action::Divide { op, .. } => {
+                    let Some(ctx) = self.ops.get(&op) else {
+                        continue;
+                    };
+                    // SAFETY: as above.
+                    let bytes = unsafe { ctx.req.region.bytes_mut() };
+                    if let Err(e) =
+                        apply_action(self.engine.as_ref(), ctx.req.dtype, bytes, &action)
+                    {
+                        warn!(%op, error = %e, "applying a received piece failed");
                     }
                 }
             }

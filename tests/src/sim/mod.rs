@@ -14,7 +14,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::time::Duration;
 
-use phalanx_compute::{reduce_bytes, scale_bytes, ComputeEngine, ScalarEngine, SimdEngine};
+use phalanx_compute::{apply_action, element_range, ComputeEngine, ScalarEngine, SimdEngine};
 use phalanx_protocol::collective::{Action, Collectives, Config, Kind, OpSpec};
 use phalanx_protocol::rng::SplitMix64;
 use phalanx_protocol::wire::{AbortReason, FrameHeader};
@@ -537,52 +537,9 @@ impl Sim {
                     range,
                 } => {
                     let run = m.runs.get(&op).expect("send for a known run");
-                    let size = run.spec.dtype.size_bytes();
-                    let payload = run.buf[range.start * size..range.end * size].to_vec();
+                    let payload = run.buf[element_range(run.spec.dtype, &range)].to_vec();
                     bytes += payload.len() as u64;
                     sends.push((to, header, payload));
-                }
-                Action::Reduce {
-                    op,
-                    range,
-                    reduce,
-                    payload,
-                    from,
-                } => {
-                    let run = m.runs.get_mut(&op).expect("reduce for a known run");
-                    run.applied_epochs.insert(from.epoch);
-                    let size = run.spec.dtype.size_bytes();
-                    bytes += payload.len() as u64;
-                    let dst = &mut run.buf[range.start * size..range.end * size];
-                    if let Err(e) =
-                        reduce_bytes(m.engine.as_ref(), run.spec.dtype, reduce, dst, &payload)
-                    {
-                        self.violations
-                            .push(Violation::safety(format!("reduce failed: {e}")));
-                    }
-                }
-                Action::Copy {
-                    op,
-                    range,
-                    payload,
-                    from,
-                } => {
-                    let run = m.runs.get_mut(&op).expect("copy for a known run");
-                    run.applied_epochs.insert(from.epoch);
-                    let size = run.spec.dtype.size_bytes();
-                    bytes += payload.len() as u64;
-                    run.buf[range.start * size..range.end * size].copy_from_slice(&payload);
-                }
-                Action::Divide { op, range, divisor } => {
-                    let run = m.runs.get_mut(&op).expect("divide for a known run");
-                    let size = run.spec.dtype.size_bytes();
-                    let dst = &mut run.buf[range.start * size..range.end * size];
-                    if let Err(e) =
-                        scale_bytes(m.engine.as_ref(), run.spec.dtype, dst, 1.0 / divisor as f32)
-                    {
-                        self.violations
-                            .push(Violation::safety(format!("divide failed: {e}")));
-                    }
                 }
                 Action::Complete {
                     op,
@@ -605,6 +562,37 @@ impl Sim {
                             "{} aborted {op}: {reason}",
                             m.id
                         )));
+                    }
+                }
+                Action::Reduce {
+                    op,
+                    ref payload,
+                    from,
+                    ..
+                }
+                | Action::Copy {
+                    op,
+                    ref payload,
+                    from,
+                    ..
+                } => {
+                    let run = m.runs.get_mut(&op).expect("apply for a known run");
+                    run.applied_epochs.insert(from.epoch);
+                    bytes += payload.len() as u64;
+                    if let Err(e) =
+                        apply_action(m.engine.as_ref(), run.spec.dtype, &mut run.buf, &action)
+                    {
+                        self.violations
+                            .push(Violation::safety(format!("applying a piece failed: {e}")));
+                    }
+                }
+                Action::Divide { op, .. } => {
+                    let run = m.runs.get_mut(&op).expect("divide for a known run");
+                    if let Err(e) =
+                        apply_action(m.engine.as_ref(), run.spec.dtype, &mut run.buf, &action)
+                    {
+                        self.violations
+                            .push(Violation::safety(format!("divide failed: {e}")));
                     }
                 }
             }
