@@ -147,8 +147,17 @@ pub struct Client {
 const MIN_ARENA: usize = 1 << 20;
 
 impl Client {
-    /// Connects to the daemon's socket and says hello.
+    /// Connects to the daemon's socket and says hello, issuing stream 0.
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        Self::connect_stream(path, 0)
+    }
+
+    /// Connects issuing collective stream `stream`. Each stream is an
+    /// independent ordered sequence of collectives (like a NCCL
+    /// communicator): every member must issue a stream's calls in the same
+    /// order, and concurrent connections to one daemon need distinct streams.
+    /// Collectives of different streams run concurrently.
+    pub fn connect_stream(path: impl AsRef<Path>, stream_id: u32) -> Result<Client, ClientError> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path).map_err(|e| {
             ClientError::Io(std::io::Error::new(
@@ -166,6 +175,7 @@ impl Client {
         let hello = LocalRequest::Hello {
             protocol_version: PROTOCOL_VERSION,
             pid: std::process::id(),
+            stream: stream_id,
         };
         match client.call(&hello, None)? {
             LocalResponse::Welcome {

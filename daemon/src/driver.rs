@@ -49,6 +49,8 @@ impl Region {
 /// A collective a trainer asked for.
 #[derive(Debug)]
 pub struct OpRequest {
+    /// The op's id, from the trainer's stream and call count.
+    pub op: OpId,
     /// What to compute.
     pub kind: LocalKind,
     /// Element type.
@@ -145,7 +147,6 @@ pub struct Driver {
     ring: Vec<MemberId>,
     epoch: Epoch,
     origin: Instant,
-    next_op: u64,
     ops: HashMap<OpId, OpCtx>,
     outboxes: HashMap<MemberId, Outbox>,
     /// Peers whose connection is down; an op that needs one fails at once
@@ -186,7 +187,6 @@ impl Driver {
             ring,
             epoch: Epoch(1),
             origin: Instant::now(),
-            next_op: 0,
             ops: HashMap::new(),
             outboxes,
             down: std::collections::BTreeSet::new(),
@@ -255,13 +255,12 @@ impl Driver {
         req: OpRequest,
         reply: oneshot::Sender<Result<OpDone, OpError>>,
     ) {
-        self.next_op += 1;
-        let op = OpId(self.next_op);
+        let op = req.op;
         let (kind, kind_name) = kind_of(req.kind);
         let spec = OpSpec {
             op,
             epoch: self.epoch,
-            step: Step(self.next_op),
+            step: Step(op.0 & ((1 << 40) - 1)),
             kind,
             algorithm: Algorithm::Auto,
             dtype: req.dtype,

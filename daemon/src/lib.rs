@@ -102,6 +102,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ring: config.ring(),
             driver: driver_tx,
             max_tensor_bytes: dp.max_tensor_bytes,
+            streams: Default::default(),
         },
     );
     info!(member = %me, "phalanxd ready");

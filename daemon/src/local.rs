@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use phalanx_protocol::local::{
-    decode_local, encode_local, local_limits, LocalErrorCode, LocalKind, LocalRequest,
-    LocalResponse,
+    decode_local, encode_local, local_limits, stream_op_id, LocalErrorCode, LocalKind,
+    LocalRequest, LocalResponse,
 };
 use phalanx_protocol::wire::{EnvelopeHeader, ENVELOPE_LEN, PROTOCOL_VERSION};
-use phalanx_protocol::{Epoch, MemberId};
+use phalanx_protocol::{Epoch, MemberId, OpId};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -38,6 +38,11 @@ pub struct LocalContext {
     pub driver: mpsc::Sender<Input>,
     /// Largest tensor a trainer may submit.
     pub max_tensor_bytes: u64,
+    /// Every stream trainers have issued: whether a connection holds it now
+    /// (two at once would number ops inconsistently) and how many ops it has
+    /// issued (a reconnecting trainer continues the numbering, so op ids stay
+    /// unique within the epoch).
+    pub streams: Arc<Mutex<std::collections::BTreeMap<u32, StreamState>>>,
 }
 
 /// Binds the socket with mode 0660. A stale socket file (no daemon behind it)
@@ -175,6 +180,11 @@ fn error(code: LocalErrorCode, message: impl Into<String>) -> LocalResponse {
 fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
     let mut fds = VecDeque::new();
     let mut buffers: HashMap<u32, Arc<Mapping>> = HashMap::new();
+    // The stream this connection claimed, released when it ends.
+    let mut claim = StreamClaim {
+        streams: ctx.streams.clone(),
+        stream: None,
+    };
     let limits = local_limits();
     let mut env = [0u8; ENVELOPE_LEN];
     loop {
@@ -211,14 +221,17 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
             LocalRequest::Hello {
                 protocol_version,
                 pid,
+                stream,
             } => {
                 if protocol_version != PROTOCOL_VERSION {
                     error(
                         LocalErrorCode::UnsupportedVersion,
                         format!("client protocol {protocol_version}, daemon {PROTOCOL_VERSION}"),
                     )
+                } else if let Err(message) = claim.claim(stream) {
+                    error(LocalErrorCode::BadRequest, message)
                 } else {
-                    info!(pid, "trainer connected");
+                    info!(pid, stream, "trainer connected");
                     LocalResponse::Welcome {
                         member: ctx.me,
                         members: ctx.ring.clone(),
@@ -249,7 +262,9 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                 kind,
                 dtype,
                 len,
-            } => match collective(ctx, &buffers, buffer, offset_bytes, kind, dtype, len) {
+            } => match claim.next_op().and_then(|op| {
+                collective(ctx, &buffers, op, buffer, offset_bytes, kind, dtype, len)
+            }) {
                 Err(message) => error(LocalErrorCode::BadRequest, message),
                 Ok(req) => {
                     let (reply, rx) = oneshot::channel();
@@ -282,9 +297,61 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
     }
 }
 
+/// One collective stream at this daemon.
+#[derive(Debug, Default)]
+pub struct StreamState {
+    in_use: bool,
+    issued: u64,
+}
+
+/// A connection's claim on its stream.
+struct StreamClaim {
+    streams: Arc<Mutex<std::collections::BTreeMap<u32, StreamState>>>,
+    stream: Option<u32>,
+}
+
+impl StreamClaim {
+    fn claim(&mut self, stream: u32) -> Result<(), String> {
+        if self.stream.is_some() {
+            return Err("hello was already said on this connection".into());
+        }
+        let mut streams = self.streams.lock().expect("poisoned");
+        let state = streams.entry(stream).or_default();
+        if state.in_use {
+            return Err(format!(
+                "stream {stream} is already issued by another connection to this daemon; \
+                 give each concurrent trainer connection its own stream"
+            ));
+        }
+        state.in_use = true;
+        self.stream = Some(stream);
+        Ok(())
+    }
+
+    fn next_op(&mut self) -> Result<OpId, String> {
+        let stream = self.stream.ok_or("say hello before issuing collectives")?;
+        let mut streams = self.streams.lock().expect("poisoned");
+        let state = streams.get_mut(&stream).expect("claimed");
+        state.issued += 1;
+        Ok(stream_op_id(stream, state.issued))
+    }
+}
+
+impl Drop for StreamClaim {
+    fn drop(&mut self) {
+        if let Some(s) = self.stream {
+            if let Some(state) = self.streams.lock().expect("poisoned").get_mut(&s) {
+                state.in_use = false;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn collective(
     ctx: &LocalContext,
     buffers: &HashMap<u32, Arc<Mapping>>,
+    op: OpId,
     buffer: u32,
     offset_bytes: u64,
     kind: LocalKind,
@@ -322,6 +389,7 @@ fn collective(
         ));
     }
     Ok(OpRequest {
+        op,
         kind,
         dtype,
         len: len as usize,

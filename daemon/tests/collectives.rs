@@ -225,3 +225,43 @@ fn three_members() {
 fn five_members() {
     run(5);
 }
+
+/// Two streams per member issued by two threads at once: ops of different
+/// streams are in flight together and matched by their own ids.
+#[test]
+fn concurrent_streams_run_side_by_side() {
+    let n = 3;
+    let cluster = common::cluster(n, "chunk_bytes = 16384");
+    let mut handles = Vec::new();
+    for me in 0..n {
+        for stream in [1u32, 2] {
+            let socket = cluster.members[me].socket.clone();
+            handles.push(thread::spawn(move || {
+                let mut client = Client::connect_stream(&socket, stream).unwrap();
+                for k in 0..30usize {
+                    let len = 5000 + 700 * stream as usize;
+                    let mut v = vec![(me * 10 + stream as usize + k) as f32; len];
+                    let info = client.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                    let want: f32 = (0..n).map(|m| (m * 10 + stream as usize + k) as f32).sum();
+                    assert!(
+                        v.iter().all(|&x| x == want),
+                        "stream {stream} op {k}: {} != {want}",
+                        v[0]
+                    );
+                    assert_eq!(info.op.0 >> 40, u64::from(stream));
+                }
+            }));
+        }
+    }
+    for h in handles {
+        h.join().expect("a stream failed");
+    }
+    // A second connection issuing a stream already in use is refused, clearly.
+    let _first = Client::connect_stream(&cluster.members[0].socket, 7).unwrap();
+    let err = Client::connect_stream(&cluster.members[0].socket, 7).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("already issued by another connection"),
+        "{err}"
+    );
+}

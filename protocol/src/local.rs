@@ -38,6 +38,11 @@ pub enum LocalRequest {
         protocol_version: u16,
         /// The trainer's process id, for logs.
         pid: u32,
+        /// The collective stream this connection issues (like a NCCL
+        /// communicator): ops are numbered per stream, so each stream must be
+        /// issued in the same order on every member, and streams are
+        /// independent of each other.
+        stream: u32,
     },
     /// Shares a memory file of `len_bytes`; its fd rides along as `SCM_RIGHTS`.
     RegisterBuffer {
@@ -72,6 +77,13 @@ pub enum LocalErrorCode {
     ShuttingDown,
     /// The client speaks another protocol version.
     UnsupportedVersion,
+}
+
+/// The op id of the `seq`-th collective (from 1) of `stream`: identical on
+/// every member that issues the stream in the same order.
+pub fn stream_op_id(stream: u32, seq: u64) -> OpId {
+    assert!(seq < 1 << 40, "a stream has at most 2^40 ops");
+    OpId((u64::from(stream) << 40) | seq)
 }
 
 /// Daemon to trainer.
@@ -158,6 +170,7 @@ mod tests {
             LocalRequest::Hello {
                 protocol_version: 1,
                 pid: 7,
+                stream: 2,
             },
             LocalRequest::RegisterBuffer {
                 buffer: 1,
