@@ -62,7 +62,18 @@ enum CertsCommand {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The cause chain on one line; no backtrace for an operator error.
+            eprintln!("phalanxctl: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     match Cli::parse().command {
         Command::Certs {
             command: CertsCommand::Init { dir },
