@@ -24,6 +24,9 @@ pub struct Options {
     pub peers_dir: PathBuf,
     pub mpi: bool,
     pub data_plane: String,
+    /// Copy tensors in and out of shared memory (`all_reduce`) instead of
+    /// working in the staging area (`all_reduce_staged`).
+    pub copy_api: bool,
 }
 
 /// The peers' iteration counts (../shared/peers/mpi_allreduce_bench.c).
@@ -113,7 +116,7 @@ fn run_phalanx(o: &Options, n: usize) -> Result<Vec<Row>> {
         .map(|rank| {
             let socket = cluster.members[rank].socket.clone();
             let sizes = o.sizes.clone();
-            let (iters, warmup) = (o.iters, o.warmup);
+            let (iters, warmup, copy_api) = (o.iters, o.warmup, o.copy_api);
             let start = start.clone();
             std::thread::spawn(move || -> Result<Vec<(Vec<f64>, bool)>> {
                 let mut client = Client::connect(&socket)?;
@@ -126,11 +129,21 @@ fn run_phalanx(o: &Options, n: usize) -> Result<Vec<Row>> {
                     let want = (n * (n + 1) / 2) as f32;
                     let mut ok = true;
                     for i in 0..warmup + iters {
-                        buf.fill((rank + 1) as f32);
-                        client.barrier()?;
-                        let t0 = Instant::now();
-                        client.all_reduce(&mut buf, ReduceOp::Sum)?;
-                        let dt = t0.elapsed().as_secs_f64() * 1e6;
+                        let dt = if copy_api {
+                            buf.fill((rank + 1) as f32);
+                            client.barrier()?;
+                            let t0 = Instant::now();
+                            client.all_reduce(&mut buf, ReduceOp::Sum)?;
+                            t0.elapsed().as_secs_f64() * 1e6
+                        } else {
+                            client.staging::<f32>(bytes / 4)?.fill((rank + 1) as f32);
+                            client.barrier()?;
+                            let t0 = Instant::now();
+                            client.all_reduce_staged::<f32>(bytes / 4, ReduceOp::Sum)?;
+                            let dt = t0.elapsed().as_secs_f64() * 1e6;
+                            buf.copy_from_slice(client.staging::<f32>(bytes / 4)?);
+                            dt
+                        };
                         if i == warmup {
                             ok = buf.iter().all(|&x| x == want);
                         }

@@ -73,6 +73,10 @@ enum Command {
         /// Extra `[data_plane]` config lines for every member (e.g. "channels = 8").
         #[arg(long, default_value = "")]
         data_plane: String,
+        /// Time `Client::all_reduce` (copies the tensor into and out of shared
+        /// memory) instead of the zero-copy `all_reduce_staged`.
+        #[arg(long)]
+        copy_api: bool,
     },
 }
 
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
             peers_dir,
             no_mpi,
             data_plane,
+            copy_api,
         } => (|| {
             let sizes = sizes
                 .iter()
@@ -109,6 +114,7 @@ fn main() -> ExitCode {
                 peers_dir,
                 mpi: !no_mpi,
                 data_plane,
+                copy_api,
             };
             allreduce::run(&o, json.as_deref())
         })(),

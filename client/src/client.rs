@@ -309,6 +309,33 @@ impl Client {
         dst.copy_from_slice(&self.arena.bytes()[offset..offset + n]);
     }
 
+    /// The shared-memory staging area viewed as `len` elements of `T`, grown
+    /// if needed (growing discards its contents). Write inputs here and run a
+    /// `*_staged` collective: no copy into or out of shared memory at all.
+    pub fn staging<T: Element>(&mut self, len: usize) -> Result<&mut [T], ClientError> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| ClientError::BadRequest(format!("{len} elements overflow")))?;
+        self.ensure_arena(bytes)?;
+        // The arena is page-aligned, so the cast cannot fail on alignment.
+        Ok(bytemuck::cast_slice_mut(&mut self.arena.bytes()[..bytes]))
+    }
+
+    /// All-reduces the first `len` elements of the staging area in place
+    /// (see [`Client::staging`]).
+    pub fn all_reduce_staged<T: Element>(
+        &mut self,
+        len: usize,
+        op: ReduceOp,
+    ) -> Result<OpInfo, ClientError> {
+        if len * std::mem::size_of::<T>() > self.arena.len {
+            return Err(ClientError::BadRequest(format!(
+                "{len} elements exceed the staging area; size it with staging() first"
+            )));
+        }
+        self.collective(LocalKind::AllReduce(op), T::DTYPE, len)
+    }
+
     /// Reduces `data` with every member's, in place.
     pub fn all_reduce<T: Element>(
         &mut self,

@@ -265,3 +265,37 @@ fn concurrent_streams_run_side_by_side() {
         "{err}"
     );
 }
+
+/// The zero-copy path: trainers write into the shared staging area and reduce
+/// it in place.
+#[test]
+fn staged_all_reduce_works_in_shared_memory() {
+    let n = 2;
+    let cluster = common::cluster(n, "");
+    let handles: Vec<_> = (0..n)
+        .map(|me| {
+            let socket = cluster.members[me].socket.clone();
+            thread::spawn(move || {
+                let mut client = Client::connect(&socket).unwrap();
+                let len = 300_001;
+                for (i, x) in client.staging::<f32>(len).unwrap().iter_mut().enumerate() {
+                    *x = (i % 97) as f32 + me as f32;
+                }
+                client.all_reduce_staged::<f32>(len, ReduceOp::Sum).unwrap();
+                let out = client.staging::<f32>(len).unwrap();
+                for (i, &x) in out.iter().enumerate() {
+                    assert_eq!(x, 2.0 * (i % 97) as f32 + 1.0, "element {i}");
+                }
+                // Asking for more than the staging area holds is a clear error.
+                let too_many = 1 << 28;
+                let err = client
+                    .all_reduce_staged::<f32>(too_many, ReduceOp::Sum)
+                    .unwrap_err();
+                assert!(err.to_string().contains("staging"), "{err}");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a trainer failed");
+    }
+}
