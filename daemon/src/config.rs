@@ -47,6 +47,11 @@ pub struct DataPlaneConfig {
     pub keep_alive_ms: u64,
     /// An op not complete this long after it started is aborted.
     pub op_timeout_ms: u64,
+    /// Heartbeat period to every peer.
+    pub heartbeat_interval_ms: u64,
+    /// A peer silent this long is suspected and its ops fail with the reason;
+    /// at least 3 heartbeat intervals, and below `idle_timeout_ms`.
+    pub suspect_after_ms: u64,
     /// Largest tensor a trainer may submit, in bytes.
     pub max_tensor_bytes: u64,
     /// First QUIC packet size tried; path MTU discovery raises it up to
@@ -74,6 +79,8 @@ impl Default for DataPlaneConfig {
             idle_timeout_ms: 10_000,
             keep_alive_ms: 1_000,
             op_timeout_ms: 60_000,
+            heartbeat_interval_ms: 100,
+            suspect_after_ms: 400,
             max_tensor_bytes: 1 << 30,
             initial_mtu: 1200,
             max_mtu: 1452,
@@ -176,6 +183,17 @@ impl Config {
                 dp.idle_timeout_ms
             );
         }
+        self.detector()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("data_plane: {e}"))?;
+        if dp.suspect_after_ms >= dp.idle_timeout_ms {
+            bail!(
+                "data_plane.suspect_after_ms ({}) must be below idle_timeout_ms ({}), so a silent peer is \
+                 suspected (with a reason) before its connection times out",
+                dp.suspect_after_ms,
+                dp.idle_timeout_ms
+            );
+        }
         if dp.channels == 0 || dp.channels > 64 {
             bail!("data_plane.channels must be 1..=64, got {}", dp.channels);
         }
@@ -227,6 +245,14 @@ impl Config {
             ca: self.tls.ca.clone(),
             cert: self.tls.cert.clone(),
             key: self.tls.key.clone(),
+        }
+    }
+
+    /// The failure detector's bounds.
+    pub fn detector(&self) -> phalanx_protocol::membership::DetectorConfig {
+        phalanx_protocol::membership::DetectorConfig {
+            heartbeat_interval: Duration::from_millis(self.data_plane.heartbeat_interval_ms),
+            suspect_after: Duration::from_millis(self.data_plane.suspect_after_ms),
         }
     }
 

@@ -14,13 +14,14 @@ use metrics::{counter, gauge, histogram};
 use phalanx_compute::{apply_action, element_range, ComputeEngine};
 use phalanx_protocol::collective::{Action, Algorithm, Collectives, Kind, OpSpec};
 use phalanx_protocol::local::LocalKind;
+use phalanx_protocol::membership::{Decision, DetectorConfig, FailureDetector};
 use phalanx_protocol::wire::{
     encode_frame_header, AbortReason, DType, FrameHeader, ENVELOPE_LEN, FRAME_HEADER_LEN,
 };
 use phalanx_protocol::{Epoch, MemberId, OpId, Step, Time};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::metrics as m;
 use crate::shm::Mapping;
@@ -103,6 +104,11 @@ pub enum Input {
         /// Where the outcome goes.
         reply: oneshot::Sender<Result<OpDone, OpError>>,
     },
+    /// A heartbeat from a peer.
+    Heard {
+        /// The peer.
+        member: MemberId,
+    },
     /// A peer's primary connection is up (again).
     PeerUp {
         /// The peer.
@@ -152,6 +158,10 @@ pub struct Driver {
     /// Peers whose connection is down; an op that needs one fails at once
     /// instead of waiting for its timeout.
     down: std::collections::BTreeSet<MemberId>,
+    /// Heartbeat-based suspicion: a peer that is connected but silent (hung,
+    /// SIGSTOPped, partitioned) is suspected long before QUIC's idle timeout.
+    detector: FailureDetector,
+    heartbeat_interval: std::time::Duration,
 }
 
 impl std::fmt::Debug for Driver {
@@ -180,8 +190,12 @@ impl Driver {
         engine: Box<dyn ComputeEngine>,
         ring: Vec<MemberId>,
         outboxes: HashMap<MemberId, Outbox>,
+        detector: DetectorConfig,
     ) -> Driver {
         Driver {
+            // Peers are watched from their first connection on (PeerUp).
+            detector: FailureDetector::new(detector, [], Time::ZERO),
+            heartbeat_interval: detector.heartbeat_interval,
             core,
             engine,
             ring,
@@ -205,7 +219,11 @@ impl Driver {
         mut shutdown: watch::Receiver<bool>,
     ) {
         loop {
-            let deadline = self.core.poll_timeout().map(|t| {
+            let next = [self.core.poll_timeout(), self.detector.next_deadline()]
+                .into_iter()
+                .flatten()
+                .min();
+            let deadline = next.map(|t| {
                 tokio::time::Instant::from_std(self.origin + std::time::Duration::from_micros(t.0))
             });
             tokio::select! {
@@ -219,12 +237,43 @@ impl Driver {
                 }
                 _ = shutdown.changed() => break,
             }
+            if let Some(due) = next {
+                let late = self.now().since(due);
+                if late > self.heartbeat_interval {
+                    // Whatever woke us, we are this far past a deadline: this
+                    // daemon was not running (starved or stopped), so the
+                    // silence it saw is its own, not its peers'.
+                    debug!(
+                        late_ms = late.as_millis() as u64,
+                        "daemon was paused; giving peers a fresh window"
+                    );
+                    self.detector.excuse(self.now());
+                }
+            }
+            self.judge_peers();
             self.execute();
         }
         for (_, ctx) in self.ops.drain() {
             let _ = ctx.reply.send(Err(OpError::ShuttingDown));
         }
         gauge!(m::OPS_IN_FLIGHT).set(0.0);
+    }
+
+    /// Acts on the failure detector's new decisions.
+    fn judge_peers(&mut self) {
+        let now = self.now();
+        for decision in self.detector.poll(now) {
+            match decision {
+                Decision::Suspect { member, reason } => {
+                    warn!(peer = %member, %reason, "peer suspected: failing its ops");
+                    counter!(m::SUSPICIONS, "reason" => "silent").increment(1);
+                    self.core.handle_member_down(now, member);
+                }
+                Decision::Cleared { member } => {
+                    info!(peer = %member, "suspected peer heard from again")
+                }
+            }
+        }
     }
 
     fn handle(&mut self, msg: Input) {
@@ -238,12 +287,15 @@ impl Driver {
                 }
             }
             Input::Submit { req, reply } => self.submit(now, req, reply),
+            Input::Heard { member } => self.detector.heard(member, now),
             Input::PeerUp { member } => {
                 self.down.remove(&member);
+                self.detector.watch(member, now);
             }
             Input::PeerDown { member, reason } => {
                 warn!(peer = %member, %reason, "peer down: aborting its ops");
                 self.down.insert(member);
+                self.detector.unwatch(member);
                 self.core.handle_member_down(now, member);
             }
         }
@@ -275,7 +327,18 @@ impl Driver {
             ))));
             return;
         }
-        if let Some(&down) = self.down.iter().next() {
+        let unavailable = self
+            .down
+            .iter()
+            .copied()
+            .chain(
+                self.ring
+                    .iter()
+                    .copied()
+                    .filter(|&m| self.detector.is_suspected(m)),
+            )
+            .next();
+        if let Some(down) = unavailable {
             let _ = reply.send(Err(OpError::Aborted(AbortReason::MemberDown(down))));
             return;
         }

@@ -81,7 +81,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
     );
     let (stop_tx, stop_rx) = watch::channel(false);
-    let driver = driver::Driver::new(core, engine, config.ring(), outboxes);
+    let driver = driver::Driver::new(core, engine, config.ring(), outboxes, config.detector());
     let driver_task = tokio::spawn(driver.run(driver_rx, stop_rx));
     for w in writers {
         tokio::spawn(w.run());

@@ -178,12 +178,17 @@ fn error(code: LocalErrorCode, message: impl Into<String>) -> LocalResponse {
 }
 
 fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
+    // A second handle, for the stream registry's liveness check.
+    let conn_handle = stream
+        .try_clone()
+        .context("cloning the trainer connection")?;
     let mut fds = VecDeque::new();
     let mut buffers: HashMap<u32, Arc<Mapping>> = HashMap::new();
     // The stream this connection claimed, released when it ends.
     let mut claim = StreamClaim {
         streams: ctx.streams.clone(),
         stream: None,
+        id: NEXT_CLAIM.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     };
     let limits = local_limits();
     let mut env = [0u8; ENVELOPE_LEN];
@@ -228,7 +233,7 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                         LocalErrorCode::UnsupportedVersion,
                         format!("client protocol {protocol_version}, daemon {PROTOCOL_VERSION}"),
                     )
-                } else if let Err(message) = claim.claim(stream) {
+                } else if let Err(message) = claim.claim(stream, &conn_handle) {
                     error(LocalErrorCode::BadRequest, message)
                 } else {
                     info!(pid, stream, "trainer connected");
@@ -300,30 +305,50 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
 /// One collective stream at this daemon.
 #[derive(Debug, Default)]
 pub struct StreamState {
-    in_use: bool,
+    /// The connection issuing it now: an id and a handle to check it is alive.
+    holder: Option<(u64, UnixStream)>,
     issued: u64,
+}
+
+/// Whether the trainer behind `stream` has hung up (its end is closed).
+fn hung_up(stream: &UnixStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        rustix::net::recv(stream, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT),
+        Ok((0, _)) | Err(rustix::io::Errno::CONNRESET)
+    )
 }
 
 /// A connection's claim on its stream.
 struct StreamClaim {
     streams: Arc<Mutex<std::collections::BTreeMap<u32, StreamState>>>,
     stream: Option<u32>,
+    id: u64,
 }
 
+static NEXT_CLAIM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl StreamClaim {
-    fn claim(&mut self, stream: u32) -> Result<(), String> {
+    fn claim(&mut self, stream: u32, conn: &UnixStream) -> Result<(), String> {
         if self.stream.is_some() {
             return Err("hello was already said on this connection".into());
         }
         let mut streams = self.streams.lock().expect("poisoned");
         let state = streams.entry(stream).or_default();
-        if state.in_use {
-            return Err(format!(
-                "stream {stream} is already issued by another connection to this daemon; \
-                 give each concurrent trainer connection its own stream"
-            ));
+        // A trainer that restarts quickly finds its old connection not yet
+        // reaped: if that one has hung up, the new one takes the stream over.
+        if let Some((_, old)) = &state.holder {
+            if !hung_up(old) {
+                return Err(format!(
+                    "stream {stream} is already issued by another connection to this daemon; \
+                     give each concurrent trainer connection its own stream"
+                ));
+            }
         }
-        state.in_use = true;
+        let handle = conn
+            .try_clone()
+            .map_err(|e| format!("cloning the connection: {e}"))?;
+        state.holder = Some((self.id, handle));
         self.stream = Some(stream);
         Ok(())
     }
@@ -332,6 +357,11 @@ impl StreamClaim {
         let stream = self.stream.ok_or("say hello before issuing collectives")?;
         let mut streams = self.streams.lock().expect("poisoned");
         let state = streams.get_mut(&stream).expect("claimed");
+        if state.holder.as_ref().map(|(id, _)| *id) != Some(self.id) {
+            return Err(format!(
+                "stream {stream} was taken over by a newer connection"
+            ));
+        }
         state.issued += 1;
         Ok(stream_op_id(stream, state.issued))
     }
@@ -341,7 +371,9 @@ impl Drop for StreamClaim {
     fn drop(&mut self) {
         if let Some(s) = self.stream {
             if let Some(state) = self.streams.lock().expect("poisoned").get_mut(&s) {
-                state.in_use = false;
+                if state.holder.as_ref().map(|(id, _)| *id) == Some(self.id) {
+                    state.holder = None;
+                }
             }
         }
     }

@@ -25,6 +25,8 @@ pub const OPS: &str = "phalanx_ops_total";
 pub const CONNECTIONS: &str = "phalanx_peer_connections";
 /// Peers refused during the TLS handshake or the hello, labelled by reason.
 pub const REFUSED: &str = "phalanx_peers_refused_total";
+/// Peers suspected by the failure detector, labelled by reason.
+pub const SUSPICIONS: &str = "phalanx_suspicions_total";
 /// Connections closed for a protocol error, labelled by reason.
 pub const PROTOCOL_ERRORS: &str = "phalanx_protocol_errors_total";
 

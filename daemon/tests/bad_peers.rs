@@ -280,3 +280,60 @@ fn sigterm_fails_in_flight_ops_clearly_and_cleans_up() {
         }
     }
 }
+
+/// A member that stops answering (SIGSTOP) while connected is suspected from
+/// its missing heartbeats within the bound, and the others' op fails with
+/// the reason instead of waiting for QUIC's idle timeout or the op timeout.
+#[test]
+fn a_stopped_member_is_suspected_within_the_bound() {
+    // The default bounds, stated so the helper's generous test bound is not used.
+    let cluster = common::cluster(3, "heartbeat_interval_ms = 100\nsuspect_after_ms = 400");
+    let waiters: Vec<_> = (0..2)
+        .map(|i| {
+            let socket = cluster.members[i].socket.clone();
+            thread::spawn(move || {
+                let mut c = Client::connect(&socket).unwrap();
+                let mut v = vec![1.0f32; 1000];
+                let start = std::time::Instant::now();
+                let result = c.all_reduce(&mut v, ReduceOp::Sum);
+                (result, start.elapsed())
+            })
+        })
+        .collect();
+    // Stop member 3 while members 1 and 2 wait for it in the all-reduce.
+    let start = std::time::Instant::now();
+    while !cluster
+        .metrics(0)
+        .unwrap()
+        .contains("phalanx_ops_in_flight 1")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the op never started"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let pid = cluster.members[2].child.as_ref().unwrap().id() as i32;
+    let pid = rustix::process::Pid::from_raw(pid).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    let stopped_at = std::time::Instant::now();
+    for w in waiters {
+        let (result, _) = w.join().unwrap();
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("member m3 is down"), "{err}");
+    }
+    let detected_after = stopped_at.elapsed();
+    // Default bound 400 ms of silence; generous slack for a loaded 2-core box.
+    assert!(
+        detected_after < Duration::from_secs(5),
+        "took {detected_after:?}"
+    );
+    let log = std::fs::read_to_string(&cluster.members[0].log).unwrap();
+    assert!(log.contains("peer suspected"), "the log does not say why");
+    assert!(
+        log.contains("no heartbeat for"),
+        "the log does not give the reason"
+    );
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
+    eprintln!("suspected {detected_after:?} after SIGSTOP");
+}

@@ -257,13 +257,17 @@ fn concurrent_streams_run_side_by_side() {
         h.join().expect("a stream failed");
     }
     // A second connection issuing a stream already in use is refused, clearly.
-    let _first = Client::connect_stream(&cluster.members[0].socket, 7).unwrap();
+    let first = Client::connect_stream(&cluster.members[0].socket, 7).unwrap();
     let err = Client::connect_stream(&cluster.members[0].socket, 7).unwrap_err();
     assert!(
         err.to_string()
             .contains("already issued by another connection"),
         "{err}"
     );
+    // A trainer that hung up and reconnects at once takes its stream back.
+    drop(first);
+    Client::connect_stream(&cluster.members[0].socket, 7)
+        .expect("reconnecting to a released stream");
 }
 
 /// The zero-copy path: trainers write into the shared staging area and reduce

@@ -37,6 +37,7 @@
 pub mod collective;
 mod ids;
 pub mod local;
+pub mod membership;
 pub mod rng;
 pub mod wire;
 

@@ -18,7 +18,7 @@ use phalanx_protocol::wire::{
 };
 use phalanx_protocol::{Epoch, Incarnation, MemberId};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, RecvStream, VarInt};
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -104,6 +104,7 @@ pub struct Mesh {
     /// Per peer, one slot per parallel connection ("link").
     primaries: HashMap<MemberId, Vec<watch::Sender<Option<Connection>>>>,
     links: usize,
+    heartbeat: Duration,
     driver: mpsc::Sender<Input>,
     limits: Limits,
 }
@@ -150,6 +151,7 @@ pub fn mesh(
             .collect(),
         primaries,
         links: config.data_plane.connections,
+        heartbeat: Duration::from_millis(config.data_plane.heartbeat_interval_ms),
         driver,
         limits,
     };
@@ -256,8 +258,7 @@ impl Mesh {
             .context("no answer to hello")??;
         match reply {
             ControlMessage::Welcome { member, .. } if member == MemberId(peer.id) => {
-                spawn_control_reader(conn.clone(), recv, MemberId(peer.id), self.limits);
-                drop(send);
+                self.spawn_control(conn.clone(), send, recv, MemberId(peer.id));
                 Ok(conn)
             }
             ControlMessage::Reject { code, detail } => {
@@ -315,7 +316,7 @@ impl Mesh {
                 send.write_all(&encode_control(&welcome))
                     .await
                     .map_err(|e| format!("sending welcome: {e}"))?;
-                spawn_control_reader(conn.clone(), recv, member, self.limits);
+                self.spawn_control(conn.clone(), send, recv, member);
                 Ok((member, link))
             }
             Err((code, detail)) => {
@@ -540,27 +541,66 @@ pub async fn read_control(recv: &mut RecvStream, limits: &Limits) -> Result<Cont
     }
 }
 
-fn spawn_control_reader(conn: Connection, mut recv: RecvStream, peer: MemberId, limits: Limits) {
-    tokio::spawn(async move {
-        loop {
-            match read_control(&mut recv, &limits).await {
-                Ok(ControlMessage::Goodbye { reason, .. }) => {
-                    info!(%peer, %reason, "peer says goodbye");
-                }
-                Ok(msg) => debug!(%peer, ?msg, "control message"),
-                Err(e) => {
-                    let closed = e.downcast_ref::<quinn::ReadExactError>().is_some();
-                    if !closed {
-                        warn!(%peer, error = %format!("{e:#}"), "protocol error on the control stream: disconnecting");
-                        counter!(m::PROTOCOL_ERRORS, "reason" => "control").increment(1);
-                        conn.close(
-                            VarInt::from_u32(close::PROTOCOL_ERROR),
-                            e.to_string().as_bytes(),
-                        );
-                    }
-                    return;
+impl Mesh {
+    /// After the hello, the control stream carries heartbeats both ways: a
+    /// task sends ours every interval, another reads the peer's (and its other
+    /// control messages) and reports each heartbeat to the driver's detector.
+    fn spawn_control(
+        &self,
+        conn: Connection,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        peer: MemberId,
+    ) {
+        let (me, incarnation, interval, origin) = (
+            self.me,
+            self.incarnation,
+            self.heartbeat,
+            std::time::Instant::now(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let hb = ControlMessage::Heartbeat {
+                    member: me,
+                    incarnation,
+                    epoch: Epoch(1),
+                    sent_at_us: origin.elapsed().as_micros() as u64,
+                };
+                if send.write_all(&encode_control(&hb)).await.is_err() {
+                    return; // the connection is gone; its loss is reported elsewhere
                 }
             }
-        }
-    });
+        });
+        let (driver, limits) = (self.driver.clone(), self.limits);
+        tokio::spawn(async move {
+            loop {
+                match read_control(&mut recv, &limits).await {
+                    Ok(ControlMessage::Heartbeat { member, .. }) if member == peer => {
+                        if driver.send(Input::Heard { member }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(ControlMessage::Goodbye { reason, .. }) => {
+                        info!(%peer, %reason, "peer says goodbye");
+                    }
+                    Ok(msg) => debug!(%peer, ?msg, "control message"),
+                    Err(e) => {
+                        let closed = e.downcast_ref::<quinn::ReadExactError>().is_some();
+                        if !closed {
+                            warn!(%peer, error = %format!("{e:#}"), "protocol error on the control stream: disconnecting");
+                            counter!(m::PROTOCOL_ERRORS, "reason" => "control").increment(1);
+                            conn.close(
+                                VarInt::from_u32(close::PROTOCOL_ERROR),
+                                e.to_string().as_bytes(),
+                            );
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+    }
 }

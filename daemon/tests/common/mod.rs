@@ -19,7 +19,13 @@ pub fn cluster(members: usize, data_plane: &str) -> LocalCluster {
         members,
         phalanxd: PathBuf::from(env!("CARGO_BIN_EXE_phalanxd")),
         dir,
-        data_plane: data_plane.to_string(),
+        // Generous suspicion bound on the shared, noisy test machine, unless
+        // the test is about suspicion itself.
+        data_plane: if data_plane.contains("suspect_after_ms") {
+            data_plane.to_string()
+        } else {
+            format!("{data_plane}\nsuspect_after_ms = 3000")
+        },
         keep: std::env::var_os("PHALANX_KEEP_TEST_DIRS").is_some(),
     })
     .expect("starting the local cluster")
