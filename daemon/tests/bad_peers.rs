@@ -243,18 +243,7 @@ fn sigterm_fails_in_flight_ops_clearly_and_cleans_up() {
         c.barrier()
     });
     // Wait until the op is really in flight at member 1.
-    let start = std::time::Instant::now();
-    while !cluster
-        .metrics(0)
-        .unwrap()
-        .contains("phalanx_ops_in_flight 1")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the barrier never started"
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_op_in_flight(&cluster, 0);
     let status = cluster.terminate(0, Duration::from_secs(30)).unwrap();
     assert!(status.success(), "phalanxd exited with {status}");
     let err = waiter.join().unwrap().unwrap_err();
@@ -301,18 +290,7 @@ fn a_stopped_member_is_suspected_within_the_bound() {
         })
         .collect();
     // Stop member 3 while members 1 and 2 wait for it in the all-reduce.
-    let start = std::time::Instant::now();
-    while !cluster
-        .metrics(0)
-        .unwrap()
-        .contains("phalanx_ops_in_flight 1")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the op never started"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_for_op_in_flight(&cluster, 0);
     let pid = cluster.members[2].child.as_ref().unwrap().id() as i32;
     let pid = rustix::process::Pid::from_raw(pid).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();

@@ -30,3 +30,22 @@ pub fn cluster(members: usize, data_plane: &str) -> LocalCluster {
     })
     .expect("starting the local cluster")
 }
+
+/// Waits until member index `i` reports an op in flight (an event, polled
+/// with a generous bound for the shared test machine).
+#[allow(dead_code)] // not every test file that includes this module needs it
+pub fn wait_for_op_in_flight(cluster: &LocalCluster, i: usize) {
+    let start = std::time::Instant::now();
+    while !cluster
+        .metrics(i)
+        .unwrap()
+        .contains("phalanx_ops_in_flight 1")
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "no op in flight at member {} after 30 s",
+            i + 1
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
