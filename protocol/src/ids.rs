@@ -45,6 +45,13 @@ id_type!(
     "i"
 );
 
+impl Epoch {
+    /// The epoch after this one.
+    pub fn next(self) -> Epoch {
+        Epoch(self.0 + 1)
+    }
+}
+
 /// A point in time, in microseconds since an origin the caller chooses.
 ///
 /// The core never reads a clock: the daemon converts `Instant`s relative to its

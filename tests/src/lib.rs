@@ -5,6 +5,7 @@
 //! seed prints the command that replays it.
 #![deny(missing_docs)]
 
+pub mod control_sim;
 pub mod invariants;
 pub mod scenario;
 pub mod sim;

@@ -111,3 +111,39 @@ fn grid_members_lengths_dtypes_algorithms() {
         failures.len()
     );
 }
+
+/// The control plane (raft-rs, failure detector, readmission policy) under
+/// crashes, restarts, pauses, partitions and lossy links, then healed.
+#[test]
+fn seeded_control_plane_scenarios() {
+    let count = env("PHALANX_CONTROL_SEEDS", 200);
+    let start = env("PHALANX_SIM_SEED_START", 0);
+    let mut failures = Vec::new();
+    let mut total = phalanx_tests::control_sim::ControlReport::default();
+    for seed in start..start + count {
+        match phalanx_tests::control_sim::run_seed(seed) {
+            Ok(r) => {
+                total.epochs += r.epochs;
+                total.leader_changes += r.leader_changes;
+                total.restarts += r.restarts;
+                total.role_changes += r.role_changes;
+                total.restores += r.restores;
+                total.dropped += r.dropped;
+            }
+            Err(failure) => {
+                eprintln!("{failure}\n");
+                failures.push(seed);
+            }
+        }
+    }
+    println!("{count} control seeds from {start}: {total:?}");
+    assert!(
+        failures.is_empty(),
+        "failing seeds: {failures:?} (replay commands above)"
+    );
+    if count >= 100 {
+        assert!(total.epochs > 0, "no scenario changed the epoch");
+        assert!(total.restarts > 0, "no scenario restarted a member");
+        assert!(total.role_changes > 0, "no scenario swapped a voter");
+    }
+}

@@ -1,6 +1,9 @@
 //! Membership decisions: pure functions of what was observed and `now`,
 //! returning a reason, so tests move time by editing inputs and logs say why.
 
+pub mod control;
 mod detector;
+pub mod group;
 
 pub use detector::{Decision, DetectorConfig, FailureDetector, SuspicionReason};
+pub use group::{Applied, Change, Command, GroupState, MemberRecord, Status};

@@ -1,0 +1,332 @@
+//! The replicated group state: who the members are, which epoch is current and
+//! which ring it runs. Raft commits [`Command`]s; every daemon applies them in
+//! log order with [`GroupState::apply`], a pure function, so all daemons hold
+//! the same state at the same log index.
+//!
+//! Commands carry the epoch they were decided in and are ignored when that
+//! epoch is gone: two daemons suspecting the same member at once propose two
+//! removals, and only the first committed one changes anything.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bincode::{Decode, Encode};
+
+use crate::{Epoch, Incarnation, MemberId};
+
+/// A member's standing in the group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Status {
+    /// In the ring of the current epoch.
+    Active,
+    /// Out of the ring (crashed, hung, cut off, or left); may be readmitted.
+    Removed,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Active => "active",
+            Status::Removed => "removed",
+        })
+    }
+}
+
+/// One member as the group knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct MemberRecord {
+    /// Where its daemon listens.
+    pub addr: String,
+    /// Active or removed.
+    pub status: Status,
+    /// Its life: a restarted daemon comes back with a higher one, and frames
+    /// or votes of an older life are fenced off.
+    pub incarnation: Incarnation,
+    /// Why it last changed status.
+    pub reason: String,
+    /// The epoch of that change.
+    pub since: Epoch,
+}
+
+/// A change to the group, proposed by a daemon and committed through Raft.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum Command {
+    /// Take `member` out of the ring, decided while `epoch` was current.
+    Remove {
+        /// The member.
+        member: MemberId,
+        /// The epoch the suspicion was raised in.
+        epoch: Epoch,
+        /// Why, for logs and `phalanxctl members`.
+        reason: String,
+    },
+    /// Put a removed `member` back in the ring in life `incarnation`.
+    Admit {
+        /// The member.
+        member: MemberId,
+        /// Its current life; must not be older than the recorded one.
+        incarnation: Incarnation,
+        /// Its address.
+        addr: String,
+    },
+}
+
+/// What applying a command changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// A new epoch is current, with this ring.
+    NewEpoch {
+        /// The epoch.
+        epoch: Epoch,
+        /// Its ring, ascending member ids.
+        ring: Vec<MemberId>,
+        /// Members that left the ring, and members that joined it.
+        change: Change,
+    },
+    /// Nothing changed, and why (a stale or repeated command).
+    Ignored(String),
+}
+
+/// One membership change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The member left the ring.
+    Removed(MemberId, String),
+    /// The member joined the ring.
+    Admitted(MemberId, Incarnation),
+}
+
+/// The replicated state.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct GroupState {
+    /// Every member ever admitted, by id.
+    pub members: BTreeMap<MemberId, MemberRecord>,
+    /// The current epoch.
+    pub epoch: Epoch,
+}
+
+impl GroupState {
+    /// The state every daemon starts from: the configured roster, all active,
+    /// epoch 1. All daemons must be given the same roster.
+    pub fn bootstrap(roster: impl IntoIterator<Item = (MemberId, String)>) -> GroupState {
+        GroupState {
+            members: roster
+                .into_iter()
+                .map(|(id, addr)| {
+                    (
+                        id,
+                        MemberRecord {
+                            addr,
+                            status: Status::Active,
+                            incarnation: Incarnation(0),
+                            reason: "bootstrap".into(),
+                            since: Epoch(1),
+                        },
+                    )
+                })
+                .collect(),
+            epoch: Epoch(1),
+        }
+    }
+
+    /// The current epoch's ring: active members, ascending ids.
+    pub fn ring(&self) -> Vec<MemberId> {
+        self.members
+            .iter()
+            .filter(|(_, r)| r.status == Status::Active)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Whether `member` is in the current ring.
+    pub fn is_active(&self, member: MemberId) -> bool {
+        self.members
+            .get(&member)
+            .is_some_and(|r| r.status == Status::Active)
+    }
+
+    /// Applies one committed command.
+    pub fn apply(&mut self, cmd: &Command) -> Applied {
+        match cmd {
+            Command::Remove {
+                member,
+                epoch,
+                reason,
+            } => {
+                if *epoch != self.epoch {
+                    return Applied::Ignored(format!(
+                        "removal of {member} decided in {epoch}, current is {}",
+                        self.epoch
+                    ));
+                }
+                if !self.is_active(*member) {
+                    return Applied::Ignored(format!("{member} is not in the ring"));
+                }
+                if self.ring().len() == 1 {
+                    // The last member stays: an empty ring has nobody to run
+                    // the next epoch's ops or readmit anyone.
+                    return Applied::Ignored(format!("{member} is the last member"));
+                }
+                self.epoch = self.epoch.next();
+                let rec = self.members.get_mut(member).expect("active");
+                rec.status = Status::Removed;
+                rec.reason = reason.clone();
+                rec.since = self.epoch;
+                Applied::NewEpoch {
+                    epoch: self.epoch,
+                    ring: self.ring(),
+                    change: Change::Removed(*member, reason.clone()),
+                }
+            }
+            Command::Admit {
+                member,
+                incarnation,
+                addr,
+            } => {
+                if let Some(rec) = self.members.get(member) {
+                    if rec.status == Status::Active && *incarnation <= rec.incarnation {
+                        return Applied::Ignored(format!("{member} is already in the ring"));
+                    }
+                    // An active member in a newer life restarted before anyone
+                    // noticed: its old life's ops are gone, so it still needs
+                    // a new epoch (same ring).
+                    if *incarnation < rec.incarnation {
+                        return Applied::Ignored(format!(
+                            "{member} asked to rejoin in life {incarnation}, but life {} was seen",
+                            rec.incarnation
+                        ));
+                    }
+                }
+                self.epoch = self.epoch.next();
+                self.members.insert(
+                    *member,
+                    MemberRecord {
+                        addr: addr.clone(),
+                        status: Status::Active,
+                        incarnation: *incarnation,
+                        reason: "admitted".into(),
+                        since: self.epoch,
+                    },
+                );
+                Applied::NewEpoch {
+                    epoch: self.epoch,
+                    ring: self.ring(),
+                    change: Change::Admitted(*member, *incarnation),
+                }
+            }
+        }
+    }
+
+    /// Encodes for a Raft snapshot.
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::encode_to_vec(self, bincode::config::standard()).expect("in-memory encode")
+    }
+
+    /// Decodes a Raft snapshot's data.
+    pub fn decode(bytes: &[u8]) -> Result<GroupState, String> {
+        decode_all(bytes)
+    }
+}
+
+impl Command {
+    /// Encodes as a Raft entry's data.
+    pub fn encode(&self) -> Vec<u8> {
+        bincode::encode_to_vec(self, bincode::config::standard()).expect("in-memory encode")
+    }
+
+    /// Decodes a Raft entry's data.
+    pub fn decode(bytes: &[u8]) -> Result<Command, String> {
+        decode_all(bytes)
+    }
+}
+
+fn decode_all<T: Decode<()>>(bytes: &[u8]) -> Result<T, String> {
+    let config = bincode::config::standard().with_limit::<{ 16 << 20 }>();
+    match bincode::decode_from_slice(bytes, config) {
+        Ok((v, n)) if n == bytes.len() => Ok(v),
+        Ok((_, n)) => Err(format!("{} trailing bytes", bytes.len() - n)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(n: u32) -> GroupState {
+        GroupState::bootstrap((0..n).map(|i| (MemberId(i), format!("127.0.0.{}:1", 10 + i))))
+    }
+
+    fn remove(m: u32, e: u64) -> Command {
+        Command::Remove {
+            member: MemberId(m),
+            epoch: Epoch(e),
+            reason: "silent".into(),
+        }
+    }
+
+    #[test]
+    fn a_removal_starts_a_new_epoch_without_the_member() {
+        let mut g = group(4);
+        let out = g.apply(&remove(2, 1));
+        assert_eq!(
+            out,
+            Applied::NewEpoch {
+                epoch: Epoch(2),
+                ring: vec![MemberId(0), MemberId(1), MemberId(3)],
+                change: Change::Removed(MemberId(2), "silent".into()),
+            }
+        );
+        assert_eq!(g.members[&MemberId(2)].status, Status::Removed);
+    }
+
+    #[test]
+    fn concurrent_suspicions_of_one_member_change_the_group_once() {
+        let mut g = group(4);
+        assert!(matches!(g.apply(&remove(2, 1)), Applied::NewEpoch { .. }));
+        assert!(matches!(g.apply(&remove(2, 1)), Applied::Ignored(_)));
+        // A suspicion raised in an older epoch is stale even for another member.
+        assert!(matches!(g.apply(&remove(3, 1)), Applied::Ignored(_)));
+        assert_eq!(g.epoch, Epoch(2));
+    }
+
+    #[test]
+    fn the_last_member_is_never_removed() {
+        let mut g = group(2);
+        assert!(matches!(g.apply(&remove(0, 1)), Applied::NewEpoch { .. }));
+        assert!(matches!(g.apply(&remove(1, 2)), Applied::Ignored(_)));
+        assert_eq!(g.ring(), vec![MemberId(1)]);
+    }
+
+    #[test]
+    fn a_removed_member_is_admitted_in_a_newer_life_only() {
+        let mut g = group(3);
+        g.apply(&remove(1, 1));
+        let admit = |inc| Command::Admit {
+            member: MemberId(1),
+            incarnation: Incarnation(inc),
+            addr: "127.0.0.11:1".into(),
+        };
+        assert!(matches!(g.apply(&admit(2)), Applied::NewEpoch { .. }));
+        assert!(matches!(g.apply(&admit(2)), Applied::Ignored(_)));
+        // Restarted while still in the ring: same ring, new epoch, new life.
+        assert!(matches!(g.apply(&admit(3)), Applied::NewEpoch { ref ring, .. } if ring.len() == 3));
+        assert_eq!(g.members[&MemberId(1)].incarnation, Incarnation(3));
+        g.apply(&remove(1, 4));
+        assert!(matches!(g.apply(&admit(1)), Applied::Ignored(_)));
+        assert_eq!(g.ring(), vec![MemberId(0), MemberId(2)]);
+    }
+
+    #[test]
+    fn state_and_commands_round_trip() {
+        let mut g = group(3);
+        g.apply(&remove(1, 1));
+        assert_eq!(GroupState::decode(&g.encode()).unwrap(), g);
+        let c = remove(2, 7);
+        assert_eq!(Command::decode(&c.encode()).unwrap(), c);
+        assert!(Command::decode(&[0xff, 0xff]).is_err());
+        let mut bytes = c.encode();
+        bytes.push(0);
+        assert!(Command::decode(&bytes).is_err());
+    }
+}

@@ -1,0 +1,553 @@
+//! Deterministic simulation of the control plane: raft-rs nodes
+//! ([`ControlNode`]) with the failure detector and the standing policy
+//! ([`Housekeeper`]) of every daemon, over a seeded network that delays,
+//! drops and partitions, with members crashing (losing everything not yet
+//! persisted) and restarting in a new life.
+//!
+//! A run has a *safety* phase with faults, then a *liveness* phase after the
+//! heal. Safety is checked throughout: one leader per term, every applied
+//! index gives the same result on every member, one ring per epoch, epochs
+//! never go back on a member. Liveness is checked at the end: every member
+//! runs, agrees on the epoch, and is back in the ring.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use phalanx_protocol::membership::control::{
+    decode_message, destination, encode_message, initial_roles, propose, ControlConfig,
+    ControlNode, Event, Housekeeper, MemoryDisk,
+};
+use phalanx_protocol::membership::{
+    Applied, Command, Decision, DetectorConfig, FailureDetector, GroupState,
+};
+use phalanx_protocol::rng::SplitMix64;
+use phalanx_protocol::{Epoch, Incarnation, MemberId, Time};
+
+/// Simulation step.
+const STEP: Duration = Duration::from_millis(5);
+
+/// A fault schedule drawn from a seed.
+#[derive(Clone, Debug)]
+pub struct ControlScenario {
+    /// The seed.
+    pub seed: u64,
+    /// Members.
+    pub members: usize,
+    /// Voters.
+    pub voters: usize,
+    /// Length of the fault phase.
+    pub fault_phase: Duration,
+    /// Length of the liveness phase.
+    pub heal_phase: Duration,
+    /// Per-message drop probability during the fault phase.
+    pub drop: f64,
+    /// Largest extra delay during the fault phase.
+    pub jitter: Duration,
+    /// Faults, in time order.
+    pub faults: Vec<(Duration, Fault)>,
+}
+
+/// One fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The member's process dies: unpersisted state is lost.
+    Crash(usize),
+    /// The member starts again, in a new life.
+    Restart(usize),
+    /// The members are split into two sides.
+    Partition(Vec<usize>),
+    /// The network is whole again.
+    Heal,
+    /// The member stops (SIGSTOP) for a while, then goes on.
+    Pause(usize, Duration),
+}
+
+impl ControlScenario {
+    /// The scenario of `seed`.
+    pub fn from_seed(seed: u64) -> ControlScenario {
+        let mut rng = SplitMix64::new(seed ^ 0xC0A7_2011);
+        let members = rng.range_inclusive(3, 7) as usize;
+        let voters = if members >= 5 && rng.chance(0.5) { 5 } else { 3 };
+        let fault_phase = Duration::from_millis(rng.range_inclusive(3_000, 8_000));
+        let mut faults = Vec::new();
+        let n_faults = rng.range_inclusive(1, 5);
+        let mut crashed = vec![false; members];
+        for _ in 0..n_faults {
+            let at = Duration::from_millis(rng.range_inclusive(300, fault_phase.as_millis() as u64));
+            let m = rng.below(members as u64) as usize;
+            let fault = match rng.below(5) {
+                0 | 1 => {
+                    if crashed[m] {
+                        Fault::Restart(m)
+                    } else {
+                        crashed[m] = true;
+                        Fault::Crash(m)
+                    }
+                }
+                2 => {
+                    let side: Vec<usize> = (0..members).filter(|_| rng.chance(0.35)).collect();
+                    if side.is_empty() || side.len() == members {
+                        Fault::Partition(vec![m])
+                    } else {
+                        Fault::Partition(side)
+                    }
+                }
+                3 => Fault::Pause(m, Duration::from_millis(rng.range_inclusive(100, 2_000))),
+                _ => Fault::Heal,
+            };
+            faults.push((at, fault));
+        }
+        faults.sort_by_key(|(at, _)| *at);
+        ControlScenario {
+            seed,
+            members,
+            voters,
+            fault_phase,
+            heal_phase: Duration::from_secs(30),
+            drop: if rng.chance(0.5) { rng.unit() * 0.1 } else { 0.0 },
+            jitter: Duration::from_millis(rng.range_inclusive(0, 40)),
+            faults,
+        }
+    }
+
+    /// The command that replays this scenario.
+    pub fn replay(&self) -> String {
+        format!(
+            "cargo run --release --locked -p phalanx-tests --bin phalanx-sim -- control --seed {}",
+            self.seed
+        )
+    }
+}
+
+/// What a run saw.
+#[derive(Clone, Debug, Default)]
+pub struct ControlReport {
+    /// Epochs committed.
+    pub epochs: u64,
+    /// Leader changes observed.
+    pub leader_changes: u64,
+    /// Voter swaps applied.
+    pub role_changes: u64,
+    /// Restarts.
+    pub restarts: u64,
+    /// Snapshots installed from a leader.
+    pub restores: u64,
+    /// Messages dropped by the network.
+    pub dropped: u64,
+}
+
+/// A failed run.
+#[derive(Debug)]
+pub struct ControlFailure {
+    /// The scenario.
+    pub scenario: ControlScenario,
+    /// What broke.
+    pub what: String,
+    /// Virtual time.
+    pub at: Duration,
+}
+
+impl fmt::Display for ControlFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "control seed {} failed at {:?}: {}",
+            self.scenario.seed, self.at, self.what
+        )?;
+        writeln!(f, "scenario: {:?}", self.scenario)?;
+        write!(f, "replay: {}", self.scenario.replay())
+    }
+}
+
+enum Packet {
+    Raft(Vec<u8>),
+    Heartbeat,
+}
+
+struct Member {
+    id: MemberId,
+    node: Option<ControlNode>,
+    disk: MemoryDisk,
+    detector: FailureDetector,
+    keeper: Housekeeper,
+    incarnation: Incarnation,
+    paused_until: Option<Time>,
+    last_epoch: Epoch,
+}
+
+/// The simulated cluster.
+#[allow(missing_debug_implementations)] // raft-rs nodes are not `Debug`-friendly
+pub struct ControlSim {
+    sc: ControlScenario,
+    rng: SplitMix64,
+    now: Time,
+    members: Vec<Member>,
+    side: Vec<u8>,
+    net: BinaryHeap<Reverse<(Time, u64, usize, usize)>>,
+    payloads: HashMap<u64, Packet>,
+    seq: u64,
+    healed: bool,
+    config: ControlConfig,
+    detector: DetectorConfig,
+    bootstrap: GroupState,
+    leaders: BTreeMap<u64, MemberId>,
+    applied: BTreeMap<u64, Applied>,
+    rings: BTreeMap<Epoch, Vec<MemberId>>,
+    /// What happened.
+    pub report: ControlReport,
+}
+
+fn addr(i: usize) -> String {
+    format!("127.0.0.{}:7000", 10 + i)
+}
+
+impl ControlSim {
+    /// A cluster for `sc`.
+    pub fn new(sc: ControlScenario) -> ControlSim {
+        let ids: Vec<MemberId> = (0..sc.members).map(|i| MemberId(i as u32)).collect();
+        let bootstrap = GroupState::bootstrap(ids.iter().map(|&m| (m, addr(m.0 as usize))));
+        let config = ControlConfig::default();
+        let detector = DetectorConfig::default();
+        let mut sim = ControlSim {
+            rng: SplitMix64::new(sc.seed),
+            now: Time::ZERO,
+            members: Vec::new(),
+            side: vec![0; sc.members],
+            net: BinaryHeap::new(),
+            payloads: HashMap::new(),
+            seq: 0,
+            healed: false,
+            config,
+            detector,
+            bootstrap,
+            leaders: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            rings: BTreeMap::new(),
+            report: ControlReport::default(),
+            sc,
+        };
+        for &id in &ids {
+            let node = sim.start_node(id, None);
+            sim.members.push(Member {
+                id,
+                node: Some(node),
+                disk: MemoryDisk::default(),
+                detector: FailureDetector::new(detector, others(&ids, id), Time::ZERO),
+                keeper: Housekeeper::new(Duration::from_millis(500)),
+                incarnation: Incarnation(0),
+                paused_until: None,
+                last_epoch: Epoch(1),
+            });
+        }
+        sim
+    }
+
+    fn start_node(&self, id: MemberId, disk: Option<&MemoryDisk>) -> ControlNode {
+        let ids: Vec<MemberId> = (0..self.sc.members).map(|i| MemberId(i as u32)).collect();
+        ControlNode::new(
+            id,
+            self.config,
+            self.bootstrap.clone(),
+            &initial_roles(&ids, self.sc.voters),
+            disk.map(|d| d.state.clone()),
+            self.now,
+        )
+        .expect("node starts")
+    }
+
+    fn fail(&self, what: String) -> ControlFailure {
+        ControlFailure {
+            scenario: self.sc.clone(),
+            what,
+            at: Duration::from_micros(self.now.0),
+        }
+    }
+
+    fn send(&mut self, from: usize, to: usize, p: Packet) {
+        if !self.healed && self.rng.chance(self.sc.drop) {
+            self.report.dropped += 1;
+            return;
+        }
+        let jitter = if self.healed {
+            0
+        } else {
+            self.rng.below(self.sc.jitter.as_micros() as u64 + 1)
+        };
+        let at = self
+            .now
+            .after(Duration::from_micros(200 + jitter + self.rng.below(300)));
+        self.seq += 1;
+        self.payloads.insert(self.seq, p);
+        self.net.push(Reverse((at, self.seq, from, to)));
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        self.side[a] == self.side[b]
+    }
+
+    fn running(&self, i: usize) -> bool {
+        self.members[i].node.is_some()
+            && self.members[i]
+                .paused_until
+                .is_none_or(|until| self.now >= until)
+    }
+
+    fn apply_fault(&mut self, fault: &Fault) {
+        match fault {
+            Fault::Crash(m) => self.members[*m].node = None,
+            Fault::Restart(m) => self.restart(*m),
+            Fault::Partition(side) => {
+                self.side = vec![0; self.sc.members];
+                for &m in side {
+                    self.side[m] = 1;
+                }
+            }
+            Fault::Heal => self.side = vec![0; self.sc.members],
+            Fault::Pause(m, d) => self.members[*m].paused_until = Some(self.now.after(*d)),
+        }
+    }
+
+    fn restart(&mut self, m: usize) {
+        if self.members[m].node.is_some() {
+            return;
+        }
+        let id = self.members[m].id;
+        let node = self.start_node(id, Some(&self.members[m].disk));
+        let ids: Vec<MemberId> = (0..self.sc.members).map(|i| MemberId(i as u32)).collect();
+        let mem = &mut self.members[m];
+        mem.node = Some(node);
+        mem.incarnation = Incarnation(mem.incarnation.0 + 1);
+        mem.detector = FailureDetector::new(self.detector, others(&ids, id), self.now);
+        mem.keeper = Housekeeper::new(Duration::from_millis(500));
+        self.report.restarts += 1;
+    }
+
+    /// Runs the scenario.
+    pub fn run(mut self) -> Result<ControlReport, ControlFailure> {
+        let faults = self.sc.faults.clone();
+        let mut next_fault = 0;
+        let fault_end = Time::ZERO.after(self.sc.fault_phase);
+        let end = fault_end.after(self.sc.heal_phase);
+        let mut next_heartbeat = Time::ZERO;
+        while self.now < end {
+            while next_fault < faults.len()
+                && Time::ZERO.after(faults[next_fault].0) <= self.now
+            {
+                let f = faults[next_fault].1.clone();
+                self.apply_fault(&f);
+                next_fault += 1;
+            }
+            if !self.healed && self.now >= fault_end {
+                self.healed = true;
+                self.side = vec![0; self.sc.members];
+                for m in 0..self.sc.members {
+                    self.members[m].paused_until = None;
+                    self.restart(m);
+                }
+            }
+            self.deliver();
+            if self.now >= next_heartbeat {
+                for a in 0..self.sc.members {
+                    if !self.running(a) {
+                        continue;
+                    }
+                    for b in 0..self.sc.members {
+                        if a != b {
+                            self.send(a, b, Packet::Heartbeat);
+                        }
+                    }
+                }
+                next_heartbeat = next_heartbeat.after(self.detector.heartbeat_interval);
+            }
+            for m in 0..self.sc.members {
+                if self.running(m) {
+                    self.step_member(m)?;
+                }
+            }
+            self.now = self.now.after(STEP);
+        }
+        self.check_converged()?;
+        Ok(self.report)
+    }
+
+    fn deliver(&mut self) {
+        while let Some(Reverse((at, seq, from, to))) = self.net.peek().copied() {
+            if at > self.now {
+                break;
+            }
+            self.net.pop();
+            let p = self.payloads.remove(&seq).expect("payload");
+            if !self.reachable(from, to) || !self.running(to) {
+                // A paused member's socket buffer would hold these; a
+                // partition or a dead process loses them.
+                if self.members[to].node.is_some()
+                    && self.members[to].paused_until.is_some()
+                    && self.reachable(from, to)
+                {
+                    let until = self.members[to].paused_until.expect("paused");
+                    self.seq += 1;
+                    self.payloads.insert(self.seq, p);
+                    self.net.push(Reverse((until, self.seq, from, to)));
+                }
+                continue;
+            }
+            let now = self.now;
+            let mem = &mut self.members[to];
+            let from_id = MemberId(from as u32);
+            mem.detector.heard(from_id, now);
+            if let Packet::Raft(bytes) = p {
+                let node = mem.node.as_mut().expect("running");
+                let msg = decode_message(&bytes, from_id, mem.id).expect("well-formed");
+                let _ = node.step(msg);
+            }
+        }
+    }
+
+    fn step_member(&mut self, m: usize) -> Result<(), ControlFailure> {
+        let now = self.now;
+        let mem = &mut self.members[m];
+        let node = mem.node.as_mut().expect("running");
+        if node.poll_timeout() <= now {
+            node.handle_timeout(now);
+        }
+        let mut proposals = Vec::new();
+        for d in mem.detector.poll(now) {
+            if let Decision::Suspect { member, reason } = d {
+                if node.group().is_active(member) {
+                    proposals.push(Command::Remove {
+                        member,
+                        epoch: node.group().epoch,
+                        reason: reason.to_string(),
+                    });
+                }
+            }
+        }
+        for cmd in &proposals {
+            let _ = node.propose(cmd);
+        }
+        for p in mem.keeper.poll(node, mem.incarnation, &addr(m), now) {
+            let _ = propose(node, &p);
+        }
+        let out = match node.process(&mut mem.disk) {
+            Ok(o) => o,
+            Err(e) => return Err(self.fail(format!("member {m}: {e}"))),
+        };
+        let (is_leader, term) = (node.is_leader(), node.term());
+        let epoch = node.group().epoch;
+        let ring = node.group().ring();
+        if epoch < mem.last_epoch {
+            let was = mem.last_epoch;
+            return Err(self.fail(format!("member {m} went back from {was} to {epoch}")));
+        }
+        mem.last_epoch = epoch;
+        for msg in out.messages {
+            let to = destination(&msg).expect("raft id maps to a member").0 as usize;
+            if to < self.sc.members {
+                self.send(m, to, Packet::Raft(encode_message(&msg)));
+            }
+        }
+        if is_leader {
+            match self.leaders.get(&term) {
+                Some(&l) if l != MemberId(m as u32) => {
+                    return Err(self.fail(format!(
+                        "two leaders in term {term}: {l} and m{m}"
+                    )))
+                }
+                _ => {
+                    self.leaders.insert(term, MemberId(m as u32));
+                }
+            }
+        }
+        for ev in out.events {
+            match ev {
+                Event::Applied { index, applied } => {
+                    if let Some(prev) = self.applied.get(&index) {
+                        if *prev != applied {
+                            return Err(self.fail(format!(
+                                "index {index}: member {m} applied {applied:?}, another {prev:?}"
+                            )));
+                        }
+                    } else {
+                        if let Applied::NewEpoch { .. } = applied {
+                            self.report.epochs += 1;
+                        }
+                        self.applied.insert(index, applied);
+                    }
+                }
+                Event::Leader { .. } => self.report.leader_changes += 1,
+                Event::Roles(_) => self.report.role_changes += 1,
+                Event::Restored { .. } => self.report.restores += 1,
+            }
+        }
+        match self.rings.get(&epoch) {
+            Some(r) if *r != ring => {
+                return Err(self.fail(format!(
+                    "split brain: epoch {epoch} has ring {r:?} and {ring:?} (member {m})"
+                )))
+            }
+            _ => {
+                self.rings.insert(epoch, ring);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_converged(&self) -> Result<(), ControlFailure> {
+        let states: Vec<&GroupState> = self
+            .members
+            .iter()
+            .map(|m| m.node.as_ref().expect("all restarted").group())
+            .collect();
+        let first = states[0];
+        for (i, s) in states.iter().enumerate() {
+            if s.epoch != first.epoch || s.ring() != first.ring() {
+                return Err(self.fail(format!(
+                    "after the heal, member {i} is at {} ring {:?}, member 0 at {} ring {:?}",
+                    s.epoch,
+                    s.ring(),
+                    first.epoch,
+                    first.ring()
+                )));
+            }
+        }
+        if first.ring().len() != self.sc.members {
+            return Err(self.fail(format!(
+                "after the heal, the ring is {:?}: not every member was readmitted",
+                first.ring()
+            )));
+        }
+        for (i, m) in self.members.iter().enumerate() {
+            let rec = &first.members[&m.id];
+            if rec.incarnation != m.incarnation {
+                return Err(self.fail(format!(
+                    "member {i} runs life {} but the group records {}",
+                    m.incarnation, rec.incarnation
+                )));
+            }
+        }
+        let leaders = self
+            .members
+            .iter()
+            .filter(|m| m.node.as_ref().is_some_and(|n| n.is_leader()))
+            .count();
+        if leaders != 1 {
+            return Err(self.fail(format!("{leaders} leaders after the heal")));
+        }
+        let voters = &self.members[0].node.as_ref().expect("running").roles().voters;
+        if voters.len() != self.sc.voters.min(self.sc.members) {
+            return Err(self.fail(format!("voters after the heal: {voters:?}")));
+        }
+        Ok(())
+    }
+}
+
+fn others(ids: &[MemberId], me: MemberId) -> Vec<MemberId> {
+    ids.iter().copied().filter(|&m| m != me).collect()
+}
+
+/// Runs the scenario of `seed`.
+pub fn run_seed(seed: u64) -> Result<ControlReport, ControlFailure> {
+    ControlSim::new(ControlScenario::from_seed(seed)).run()
+}
