@@ -109,6 +109,7 @@ fn run_phalanx(o: &Options, n: usize) -> Result<Vec<Row>> {
         phalanxd: o.phalanxd.clone(),
         dir,
         data_plane: o.data_plane.clone(),
+        control: String::new(),
         keep: false,
     })?;
     let start = Arc::new(Barrier::new(n));

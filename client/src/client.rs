@@ -61,6 +61,10 @@ pub enum ClientError {
     /// The collective was aborted (a member went down, a timeout).
     #[error("the collective was aborted: {0}")]
     Aborted(String),
+    /// The group cannot go on with this member: it is cut off from a
+    /// majority of the daemons, or the group finished the op without it.
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
     /// The daemon is shutting down.
     #[error("the daemon is shutting down: {0}")]
     ShuttingDown(String),
@@ -263,6 +267,7 @@ impl Client {
                 LocalErrorCode::Aborted => ClientError::Aborted(message),
                 LocalErrorCode::ShuttingDown => ClientError::ShuttingDown(message),
                 LocalErrorCode::UnsupportedVersion => ClientError::Version(message),
+                LocalErrorCode::NoQuorum => ClientError::NoQuorum(message),
             }),
             ok => Ok(ok),
         }

@@ -23,6 +23,8 @@ pub struct ClusterOptions {
     pub dir: PathBuf,
     /// Extra `[data_plane]` lines for every member's config.
     pub data_plane: String,
+    /// Extra `[control]` lines for every member's config.
+    pub control: String,
     /// Keep the directory (logs, configs) after drop.
     pub keep: bool,
 }
@@ -107,12 +109,15 @@ impl LocalCluster {
         for m in &members {
             let text = format!(
                 "cluster = \"local\"\nmember_id = {id}\nsocket = \"{sock}\"\nmetrics = \"{metrics}\"\n\
+                 data_dir = \"node{id}.data\"\n\
                  [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node{id}.pem\"\nkey = \"certs/node{id}.key\"\n\
+                 [control]\n{control}\n\
                  [data_plane]\n{dp}\n{entries}",
                 id = m.id,
                 sock = m.socket.display(),
                 metrics = m.metrics,
                 dp = data_plane,
+                control = options.control,
             );
             std::fs::write(&m.config, text)
                 .with_context(|| format!("writing {}", m.config.display()))?;
@@ -122,14 +127,19 @@ impl LocalCluster {
             cluster.spawn(i)?;
         }
         cluster.wait_ready(Duration::from_secs(60))?;
+        cluster.wait_settled(Duration::from_secs(60))?;
         Ok(cluster)
     }
 
     /// Starts member index `i`'s process.
     pub fn spawn(&mut self, i: usize) -> Result<()> {
         let m = &mut self.members[i];
-        let log = std::fs::File::create(&m.log)
-            .with_context(|| format!("creating {}", m.log.display()))?;
+        // Appended: a restarted member's log follows its previous life's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .with_context(|| format!("opening {}", m.log.display()))?;
         let child = Command::new(&self.options.phalanxd)
             .arg("--config")
             .arg(&m.config)
@@ -240,17 +250,83 @@ impl LocalCluster {
 
     /// Member index `i`'s metrics page.
     pub fn metrics(&self, i: usize) -> Result<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.members[i].metrics)?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
+        http_get(self.members[i].metrics, "/metrics")
+    }
+
+    /// One unlabelled gauge or counter of member index `i`.
+    pub fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        let text = self.metrics(i).ok()?;
+        let prefix = format!("{name} ");
+        text.lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// Sends `signal` to member index `i` (SIGKILL takes the process away).
+    pub fn signal(&mut self, i: usize, signal: rustix::process::Signal) -> Result<()> {
+        let m = &mut self.members[i];
+        let Some(child) = m.child.as_mut() else {
+            bail!("member {} is not running", m.id)
+        };
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).context("pid")?;
+        rustix::process::kill_process(pid, signal).context("sending a signal")?;
+        if signal == rustix::process::Signal::KILL {
+            child.wait()?;
+            m.child = None;
+        }
+        Ok(())
+    }
+
+    /// Waits until every running member has installed the same epoch and
+    /// knows a Raft leader; returns the epoch.
+    pub fn wait_settled(&self, bound: Duration) -> Result<u64> {
+        let start = Instant::now();
+        loop {
+            let running: Vec<usize> = (0..self.members.len())
+                .filter(|&i| self.members[i].child.is_some())
+                .collect();
+            let epochs: Vec<Option<f64>> = running
+                .iter()
+                .map(|&i| self.metric(i, "phalanx_epoch"))
+                .collect();
+            let leaders: Vec<Option<f64>> = running
+                .iter()
+                .map(|&i| self.metric(i, "phalanx_raft_leader"))
+                .collect();
+            let first = epochs.first().copied().flatten();
+            if let Some(epoch) = first {
+                if epochs.iter().all(|e| *e == first)
+                    && leaders.iter().all(|l| l.is_some_and(|l| l >= 0.0))
+                {
+                    return Ok(epoch as u64);
+                }
+            }
+            if start.elapsed() > bound {
+                bail!("members did not settle on one epoch and a leader within {bound:?}: epochs {epochs:?}, leaders {leaders:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The scratch directory.
     pub fn dir(&self) -> &Path {
         &self.options.dir
+    }
+}
+
+/// `GET path` from a daemon's HTTP endpoint; the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("connecting to {addr} (is phalanxd running with metrics on?)"))?;
+    // One write: the server reads the request in one go and answers.
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    match out.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        Some((head, _)) => bail!("{addr}{path}: {}", head.lines().next().unwrap_or("")),
+        None => bail!("{addr}{path}: malformed response"),
     }
 }
 

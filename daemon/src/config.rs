@@ -90,6 +90,40 @@ impl Default for DataPlaneConfig {
     }
 }
 
+/// Control plane (Raft) settings. Relations, checked at start:
+/// `heartbeat_ticks < election_ticks`, and `recovery_timeout_ms` covers a suspicion, an election and a commit
+/// (`suspect_after_ms + 2 × election timeout` at least), so a member fails
+/// its ops with `NoQuorum` only when the group really cannot go on with it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// How many members vote in Raft (the lowest ids at bootstrap; a removed
+    /// voter is replaced by an active learner). 1, 3, 5 or 7.
+    pub voters: usize,
+    /// One Raft tick.
+    pub tick_ms: u64,
+    /// Ticks without a leader before a follower campaigns (randomised up to
+    /// twice this).
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// How long an interrupted op waits for the group's next epoch before it
+    /// fails with `NoQuorum`.
+    pub recovery_timeout_ms: u64,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        ControlPlaneConfig {
+            voters: 3,
+            tick_ms: 50,
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            recovery_timeout_ms: 5_000,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +138,9 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     /// The trainer socket.
     pub socket: PathBuf,
+    /// Where the Raft log and this daemon's life counter live.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
     /// Prometheus `/metrics` address; `None` disables it.
     #[serde(default = "default_metrics")]
     pub metrics: Option<SocketAddr>,
@@ -117,6 +154,9 @@ pub struct Config {
     /// Data-plane tuning.
     #[serde(default)]
     pub data_plane: DataPlaneConfig,
+    /// Control-plane (Raft) settings.
+    #[serde(default)]
+    pub control: ControlPlaneConfig,
 }
 
 /// TLS file paths, relative to the config file's directory when relative.
@@ -131,6 +171,9 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/phalanx")
+}
 fn default_cluster() -> String {
     "phalanx".into()
 }
@@ -154,6 +197,7 @@ impl Config {
             &mut config.tls.cert,
             &mut config.tls.key,
             &mut config.socket,
+            &mut config.data_dir,
         ] {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -213,6 +257,27 @@ impl Config {
         if dp.stream_window_bytes < dp.chunk_bytes as u64 {
             bail!("data_plane.stream_window_bytes must be at least chunk_bytes");
         }
+        let c = &self.control;
+        if !matches!(c.voters, 1 | 3 | 5 | 7) {
+            bail!("control.voters must be 1, 3, 5 or 7, got {}", c.voters);
+        }
+        if c.tick_ms == 0 || c.heartbeat_ticks == 0 || c.heartbeat_ticks >= c.election_ticks {
+            bail!(
+                "control: tick_ms and heartbeat_ticks must be positive and heartbeat_ticks ({}) \
+                 below election_ticks ({})",
+                c.heartbeat_ticks,
+                c.election_ticks
+            );
+        }
+        let election = c.tick_ms * c.election_ticks as u64;
+        if c.recovery_timeout_ms < dp.suspect_after_ms + 2 * election {
+            bail!(
+                "control.recovery_timeout_ms ({}) must cover a suspicion, an election and a commit: \
+                 at least suspect_after_ms + 2 × election timeout = {} ms",
+                c.recovery_timeout_ms,
+                dp.suspect_after_ms + 2 * election
+            );
+        }
         if !matches!(self.engine.as_str(), "scalar" | "simd") {
             bail!("engine must be `scalar` or `simd`, got {:?}", self.engine);
         }
@@ -256,6 +321,17 @@ impl Config {
         }
     }
 
+    /// Raft timing.
+    pub fn control_config(&self) -> phalanx_protocol::membership::control::ControlConfig {
+        phalanx_protocol::membership::control::ControlConfig {
+            tick: Duration::from_millis(self.control.tick_ms),
+            election_ticks: self.control.election_ticks,
+            heartbeat_ticks: self.control.heartbeat_ticks,
+            max_size_per_msg: 256 << 10,
+            ..Default::default()
+        }
+    }
+
     /// The op timeout.
     pub fn op_timeout(&self) -> Duration {
         Duration::from_millis(self.data_plane.op_timeout_ms)
@@ -295,6 +371,11 @@ channels = 2
         assert_eq!(
             c.data_plane,
             DataPlaneConfig::default(),
+            "the example documents the defaults"
+        );
+        assert_eq!(
+            c.control,
+            ControlPlaneConfig::default(),
             "the example documents the defaults"
         );
     }

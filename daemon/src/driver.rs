@@ -1,11 +1,20 @@
 //! The one loop that drives the collective core: inputs (frames from peers,
-//! ops from trainers, peers going down, timers) go into `Collectives`, and its
-//! actions are executed here, in order. The loop never blocks on a peer:
-//! outgoing frames go to unbounded per-channel queues (their total is bounded
-//! by the core's window), so two daemons sending to each other cannot
-//! deadlock.
+//! ops from trainers, peers going down, epochs committed by the control
+//! plane, timers) go into `Collectives`, and its actions are executed here, in
+//! order. The loop never blocks on a peer: outgoing frames go to unbounded
+//! per-channel queues (their total is bounded by the core's window), so two
+//! daemons sending to each other cannot deadlock.
+//!
+//! Recovery: an op interrupted by a member's failure is *parked* with the
+//! input it was given, not failed. When the control plane commits the next
+//! epoch, the members of its ring exchange [`RecoveryReport`]s and finish
+//! every parked op as [`Recovery::plans`] decides (re-run among the
+//! survivors, or the result one of them already has); the trainer's call
+//! then returns normally, naming the members whose inputs the result holds.
+//! A parked op with no new epoch within `recovery_timeout` fails with
+//! [`OpError::NoQuorum`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +23,10 @@ use metrics::{counter, gauge, histogram};
 use phalanx_compute::{apply_action, element_range, ComputeEngine};
 use phalanx_protocol::collective::{Action, Algorithm, Collectives, Kind, OpSpec};
 use phalanx_protocol::local::LocalKind;
-use phalanx_protocol::membership::{Decision, DetectorConfig, FailureDetector};
+use phalanx_protocol::membership::{
+    Decision, DetectorConfig, FailureDetector, Plan, Recovery, RecoveryReport,
+};
+use phalanx_protocol::wire::ControlMessage;
 use phalanx_protocol::wire::{
     encode_frame_header, AbortReason, DType, FrameHeader, ENVELOPE_LEN, FRAME_HEADER_LEN,
 };
@@ -23,6 +35,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::control::{ControlInput, ControlSender};
 use crate::metrics as m;
 use crate::shm::Mapping;
 
@@ -85,6 +98,11 @@ pub enum OpError {
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    /// The group could not go on with this member: no new epoch came in time
+    /// (this member cannot reach a majority), or the group finished the op
+    /// without it.
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
 }
 
 /// Inputs to the driver.
@@ -121,6 +139,22 @@ pub enum Input {
         /// Why.
         reason: String,
     },
+    /// The control plane applied a new epoch.
+    Group {
+        /// The epoch.
+        epoch: Epoch,
+        /// Its ring.
+        ring: Vec<MemberId>,
+        /// Whether this daemon, in its current life, is in the ring.
+        admitted: bool,
+    },
+    /// A peer's recovery report.
+    Recovery {
+        /// The peer it came from.
+        from: MemberId,
+        /// The report.
+        report: RecoveryReport,
+    },
 }
 
 /// A frame on its way to a peer: envelope and header, then the payload.
@@ -139,11 +173,85 @@ pub struct Outbox {
     pub channels: Vec<mpsc::UnboundedSender<OutFrame>>,
 }
 
+/// Where an op's elements live.
+#[derive(Debug)]
+enum Buf {
+    /// The trainer's shared buffer.
+    Shared(Region),
+    /// The daemon's own (a kept result forwarded to others).
+    Owned(Vec<u8>),
+}
+
+impl Buf {
+    /// # Safety
+    /// One op per region at a time (see [`Region::bytes_mut`]).
+    unsafe fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            // SAFETY: forwarded.
+            Buf::Shared(r) => unsafe { r.bytes_mut() },
+            Buf::Owned(v) => v,
+        }
+    }
+}
+
 struct OpCtx {
+    op: OpId,
+    kind: LocalKind,
+    dtype: DType,
+    len: usize,
+    buf: Buf,
+    /// `None` for an op the daemon runs on its own (forwarding a kept result).
+    reply: Option<oneshot::Sender<Result<OpDone, OpError>>>,
+    started: Instant,
+    kind_name: &'static str,
+    /// The input, kept for a re-run (empty for the daemon's own ops).
+    input: Vec<u8>,
+    /// The result names these members instead of the op's ring (a kept
+    /// result forwarded after a failure).
+    contributors: Option<Vec<MemberId>>,
+    /// The ring it runs (or ran) in.
+    members: Vec<MemberId>,
+}
+
+struct Parked {
+    ctx: OpCtx,
+    since: Instant,
+    reason: String,
+}
+
+struct Waiting {
     req: OpRequest,
     reply: oneshot::Sender<Result<OpDone, OpError>>,
-    started: Instant,
-    kind: &'static str,
+    since: Instant,
+}
+
+/// The last completed op of a stream: its result may still be needed by a
+/// member that did not see it complete.
+struct Retained {
+    op: OpId,
+    contributors: Vec<MemberId>,
+    dtype: DType,
+    len: usize,
+    output: Vec<u8>,
+}
+
+fn stream_of(op: OpId) -> u64 {
+    op.0 >> 40
+}
+
+fn seq_of(op: OpId) -> u64 {
+    op.0 & ((1 << 40) - 1)
+}
+
+/// The driver's wiring to the rest of the daemon.
+#[derive(Debug)]
+pub struct Wiring {
+    /// Queues to each peer's data channels.
+    pub outboxes: HashMap<MemberId, Outbox>,
+    /// Suspicions go to the control plane.
+    pub control: mpsc::Sender<ControlInput>,
+    /// Control messages (recovery reports) to peers.
+    pub peers: ControlSender,
 }
 
 /// The driver's state.
@@ -152,12 +260,28 @@ pub struct Driver {
     engine: Box<dyn ComputeEngine>,
     ring: Vec<MemberId>,
     epoch: Epoch,
+    /// This daemon is in the ring in its current life.
+    admitted: bool,
     origin: Instant,
     ops: HashMap<OpId, OpCtx>,
-    outboxes: HashMap<MemberId, Outbox>,
-    /// Peers whose connection is down; an op that needs one fails at once
-    /// instead of waiting for its timeout.
-    down: std::collections::BTreeSet<MemberId>,
+    parked: BTreeMap<OpId, Parked>,
+    waiting: Vec<Waiting>,
+    recovery: Option<Recovery>,
+    /// The last epoch whose recovery exchange finished here.
+    recovered: Epoch,
+    /// This daemon's report for the current epoch, sent again to a peer
+    /// that connects (late, or again): a report sent while it was not
+    /// connected was dropped.
+    report: Option<RecoveryReport>,
+    early_reports: BTreeMap<MemberId, RecoveryReport>,
+    /// Plans for ops this daemon's trainer has not submitted yet.
+    plans: HashMap<OpId, Plan>,
+    retained: HashMap<u64, Retained>,
+    recovery_timeout: std::time::Duration,
+    wiring: Wiring,
+    /// Peers whose connection is down; an op that needs one waits for the
+    /// epoch without it instead of for its timeout.
+    down: BTreeSet<MemberId>,
     /// Heartbeat-based suspicion: a peer that is connected but silent (hung,
     /// SIGSTOPped, partitioned) is suspected long before QUIC's idle timeout.
     detector: FailureDetector,
@@ -168,7 +292,9 @@ impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Driver")
             .field("me", &self.core.me())
+            .field("epoch", &self.epoch)
             .field("in_flight", &self.ops.len())
+            .field("parked", &self.parked.len())
             .finish()
     }
 }
@@ -184,13 +310,13 @@ fn kind_of(kind: LocalKind) -> (Kind, &'static str) {
 }
 
 impl Driver {
-    /// A driver for the static group `ring` at epoch 1.
+    /// A driver that waits for its first epoch from the control plane.
     pub fn new(
         core: Collectives,
         engine: Box<dyn ComputeEngine>,
-        ring: Vec<MemberId>,
-        outboxes: HashMap<MemberId, Outbox>,
+        wiring: Wiring,
         detector: DetectorConfig,
+        recovery_timeout: std::time::Duration,
     ) -> Driver {
         Driver {
             // Peers are watched from their first connection on (PeerUp).
@@ -198,17 +324,45 @@ impl Driver {
             heartbeat_interval: detector.heartbeat_interval,
             core,
             engine,
-            ring,
-            epoch: Epoch(1),
+            ring: Vec::new(),
+            epoch: Epoch(0),
+            admitted: false,
             origin: Instant::now(),
             ops: HashMap::new(),
-            outboxes,
-            down: std::collections::BTreeSet::new(),
+            parked: BTreeMap::new(),
+            waiting: Vec::new(),
+            recovery: None,
+            recovered: Epoch(0),
+            report: None,
+            early_reports: BTreeMap::new(),
+            plans: HashMap::new(),
+            retained: HashMap::new(),
+            recovery_timeout,
+            wiring,
+            down: BTreeSet::new(),
         }
     }
 
     fn now(&self) -> Time {
         Time(self.origin.elapsed().as_micros() as u64)
+    }
+
+    fn me(&self) -> MemberId {
+        self.core.me()
+    }
+
+    /// The earliest time a parked or waiting op gives up.
+    fn recovery_deadline(&self) -> Option<Time> {
+        let oldest = self
+            .parked
+            .values()
+            .map(|p| p.since)
+            .chain(self.waiting.iter().map(|w| w.since))
+            .min()?;
+        let at = oldest + self.recovery_timeout;
+        Some(Time(
+            at.saturating_duration_since(self.origin).as_micros() as u64
+        ))
     }
 
     /// Runs until `shutdown` turns true or every input sender is gone; then
@@ -219,10 +373,14 @@ impl Driver {
         mut shutdown: watch::Receiver<bool>,
     ) {
         loop {
-            let next = [self.core.poll_timeout(), self.detector.next_deadline()]
-                .into_iter()
-                .flatten()
-                .min();
+            let next = [
+                self.core.poll_timeout(),
+                self.detector.next_deadline(),
+                self.recovery_deadline(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let deadline = next.map(|t| {
                 tokio::time::Instant::from_std(self.origin + std::time::Duration::from_micros(t.0))
             });
@@ -252,11 +410,31 @@ impl Driver {
             }
             self.judge_peers();
             self.execute();
+            self.expire_parked();
         }
         for (_, ctx) in self.ops.drain() {
-            let _ = ctx.reply.send(Err(OpError::ShuttingDown));
+            if let Some(reply) = ctx.reply {
+                let _ = reply.send(Err(OpError::ShuttingDown));
+            }
+        }
+        for (_, p) in std::mem::take(&mut self.parked) {
+            if let Some(reply) = p.ctx.reply {
+                let _ = reply.send(Err(OpError::ShuttingDown));
+            }
+        }
+        for w in self.waiting.drain(..) {
+            let _ = w.reply.send(Err(OpError::ShuttingDown));
         }
         gauge!(m::OPS_IN_FLIGHT).set(0.0);
+    }
+
+    fn suspect(&self, member: MemberId, reason: String) {
+        if self.ring.contains(&member) {
+            let _ = self
+                .wiring
+                .control
+                .try_send(ControlInput::Suspect { member, reason });
+        }
     }
 
     /// Acts on the failure detector's new decisions.
@@ -265,12 +443,17 @@ impl Driver {
         for decision in self.detector.poll(now) {
             match decision {
                 Decision::Suspect { member, reason } => {
-                    warn!(peer = %member, %reason, "peer suspected: failing its ops");
+                    warn!(peer = %member, %reason, "peer suspected: parking its ops until the next epoch");
                     counter!(m::SUSPICIONS, "reason" => "silent").increment(1);
+                    self.suspect(member, reason.to_string());
                     self.core.handle_member_down(now, member);
                 }
                 Decision::Cleared { member } => {
-                    info!(peer = %member, "suspected peer heard from again")
+                    info!(peer = %member, "suspected peer heard from again");
+                    let _ = self
+                        .wiring
+                        .control
+                        .try_send(ControlInput::Cleared { member });
                 }
             }
         }
@@ -286,77 +469,363 @@ impl Driver {
                     warn!(peer = %header.sender, op = %header.op, error = %e, "frame refused");
                 }
             }
-            Input::Submit { req, reply } => self.submit(now, req, reply),
+            Input::Submit { req, reply } => self.submit(req, reply, Instant::now()),
             Input::Heard { member } => self.detector.heard(member, now),
             Input::PeerUp { member } => {
                 self.down.remove(&member);
                 self.detector.watch(member, now);
+                if let Some(report) = &self.report {
+                    if self.ring.contains(&member) {
+                        self.wiring
+                            .peers
+                            .send(member, ControlMessage::Recovery(report.clone()));
+                    }
+                }
             }
             Input::PeerDown { member, reason } => {
-                warn!(peer = %member, %reason, "peer down: aborting its ops");
+                warn!(peer = %member, %reason, "peer down: parking its ops until the next epoch");
                 self.down.insert(member);
                 self.detector.unwatch(member);
+                self.suspect(member, format!("connection lost: {reason}"));
                 self.core.handle_member_down(now, member);
+            }
+            Input::Group {
+                epoch,
+                ring,
+                admitted,
+            } => self.install(epoch, ring, admitted),
+            Input::Recovery { from, report } => {
+                if report.member != from {
+                    warn!(peer = %from, claimed = %report.member, "recovery report for another member: ignored");
+                    return;
+                }
+                match self.recovery.as_mut() {
+                    Some(rec) if rec.epoch() == report.epoch => {
+                        if let Err(e) = rec.add(report) {
+                            debug!(peer = %from, error = %e, "recovery report ignored");
+                        }
+                        self.finish_recovery();
+                    }
+                    // For an epoch this daemon has not entered yet (not
+                    // installed, or installed before it was admitted).
+                    _ if report.epoch > self.recovered => {
+                        self.early_reports.insert(from, report);
+                    }
+                    _ => debug!(peer = %from, epoch = %report.epoch, "stale recovery report"),
+                }
             }
         }
     }
 
+    /// Installs a newer epoch: ops of older ones are aborted (and parked by
+    /// `execute`), then the recovery exchange starts.
+    fn install(&mut self, epoch: Epoch, ring: Vec<MemberId>, admitted: bool) {
+        if epoch <= self.epoch && admitted == self.admitted {
+            return;
+        }
+        let now = self.now();
+        info!(%epoch, ?ring, admitted, parked = self.parked.len(), in_flight = self.ops.len(), "epoch installed");
+        self.epoch = epoch;
+        self.ring = ring;
+        self.admitted = admitted;
+        self.core.set_epoch(now, epoch);
+        self.execute();
+        self.plans.clear();
+        self.recovery = None;
+        self.report = None;
+        if !admitted {
+            // Out of the ring (removed, or restarted and not yet readmitted):
+            // parked ops wait for the epoch that readmits this daemon.
+            return;
+        }
+        let report = RecoveryReport {
+            epoch,
+            member: self.me(),
+            parked: self
+                .parked
+                .iter()
+                .map(|(&op, p)| (op, p.ctx.members.clone()))
+                .collect(),
+            completed: self
+                .retained
+                .values()
+                .map(|r| (r.op, r.contributors.clone()))
+                .collect(),
+        };
+        let mut rec = Recovery::new(epoch, self.ring.clone());
+        rec.add(report.clone()).expect("own report");
+        self.report = Some(report.clone());
+        for &peer in &self.ring {
+            if peer != self.me() {
+                self.wiring
+                    .peers
+                    .send(peer, ControlMessage::Recovery(report.clone()));
+            }
+        }
+        let early = std::mem::take(&mut self.early_reports);
+        for (from, r) in early {
+            if r.epoch == epoch {
+                let _ = rec.add(r);
+            } else if r.epoch > epoch {
+                self.early_reports.insert(from, r);
+            }
+        }
+        self.recovery = Some(rec);
+        self.finish_recovery();
+    }
+
+    /// Once every member of the ring has reported: finishes parked ops,
+    /// forwards kept results, then lets waiting submissions run.
+    fn finish_recovery(&mut self) {
+        let Some(rec) = self.recovery.as_ref() else {
+            return;
+        };
+        if !rec.is_complete() {
+            debug!(epoch = %rec.epoch(), missing = ?rec.missing(), "waiting for recovery reports");
+            return;
+        }
+        let plans = rec.plans();
+        self.recovered = rec.epoch();
+        self.recovery = None;
+        let me = self.me();
+        for (op, plan) in plans {
+            if let Some(p) = self.parked.remove(&op) {
+                counter!(m::RERUNS, "plan" => plan_name(&plan)).increment(1);
+                info!(%op, ?plan, "finishing an interrupted op in the new epoch");
+                self.resume(p.ctx, &plan);
+            } else if let Plan::FromResult {
+                holder, members, ..
+            } = &plan
+            {
+                if members.contains(&me) {
+                    self.forward_result(op, *holder, members.clone());
+                }
+            } else if let Plan::Rerun { members } = &plan {
+                if members.contains(&me) {
+                    self.plans.insert(op, plan);
+                }
+            }
+        }
+        for w in std::mem::take(&mut self.waiting) {
+            self.submit(w.req, w.reply, w.since);
+        }
+    }
+
+    /// Restarts a parked op as `plan` says.
+    fn resume(&mut self, mut ctx: OpCtx, plan: &Plan) {
+        let me = self.me();
+        match plan {
+            Plan::Rerun { members } if members.contains(&me) => {
+                if let Kind::Broadcast { root } = kind_of(ctx.kind).0 {
+                    if !members.contains(&root) {
+                        return fail(ctx, OpError::Aborted(AbortReason::MemberDown(root)));
+                    }
+                }
+                // SAFETY: this op owns its buffer until it ends.
+                let bytes = unsafe { ctx.buf.bytes_mut() };
+                bytes.copy_from_slice(&ctx.input);
+                ctx.members = members.clone();
+                self.start(ctx);
+            }
+            Plan::FromResult {
+                holder,
+                members,
+                contributors,
+            } if members.contains(&me) => {
+                ctx.kind = LocalKind::Broadcast(*holder);
+                ctx.members = members.clone();
+                ctx.contributors = Some(contributors.clone());
+                self.start(ctx);
+            }
+            Plan::Superseded { later } => fail(
+                ctx,
+                OpError::NoQuorum(format!(
+                    "the group went on without this member (it finished {later}); \
+                     the trainer must join again to get the current state"
+                )),
+            ),
+            _ => fail(
+                ctx,
+                OpError::NoQuorum("the new epoch's ring runs this op without this member".into()),
+            ),
+        }
+    }
+
+    /// Takes part in broadcasting a result this daemon kept.
+    fn forward_result(&mut self, op: OpId, holder: MemberId, members: Vec<MemberId>) {
+        let Some(kept) = self.retained.get(&stream_of(op)).filter(|r| r.op == op) else {
+            warn!(%op, "asked to forward a result this daemon no longer holds");
+            return;
+        };
+        let ctx = OpCtx {
+            op,
+            kind: LocalKind::Broadcast(holder),
+            dtype: kept.dtype,
+            len: kept.len,
+            buf: Buf::Owned(kept.output.clone()),
+            reply: None,
+            started: Instant::now(),
+            kind_name: "broadcast",
+            input: Vec::new(),
+            contributors: None,
+            members,
+        };
+        self.start(ctx);
+    }
+
     fn submit(
         &mut self,
-        now: Time,
         req: OpRequest,
         reply: oneshot::Sender<Result<OpDone, OpError>>,
+        since: Instant,
     ) {
-        let op = req.op;
+        if !self.admitted || self.recovery.is_some() {
+            self.waiting.push(Waiting { req, reply, since });
+            return;
+        }
         let (kind, kind_name) = kind_of(req.kind);
-        let spec = OpSpec {
-            op,
+        let plan = self.plans.remove(&req.op);
+        let members = match &plan {
+            Some(Plan::Rerun { members }) => members.clone(),
+            _ => self.ring.clone(),
+        };
+        let probe = OpSpec {
+            op: req.op,
             epoch: self.epoch,
-            step: Step(op.0 & ((1 << 40) - 1)),
+            step: Step(seq_of(req.op)),
             kind,
             algorithm: Algorithm::Auto,
             dtype: req.dtype,
             len: req.len,
-            members: self.ring.clone(),
+            members: members.clone(),
         };
-        let need = spec.buffer_len() * spec.dtype.size_bytes();
+        let need = probe.buffer_len() * probe.dtype.size_bytes();
         if req.region.len != need {
             let _ = reply.send(Err(OpError::Rejected(format!(
-                "buffer holds {} bytes, the op needs {need}",
-                req.region.len
+                "buffer holds {} bytes, the op needs {need} (the group has {} members)",
+                req.region.len,
+                members.len()
             ))));
             return;
         }
-        let unavailable = self
-            .down
+        let mut buf = Buf::Shared(req.region);
+        // SAFETY: this op owns the region from now until it ends.
+        let input = unsafe { buf.bytes_mut() }.to_vec();
+        let ctx = OpCtx {
+            op: req.op,
+            kind: req.kind,
+            dtype: req.dtype,
+            len: req.len,
+            buf,
+            reply: Some(reply),
+            started: since,
+            kind_name,
+            input,
+            contributors: None,
+            members,
+        };
+        let unavailable = ctx
+            .members
             .iter()
             .copied()
-            .chain(
-                self.ring
-                    .iter()
-                    .copied()
-                    .filter(|&m| self.detector.is_suspected(m)),
-            )
-            .next();
+            .find(|&m| self.down.contains(&m) || self.detector.is_suspected(m));
         if let Some(down) = unavailable {
-            let _ = reply.send(Err(OpError::Aborted(AbortReason::MemberDown(down))));
+            // The control plane is removing it; the op runs in that epoch.
+            self.park(ctx, format!("member {down} is down"));
             return;
+        }
+        self.start(ctx);
+    }
+
+    fn start(&mut self, ctx: OpCtx) {
+        let now = self.now();
+        let spec = OpSpec {
+            op: ctx.op,
+            epoch: self.epoch,
+            step: Step(seq_of(ctx.op)),
+            kind: kind_of(ctx.kind).0,
+            algorithm: Algorithm::Auto,
+            dtype: ctx.dtype,
+            len: ctx.len,
+            members: ctx.members.clone(),
+        };
+        let need = spec.buffer_len() * spec.dtype.size_bytes();
+        let have = match &ctx.buf {
+            Buf::Shared(r) => r.len,
+            Buf::Owned(v) => v.len(),
+        };
+        if have != need {
+            return fail(
+                ctx,
+                OpError::Rejected(format!(
+                    "the group changed to {} members while this op ran and its output size \
+                     changed ({have} bytes given, {need} needed); issue it again",
+                    spec.members.len()
+                )),
+            );
         }
         if let Err(e) = self.core.start(now, spec) {
-            let _ = reply.send(Err(OpError::Rejected(e.to_string())));
-            return;
+            return fail(ctx, OpError::Rejected(e.to_string()));
         }
-        debug!(%op, kind = kind_name, bytes = need, "op started");
-        self.ops.insert(
-            op,
-            OpCtx {
-                req,
-                reply,
-                started: Instant::now(),
-                kind: kind_name,
+        debug!(op = %ctx.op, kind = ctx.kind_name, bytes = need, epoch = %self.epoch, "op started");
+        self.ops.insert(ctx.op, ctx);
+        gauge!(m::OPS_IN_FLIGHT).set(self.ops.len() as f64);
+    }
+
+    fn park(&mut self, ctx: OpCtx, reason: String) {
+        if ctx.reply.is_none() {
+            return; // the daemon's own forwarding op: the next recovery redoes it
+        }
+        debug!(op = %ctx.op, %reason, "op parked until the next epoch");
+        self.parked.insert(
+            ctx.op,
+            Parked {
+                since: ctx.started,
+                ctx,
+                reason,
             },
         );
-        gauge!(m::OPS_IN_FLIGHT).set(self.ops.len() as f64);
+    }
+
+    /// Fails parked and waiting ops that saw no new epoch in time.
+    fn expire_parked(&mut self) {
+        let limit = self.recovery_timeout;
+        let expired: Vec<OpId> = self
+            .parked
+            .iter()
+            .filter(|(_, p)| p.since.elapsed() >= limit)
+            .map(|(&op, _)| op)
+            .collect();
+        for op in expired {
+            let p = self.parked.remove(&op).expect("listed");
+            warn!(%op, reason = %p.reason, "no new epoch in time: failing the op");
+            counter!(m::OPS, "outcome" => "no_quorum").increment(1);
+            let msg = format!(
+                "{} and no new epoch was committed within {:?} (epoch {}, this member {}): \
+                 this member cannot reach a majority of the group",
+                p.reason,
+                limit,
+                self.epoch,
+                if self.admitted {
+                    "in the ring"
+                } else {
+                    "out of the ring"
+                }
+            );
+            fail(p.ctx, OpError::NoQuorum(msg));
+        }
+        let (old, keep): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| w.since.elapsed() >= limit);
+        self.waiting = keep;
+        for w in old {
+            counter!(m::OPS, "outcome" => "no_quorum").increment(1);
+            let _ = w.reply.send(Err(OpError::NoQuorum(format!(
+                "this member has not been in the group's ring for {limit:?} (epoch {}): \
+                 it cannot reach a majority, or is waiting to be readmitted",
+                self.epoch
+            ))));
+        }
     }
 
     fn execute(&mut self) {
@@ -368,16 +837,15 @@ impl Driver {
                     header,
                     range,
                 } => {
-                    let Some(ctx) = self.ops.get(&op) else {
+                    let Some(ctx) = self.ops.get_mut(&op) else {
                         continue;
                     };
                     // SAFETY: one op per region; this op owns it until it ends.
-                    let bytes = unsafe { ctx.req.region.bytes_mut() };
-                    let payload =
-                        Bytes::copy_from_slice(&bytes[element_range(ctx.req.dtype, &range)]);
+                    let bytes = unsafe { ctx.buf.bytes_mut() };
+                    let payload = Bytes::copy_from_slice(&bytes[element_range(ctx.dtype, &range)]);
                     counter!(m::BYTES_SENT, "peer" => to.to_string())
                         .increment(payload.len() as u64);
-                    match self.outboxes.get(&to) {
+                    match self.wiring.outboxes.get(&to) {
                         Some(out) => {
                             let ch = header.chunk as usize % out.channels.len();
                             let frame = OutFrame {
@@ -396,11 +864,28 @@ impl Driver {
                     epoch,
                     contributors,
                 } => {
-                    if let Some(ctx) = self.ops.remove(&op) {
-                        histogram!(m::OP_SECONDS, "kind" => ctx.kind)
+                    if let Some(mut ctx) = self.ops.remove(&op) {
+                        let Some(reply) = ctx.reply.take() else {
+                            debug!(%op, "kept result forwarded");
+                            continue;
+                        };
+                        histogram!(m::OP_SECONDS, "kind" => ctx.kind_name)
                             .record(ctx.started.elapsed().as_secs_f64());
                         counter!(m::OPS, "outcome" => "completed").increment(1);
-                        let _ = ctx.reply.send(Ok(OpDone {
+                        let contributors = ctx.contributors.take().unwrap_or(contributors);
+                        // SAFETY: the op still owns its buffer here.
+                        let output = unsafe { ctx.buf.bytes_mut() }.to_vec();
+                        self.retained.insert(
+                            stream_of(op),
+                            Retained {
+                                op,
+                                contributors: contributors.clone(),
+                                dtype: ctx.dtype,
+                                len: ctx.len,
+                                output,
+                            },
+                        );
+                        let _ = reply.send(Ok(OpDone {
                             op,
                             epoch,
                             contributors,
@@ -409,25 +894,46 @@ impl Driver {
                 }
                 Action::Aborted { op, reason, .. } => {
                     if let Some(ctx) = self.ops.remove(&op) {
-                        warn!(%op, %reason, "op aborted");
-                        counter!(m::OPS, "outcome" => "aborted").increment(1);
-                        let _ = ctx.reply.send(Err(OpError::Aborted(reason)));
+                        match reason {
+                            AbortReason::MemberDown(_) | AbortReason::EpochChanged(_) => {
+                                counter!(m::OPS, "outcome" => "interrupted").increment(1);
+                                self.park(ctx, format!("interrupted: {reason}"));
+                            }
+                            _ => {
+                                warn!(%op, %reason, "op aborted");
+                                counter!(m::OPS, "outcome" => "aborted").increment(1);
+                                fail(ctx, OpError::Aborted(reason));
+                            }
+                        }
                     }
                 }
                 Action::Reduce { op, .. } | Action::Copy { op, .. } | Action::Divide { op, .. } => {
-                    let Some(ctx) = self.ops.get(&op) else {
+                    let Some(ctx) = self.ops.get_mut(&op) else {
                         continue;
                     };
                     // SAFETY: as above.
-                    let bytes = unsafe { ctx.req.region.bytes_mut() };
-                    if let Err(e) =
-                        apply_action(self.engine.as_ref(), ctx.req.dtype, bytes, &action)
-                    {
+                    let bytes = unsafe { ctx.buf.bytes_mut() };
+                    if let Err(e) = apply_action(self.engine.as_ref(), ctx.dtype, bytes, &action) {
                         warn!(%op, error = %e, "applying a received piece failed");
                     }
                 }
             }
         }
         gauge!(m::OPS_IN_FLIGHT).set(self.ops.len() as f64);
+        gauge!(m::OPS_PARKED).set(self.parked.len() as f64);
+    }
+}
+
+fn fail(ctx: OpCtx, err: OpError) {
+    if let Some(reply) = ctx.reply {
+        let _ = reply.send(Err(err));
+    }
+}
+
+fn plan_name(plan: &Plan) -> &'static str {
+    match plan {
+        Plan::Rerun { .. } => "rerun",
+        Plan::FromResult { .. } => "kept_result",
+        Plan::Superseded { .. } => "superseded",
     }
 }

@@ -5,16 +5,18 @@
 //! that feeds both into the collective core, and a Prometheus endpoint.
 //! [`run`] is the whole daemon, so tests can start several in one process.
 //!
-//! Membership is the static `members` list of the configuration in this
-//! release; [`config::Config::ring`] is the one seam through which the group
-//! is read, for the Raft control plane to replace.
+//! Membership is Raft-replicated ([`control`]): every daemon of the
+//! configured roster bootstraps the same group; members that fail are
+//! removed in a new epoch, members that come back are readmitted.
 #![deny(missing_docs)]
 
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod driver;
 pub mod local;
 pub mod metrics;
+pub mod raftlog;
 pub mod shm;
 pub mod tls;
 pub mod transport;
@@ -58,19 +60,51 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "phalanxd starting"
     );
 
-    let metrics_task = match config.metrics {
-        Some(addr) => {
-            let listener = metrics::bind(addr).await?;
-            Some(tokio::spawn(metrics::serve(listener, metrics::handle()?)))
-        }
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
 
+    let incarnation = raftlog::next_incarnation(&config.data_dir)?;
     let (driver_tx, driver_rx) = mpsc::channel(DRIVER_QUEUE);
-    let (mesh, outboxes, writers) = transport::quic::mesh(&config, driver_tx.clone());
+    let (control_tx, control_rx) = mpsc::channel(DRIVER_QUEUE);
+    let peers = control::ControlSender::default();
+    let (mesh, outboxes, writers) = transport::quic::mesh(
+        &config,
+        incarnation,
+        driver_tx.clone(),
+        control_tx.clone(),
+        peers.clone(),
+    );
+    let (control_task, view) = control::ControlTask::open(
+        control::ControlSetup {
+            me,
+            incarnation,
+            addr: config.me().addr.to_string(),
+            roster: config
+                .members
+                .iter()
+                .map(|m| (MemberId(m.id), m.addr.to_string()))
+                .collect(),
+            voters: config.control.voters,
+            config: config.control_config(),
+            dir: config.data_dir.join("raft"),
+        },
+        peers.clone(),
+        driver_tx.clone(),
+    )?;
+    let metrics_task = match metrics_listener {
+        Some(listener) => Some(tokio::spawn(metrics::serve(
+            listener,
+            metrics::handle()?,
+            view.clone(),
+        ))),
+        None => None,
+    };
     let dp = &config.data_plane;
-    let core = Collectives::new(
+    let core = Collectives::with_incarnation(
         me,
+        incarnation,
         CoreConfig {
             chunk_bytes: dp.chunk_bytes,
             small_tensor_bytes: dp.small_tensor_bytes,
@@ -81,8 +115,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
     );
     let (stop_tx, stop_rx) = watch::channel(false);
-    let driver = driver::Driver::new(core, engine, config.ring(), outboxes, config.detector());
-    let driver_task = tokio::spawn(driver.run(driver_rx, stop_rx));
+    let driver = driver::Driver::new(
+        core,
+        engine,
+        driver::Wiring {
+            outboxes,
+            control: control_tx,
+            peers,
+        },
+        config.detector(),
+        std::time::Duration::from_millis(config.control.recovery_timeout_ms),
+    );
+    let driver_task = tokio::spawn(driver.run(driver_rx, stop_rx.clone()));
+    let control_task = tokio::spawn(control_task.run(control_rx, stop_rx));
     for w in writers {
         tokio::spawn(w.run());
     }
@@ -99,7 +144,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.socket.clone(),
         local::LocalContext {
             me,
-            ring: config.ring(),
+            view: view.clone(),
             driver: driver_tx,
             max_tensor_bytes: dp.max_tensor_bytes,
             streams: Default::default(),
@@ -111,6 +156,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     info!(member = %me, "shutting down: failing in-flight ops, closing connections");
     let _ = stop_tx.send(true);
     let _ = driver_task.await;
+    let _ = control_task.await;
     tokio::task::spawn_blocking(move || local.stop())
         .await
         .context("stopping the trainer socket")?;

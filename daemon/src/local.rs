@@ -19,7 +19,7 @@ use phalanx_protocol::local::{
     LocalRequest, LocalResponse,
 };
 use phalanx_protocol::wire::{EnvelopeHeader, ENVELOPE_LEN, PROTOCOL_VERSION};
-use phalanx_protocol::{Epoch, MemberId, OpId};
+use phalanx_protocol::{MemberId, OpId};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -32,8 +32,8 @@ use crate::shm::Mapping;
 pub struct LocalContext {
     /// This member.
     pub me: MemberId,
-    /// The group in ring order.
-    pub ring: Vec<MemberId>,
+    /// The group as the control plane last applied it.
+    pub view: tokio::sync::watch::Receiver<crate::control::GroupView>,
     /// The driver.
     pub driver: mpsc::Sender<Input>,
     /// Largest tensor a trainer may submit.
@@ -237,10 +237,11 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                     error(LocalErrorCode::BadRequest, message)
                 } else {
                     info!(pid, stream, "trainer connected");
+                    let view = ctx.view.borrow();
                     LocalResponse::Welcome {
                         member: ctx.me,
-                        members: ctx.ring.clone(),
-                        epoch: Epoch(1),
+                        members: view.group.ring(),
+                        epoch: view.group.epoch,
                     }
                 }
             }
@@ -290,6 +291,7 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                             Ok(Err(OpError::Aborted(r))) => {
                                 error(LocalErrorCode::Aborted, r.to_string())
                             }
+                            Ok(Err(OpError::NoQuorum(m))) => error(LocalErrorCode::NoQuorum, m),
                             Ok(Err(OpError::ShuttingDown)) | Err(_) => {
                                 error(LocalErrorCode::ShuttingDown, "the daemon is shutting down")
                             }
@@ -393,14 +395,15 @@ fn collective(
     let map = buffers
         .get(&buffer)
         .ok_or_else(|| format!("buffer {buffer} is not registered"))?;
-    let n = ctx.ring.len() as u64;
+    let ring = ctx.view.borrow().group.ring();
+    let n = ring.len() as u64;
     let elems = match kind {
         LocalKind::AllGather => len.checked_mul(n).ok_or("length overflows")?,
         LocalKind::Barrier => 0,
         _ => len,
     };
     if let LocalKind::Broadcast(root) = kind {
-        if !ctx.ring.contains(&root) {
+        if !ring.contains(&root) {
             return Err(format!("broadcast root {root} is not a member"));
         }
     }

@@ -29,6 +29,21 @@ pub const REFUSED: &str = "phalanx_peers_refused_total";
 pub const SUSPICIONS: &str = "phalanx_suspicions_total";
 /// Connections closed for a protocol error, labelled by reason.
 pub const PROTOCOL_ERRORS: &str = "phalanx_protocol_errors_total";
+/// Ops parked until the next epoch (interrupted by a member's failure).
+pub const OPS_PARKED: &str = "phalanx_ops_parked";
+/// Interrupted ops finished in a new epoch, labelled by plan
+/// (`rerun`, `kept_result`, `superseded`).
+pub const RERUNS: &str = "phalanx_ops_recovered_total";
+/// Members removed from the ring (each is a failover).
+pub const FAILOVERS: &str = "phalanx_failovers_total";
+/// The current epoch.
+pub const EPOCH: &str = "phalanx_epoch";
+/// The Raft term.
+pub const RAFT_TERM: &str = "phalanx_raft_term";
+/// The Raft leader's member id (-1: none known).
+pub const RAFT_LEADER: &str = "phalanx_raft_leader";
+/// Members of the group, labelled by status.
+pub const MEMBERS: &str = "phalanx_members";
 
 /// Explicit latency buckets: 50 µs to 60 s.
 const OP_BUCKETS: [f64; 16] = [
@@ -58,8 +73,13 @@ pub fn handle() -> Result<PrometheusHandle> {
         .clone())
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+/// Serves `GET /metrics` (Prometheus text) and `GET /members` (the group as
+/// `phalanxctl members` prints it) on `listener` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    view: tokio::sync::watch::Receiver<crate::control::GroupView>,
+) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics endpoint listening");
     }
@@ -68,6 +88,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             continue;
         };
         let handle = handle.clone();
+        let members = view.borrow().render();
         tokio::spawn(async move {
             let mut req = [0u8; 1024];
             let n = match stream.read(&mut req).await {
@@ -77,8 +98,13 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             let line = String::from_utf8_lossy(&req[..n]);
             let (status, body) = if line.starts_with("GET /metrics") {
                 ("200 OK", handle.render())
+            } else if line.starts_with("GET /members") {
+                ("200 OK", members)
             } else {
-                ("404 Not Found", "only GET /metrics is served\n".to_string())
+                (
+                    "404 Not Found",
+                    "only GET /metrics and GET /members are served\n".to_string(),
+                )
             };
             debug!(%peer, status, "metrics request");
             let resp = format!(

@@ -77,6 +77,9 @@ pub enum LocalErrorCode {
     ShuttingDown,
     /// The client speaks another protocol version.
     UnsupportedVersion,
+    /// The group cannot go on with this member: it is cut off from a
+    /// majority, or the group finished the op without it (it must rejoin).
+    NoQuorum,
 }
 
 /// The op id of the `seq`-th collective (from 1) of `stream`: identical on

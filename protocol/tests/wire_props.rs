@@ -1,6 +1,7 @@
 //! Property tests of the wire codec: every message kind round-trips, and no
 //! byte string, arbitrary or truncated, makes the decoder panic.
 
+use phalanx_protocol::membership::RecoveryReport;
 use phalanx_protocol::wire::{
     decode, encode_control, encode_frame_header, AbortReason, ControlMessage, DType, DecodeError,
     Decoded, EnvelopeHeader, FrameHeader, Limits, MessageKind, RejectCode, ENVELOPE_LEN,
@@ -87,6 +88,31 @@ fn control() -> impl Strategy<Value = ControlMessage> {
             member: m,
             reason: r
         }),
+        proptest::collection::vec(any::<u8>(), 0..64)
+            .prop_map(|message| ControlMessage::Raft { message }),
+        (
+            any::<u64>(),
+            member(),
+            proptest::collection::vec(
+                (any::<u64>(), proptest::collection::vec(member(), 0..5)),
+                0..4
+            ),
+            proptest::collection::vec(
+                (any::<u64>(), proptest::collection::vec(member(), 0..5)),
+                0..4
+            )
+        )
+            .prop_map(|(e, m, p, c)| {
+                let ops = |v: Vec<(u64, Vec<MemberId>)>| {
+                    v.into_iter().map(|(o, ms)| (OpId(o), ms)).collect()
+                };
+                ControlMessage::Recovery(RecoveryReport {
+                    epoch: Epoch(e),
+                    member: m,
+                    parked: ops(p),
+                    completed: ops(c),
+                })
+            }),
     ]
 }
 

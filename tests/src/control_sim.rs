@@ -69,13 +69,18 @@ impl ControlScenario {
     pub fn from_seed(seed: u64) -> ControlScenario {
         let mut rng = SplitMix64::new(seed ^ 0xC0A7_2011);
         let members = rng.range_inclusive(3, 7) as usize;
-        let voters = if members >= 5 && rng.chance(0.5) { 5 } else { 3 };
+        let voters = if members >= 5 && rng.chance(0.5) {
+            5
+        } else {
+            3
+        };
         let fault_phase = Duration::from_millis(rng.range_inclusive(3_000, 8_000));
         let mut faults = Vec::new();
         let n_faults = rng.range_inclusive(1, 5);
         let mut crashed = vec![false; members];
         for _ in 0..n_faults {
-            let at = Duration::from_millis(rng.range_inclusive(300, fault_phase.as_millis() as u64));
+            let at =
+                Duration::from_millis(rng.range_inclusive(300, fault_phase.as_millis() as u64));
             let m = rng.below(members as u64) as usize;
             let fault = match rng.below(5) {
                 0 | 1 => {
@@ -106,7 +111,11 @@ impl ControlScenario {
             voters,
             fault_phase,
             heal_phase: Duration::from_secs(30),
-            drop: if rng.chance(0.5) { rng.unit() * 0.1 } else { 0.0 },
+            drop: if rng.chance(0.5) {
+                rng.unit() * 0.1
+            } else {
+                0.0
+            },
             jitter: Duration::from_millis(rng.range_inclusive(0, 40)),
             faults,
         }
@@ -142,7 +151,7 @@ pub struct ControlReport {
 #[derive(Debug)]
 pub struct ControlFailure {
     /// The scenario.
-    pub scenario: ControlScenario,
+    pub scenario: Box<ControlScenario>,
     /// What broke.
     pub what: String,
     /// Virtual time.
@@ -236,7 +245,7 @@ impl ControlSim {
                 disk: MemoryDisk::default(),
                 detector: FailureDetector::new(detector, others(&ids, id), Time::ZERO),
                 keeper: Housekeeper::new(Duration::from_millis(500)),
-                incarnation: Incarnation(0),
+                incarnation: Incarnation(1),
                 paused_until: None,
                 last_epoch: Epoch(1),
             });
@@ -259,7 +268,7 @@ impl ControlSim {
 
     fn fail(&self, what: String) -> ControlFailure {
         ControlFailure {
-            scenario: self.sc.clone(),
+            scenario: Box::new(self.sc.clone()),
             what,
             at: Duration::from_micros(self.now.0),
         }
@@ -332,9 +341,7 @@ impl ControlSim {
         let end = fault_end.after(self.sc.heal_phase);
         let mut next_heartbeat = Time::ZERO;
         while self.now < end {
-            while next_fault < faults.len()
-                && Time::ZERO.after(faults[next_fault].0) <= self.now
-            {
+            while next_fault < faults.len() && Time::ZERO.after(faults[next_fault].0) <= self.now {
                 let f = faults[next_fault].1.clone();
                 self.apply_fault(&f);
                 next_fault += 1;
@@ -451,9 +458,7 @@ impl ControlSim {
         if is_leader {
             match self.leaders.get(&term) {
                 Some(&l) if l != MemberId(m as u32) => {
-                    return Err(self.fail(format!(
-                        "two leaders in term {term}: {l} and m{m}"
-                    )))
+                    return Err(self.fail(format!("two leaders in term {term}: {l} and m{m}")))
                 }
                 _ => {
                     self.leaders.insert(term, MemberId(m as u32));
@@ -535,7 +540,12 @@ impl ControlSim {
         if leaders != 1 {
             return Err(self.fail(format!("{leaders} leaders after the heal")));
         }
-        let voters = &self.members[0].node.as_ref().expect("running").roles().voters;
+        let voters = &self.members[0]
+            .node
+            .as_ref()
+            .expect("running")
+            .roles()
+            .voters;
         if voters.len() != self.sc.voters.min(self.sc.members) {
             return Err(self.fail(format!("voters after the heal: {voters:?}")));
         }

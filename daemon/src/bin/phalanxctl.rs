@@ -17,6 +17,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Prints the group as the daemon at ADDR knows it: epoch, Raft term and
+    /// leader, and per member its address, status (active / removed), Raft
+    /// role, life (incarnation), the epoch of its last change and why.
+    Members {
+        /// The daemon's metrics endpoint (`metrics` in its config).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics: std::net::SocketAddr,
+    },
     /// Cluster identity: the CA and node certificates for mutual TLS.
     Certs {
         #[command(subcommand)]
@@ -75,6 +83,12 @@ fn main() -> std::process::ExitCode {
 
 fn real_main() -> Result<()> {
     match Cli::parse().command {
+        Command::Members { metrics } => {
+            print!(
+                "{}",
+                phalanx_daemon::cluster::http_get(metrics, "/members")?
+            );
+        }
         Command::Certs {
             command: CertsCommand::Init { dir },
         } => {
@@ -110,6 +124,7 @@ fn real_main() -> Result<()> {
                 phalanxd,
                 dir,
                 data_plane: String::new(),
+                control: String::new(),
                 keep,
             })?;
             for m in &cluster.members {

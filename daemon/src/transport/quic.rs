@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, MemberConfig};
+use crate::control::{ControlInput, ControlSender};
 use crate::driver::{Input, OutFrame, Outbox};
 use crate::metrics as m;
 use crate::tls::{cert_names, Identity};
@@ -106,13 +107,18 @@ pub struct Mesh {
     links: usize,
     heartbeat: Duration,
     driver: mpsc::Sender<Input>,
+    control: mpsc::Sender<ControlInput>,
+    peers: ControlSender,
     limits: Limits,
 }
 
 /// The mesh and the outboxes the driver sends through.
 pub fn mesh(
     config: &Config,
+    incarnation: Incarnation,
     driver: mpsc::Sender<Input>,
+    control: mpsc::Sender<ControlInput>,
+    peers: ControlSender,
 ) -> (Arc<Mesh>, HashMap<MemberId, Outbox>, Vec<WriterTask>) {
     let me = MemberId(config.member_id);
     let mut primaries = HashMap::new();
@@ -143,7 +149,7 @@ pub fn mesh(
     let mesh = Mesh {
         me,
         cluster: config.cluster.clone(),
-        incarnation: Incarnation(0),
+        incarnation,
         members: config
             .members
             .iter()
@@ -153,6 +159,8 @@ pub fn mesh(
         links: config.data_plane.connections,
         heartbeat: Duration::from_millis(config.data_plane.heartbeat_interval_ms),
         driver,
+        control,
+        peers,
         limits,
     };
     (Arc::new(mesh), outboxes, writers)
@@ -258,7 +266,7 @@ impl Mesh {
             .context("no answer to hello")??;
         match reply {
             ControlMessage::Welcome { member, .. } if member == MemberId(peer.id) => {
-                self.spawn_control(conn.clone(), send, recv, MemberId(peer.id));
+                self.spawn_control(conn.clone(), send, recv, MemberId(peer.id), link == 0);
                 Ok(conn)
             }
             ControlMessage::Reject { code, detail } => {
@@ -316,7 +324,10 @@ impl Mesh {
                 send.write_all(&encode_control(&welcome))
                     .await
                     .map_err(|e| format!("sending welcome: {e}"))?;
-                self.spawn_control(conn.clone(), send, recv, member);
+                // Only the expected direction's link 0 carries Raft: a second
+                // connection claiming the same member must not take it over.
+                let carries = link == 0 && member < self.me;
+                self.spawn_control(conn.clone(), send, recv, member, carries);
                 Ok((member, link))
             }
             Err((code, detail)) => {
@@ -551,7 +562,16 @@ impl Mesh {
         mut send: SendStream,
         mut recv: RecvStream,
         peer: MemberId,
+        carries_control: bool,
     ) {
+        // The primary link 0's control stream also carries Raft and recovery
+        // messages.
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ControlMessage>();
+        if carries_control {
+            self.peers.attach(peer, out_tx);
+        } else {
+            drop(out_tx);
+        }
         let (me, incarnation, interval, origin) = (
             self.me,
             self.incarnation,
@@ -561,20 +581,29 @@ impl Mesh {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut queue_open = true;
             loop {
-                tick.tick().await;
-                let hb = ControlMessage::Heartbeat {
-                    member: me,
-                    incarnation,
-                    epoch: Epoch(1),
-                    sent_at_us: origin.elapsed().as_micros() as u64,
+                let msg = tokio::select! {
+                    _ = tick.tick() => ControlMessage::Heartbeat {
+                        member: me,
+                        incarnation,
+                        epoch: Epoch(1),
+                        sent_at_us: origin.elapsed().as_micros() as u64,
+                    },
+                    m = out_rx.recv(), if queue_open => match m {
+                        Some(m) => m,
+                        None => {
+                            queue_open = false;
+                            continue;
+                        }
+                    },
                 };
-                if send.write_all(&encode_control(&hb)).await.is_err() {
+                if send.write_all(&encode_control(&msg)).await.is_err() {
                     return; // the connection is gone; its loss is reported elsewhere
                 }
             }
         });
-        let (driver, limits) = (self.driver.clone(), self.limits);
+        let (driver, control, limits) = (self.driver.clone(), self.control.clone(), self.limits);
         tokio::spawn(async move {
             loop {
                 match read_control(&mut recv, &limits).await {
@@ -585,6 +614,27 @@ impl Mesh {
                     }
                     Ok(ControlMessage::Goodbye { reason, .. }) => {
                         info!(%peer, %reason, "peer says goodbye");
+                    }
+                    Ok(ControlMessage::Raft { message }) => {
+                        if control
+                            .send(ControlInput::Raft {
+                                from: peer,
+                                message,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(ControlMessage::Recovery(report)) => {
+                        if driver
+                            .send(Input::Recovery { from: peer, report })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
                     Ok(msg) => debug!(%peer, ?msg, "control message"),
                     Err(e) => {

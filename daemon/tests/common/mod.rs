@@ -26,6 +26,7 @@ pub fn cluster(members: usize, data_plane: &str) -> LocalCluster {
         } else {
             format!("{data_plane}\nsuspect_after_ms = 3000")
         },
+        control: String::new(),
         keep: std::env::var_os("PHALANX_KEEP_TEST_DIRS").is_some(),
     })
     .expect("starting the local cluster")

@@ -460,11 +460,7 @@ impl ControlNode {
     /// Leader only: proposes swapping voter `out` for learner `in_` in one
     /// joint change (ConfChangeV2; raft-rs leaves the joint configuration
     /// automatically). `out` stays a learner so it can come back.
-    pub fn propose_voter_swap(
-        &mut self,
-        out: MemberId,
-        in_: MemberId,
-    ) -> Result<(), ProposeError> {
+    pub fn propose_voter_swap(&mut self, out: MemberId, in_: MemberId) -> Result<(), ProposeError> {
         if !self.is_leader() {
             return Err(ProposeError::NoLeader);
         }
@@ -630,10 +626,11 @@ impl ControlNode {
 }
 
 fn conf_state(roles: &Roles) -> ConfState {
-    let mut cs = ConfState::default();
-    cs.voters = roles.voters.iter().map(|&m| raft_id(m)).collect();
-    cs.learners = roles.learners.iter().map(|&m| raft_id(m)).collect();
-    cs
+    ConfState {
+        voters: roles.voters.iter().map(|&m| raft_id(m)).collect(),
+        learners: roles.learners.iter().map(|&m| raft_id(m)).collect(),
+        ..Default::default()
+    }
 }
 
 fn roles_of(cs: &ConfState) -> Roles {

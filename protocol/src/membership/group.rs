@@ -60,7 +60,9 @@ pub enum Command {
         /// Why, for logs and `phalanxctl members`.
         reason: String,
     },
-    /// Put a removed `member` back in the ring in life `incarnation`.
+    /// Put a removed `member` back in the ring in life `incarnation` (or
+    /// record the first life of a bootstrap member, or start a new epoch
+    /// for an active member that restarted in a newer life).
     Admit {
         /// The member.
         member: MemberId,
@@ -82,6 +84,14 @@ pub enum Applied {
         ring: Vec<MemberId>,
         /// Members that left the ring, and members that joined it.
         change: Change,
+    },
+    /// A member of the bootstrap roster recorded its first life; the ring
+    /// and epoch are unchanged (no op can have run in the placeholder life).
+    LifeRecorded {
+        /// The member.
+        member: MemberId,
+        /// Its life.
+        incarnation: Incarnation,
     },
     /// Nothing changed, and why (a stale or repeated command).
     Ignored(String),
@@ -118,6 +128,8 @@ impl GroupState {
                         MemberRecord {
                             addr,
                             status: Status::Active,
+                            // A placeholder: each daemon records its first
+                            // life with an `Admit` before it runs any op.
                             incarnation: Incarnation(0),
                             reason: "bootstrap".into(),
                             since: Epoch(1),
@@ -183,7 +195,14 @@ impl GroupState {
                 incarnation,
                 addr,
             } => {
-                if let Some(rec) = self.members.get(member) {
+                if let Some(rec) = self.members.get_mut(member) {
+                    if rec.status == Status::Active && rec.incarnation == Incarnation(0) {
+                        rec.incarnation = *incarnation;
+                        return Applied::LifeRecorded {
+                            member: *member,
+                            incarnation: *incarnation,
+                        };
+                    }
                     if rec.status == Status::Active && *incarnation <= rec.incarnation {
                         return Applied::Ignored(format!("{member} is already in the ring"));
                     }
@@ -307,10 +326,25 @@ mod tests {
             incarnation: Incarnation(inc),
             addr: "127.0.0.11:1".into(),
         };
+        // Member 0 records its first life without a new epoch.
+        assert_eq!(
+            g.apply(&Command::Admit {
+                member: MemberId(0),
+                incarnation: Incarnation(1),
+                addr: "127.0.0.10:1".into()
+            }),
+            Applied::LifeRecorded {
+                member: MemberId(0),
+                incarnation: Incarnation(1)
+            }
+        );
+        assert_eq!(g.epoch, Epoch(2));
         assert!(matches!(g.apply(&admit(2)), Applied::NewEpoch { .. }));
         assert!(matches!(g.apply(&admit(2)), Applied::Ignored(_)));
         // Restarted while still in the ring: same ring, new epoch, new life.
-        assert!(matches!(g.apply(&admit(3)), Applied::NewEpoch { ref ring, .. } if ring.len() == 3));
+        assert!(
+            matches!(g.apply(&admit(3)), Applied::NewEpoch { ref ring, .. } if ring.len() == 3)
+        );
         assert_eq!(g.members[&MemberId(1)].incarnation, Incarnation(3));
         g.apply(&remove(1, 4));
         assert!(matches!(g.apply(&admit(1)), Applied::Ignored(_)));

@@ -4,6 +4,8 @@
 pub mod control;
 mod detector;
 pub mod group;
+pub mod recovery;
 
 pub use detector::{Decision, DetectorConfig, FailureDetector, SuspicionReason};
 pub use group::{Applied, Change, Command, GroupState, MemberRecord, Status};
+pub use recovery::{Plan, Recovery, RecoveryReport};

@@ -200,4 +200,11 @@ pub enum ControlMessage {
         /// Why it leaves.
         reason: String,
     },
+    /// A Raft message (raft-rs protobuf encoding) for the control plane.
+    Raft {
+        /// The encoded `eraftpb::Message`.
+        message: Vec<u8>,
+    },
+    /// What the sender holds of interrupted ops as it enters a new epoch.
+    Recovery(crate::membership::RecoveryReport),
 }

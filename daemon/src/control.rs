@@ -1,0 +1,441 @@
+//! The control-plane task: drives the sans-IO [`ControlNode`] (raft-rs) with
+//! a clock, Raft messages from peers and suspicions from the driver; makes
+//! its state durable in raft-engine; proposes removals of suspected members
+//! and this daemon's own readmission; hands every new epoch to the driver.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use metrics::{counter, gauge};
+use phalanx_protocol::membership::control::{
+    decode_message, destination, encode_message, initial_roles, propose, ControlConfig,
+    ControlNode, Event, Housekeeper,
+};
+use phalanx_protocol::membership::{Applied, Change, Command, GroupState, Status};
+use phalanx_protocol::wire::ControlMessage;
+use phalanx_protocol::{Incarnation, MemberId, Time};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::driver::Input;
+use crate::metrics as m;
+use crate::raftlog::RaftLog;
+
+/// How often a suspicion, or this daemon's readmission, is proposed again
+/// while it has not taken effect (a proposal is lost when there is no leader).
+const RETRY: Duration = Duration::from_millis(300);
+
+/// Inputs to the control task.
+#[derive(Debug)]
+pub enum ControlInput {
+    /// A Raft message from an authenticated peer.
+    Raft {
+        /// The peer.
+        from: MemberId,
+        /// The encoded message.
+        message: Vec<u8>,
+    },
+    /// The driver suspects `member`.
+    Suspect {
+        /// The member.
+        member: MemberId,
+        /// Why.
+        reason: String,
+    },
+    /// The driver hears from `member` again.
+    Cleared {
+        /// The member.
+        member: MemberId,
+    },
+}
+
+/// Sends control messages to peers over their control streams. A message to
+/// a peer that is not connected is dropped: Raft retransmits, and recovery
+/// reports matter only to connected members.
+#[derive(Clone, Debug, Default)]
+pub struct ControlSender {
+    peers: Arc<Mutex<HashMap<MemberId, mpsc::UnboundedSender<ControlMessage>>>>,
+}
+
+impl ControlSender {
+    /// Routes `peer`'s control messages to `tx` (its current connection).
+    pub fn attach(&self, peer: MemberId, tx: mpsc::UnboundedSender<ControlMessage>) {
+        self.peers.lock().expect("poisoned").insert(peer, tx);
+    }
+
+    /// Sends `msg` to `peer`; false when it is not connected.
+    pub fn send(&self, peer: MemberId, msg: ControlMessage) -> bool {
+        let mut peers = self.peers.lock().expect("poisoned");
+        match peers.get(&peer) {
+            Some(tx) if tx.send(msg).is_ok() => true,
+            Some(_) => {
+                peers.remove(&peer);
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// What `phalanxctl members` and the metrics show.
+#[derive(Clone, Debug)]
+pub struct GroupView {
+    /// The replicated state.
+    pub group: GroupState,
+    /// The leader, if known.
+    pub leader: Option<MemberId>,
+    /// Raft term.
+    pub term: u64,
+    /// Voters.
+    pub voters: Vec<MemberId>,
+    /// Learners.
+    pub learners: Vec<MemberId>,
+}
+
+impl GroupView {
+    /// A table for operators.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "epoch {}  term {}  leader {}\n{:<8} {:<22} {:<8} {:<8} {:<6} {:<7} reason\n",
+            self.group.epoch,
+            self.term,
+            self.leader.map_or("none".to_string(), |l| l.to_string()),
+            "member",
+            "address",
+            "status",
+            "role",
+            "life",
+            "since"
+        );
+        for (id, r) in &self.group.members {
+            let role = if self.voters.contains(id) {
+                "voter"
+            } else if self.learners.contains(id) {
+                "learner"
+            } else {
+                "-"
+            };
+            out += &format!(
+                "{:<8} {:<22} {:<8} {:<8} {:<6} {:<7} {}\n",
+                id.to_string(),
+                r.addr,
+                r.status.to_string(),
+                role,
+                r.incarnation.0,
+                r.since.to_string(),
+                r.reason
+            );
+        }
+        out
+    }
+}
+
+/// The control task.
+pub struct ControlTask {
+    me: MemberId,
+    node: ControlNode,
+    log: RaftLog,
+    keeper: Housekeeper,
+    incarnation: Incarnation,
+    addr: String,
+    origin: Instant,
+    suspects: BTreeMap<MemberId, (String, Option<Instant>)>,
+    peers: ControlSender,
+    driver: mpsc::Sender<Input>,
+    view: watch::Sender<GroupView>,
+    last_sent: Option<(phalanx_protocol::Epoch, bool)>,
+}
+
+impl std::fmt::Debug for ControlTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlTask")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// How a daemon's control plane starts.
+#[derive(Debug)]
+pub struct ControlSetup {
+    /// This daemon.
+    pub me: MemberId,
+    /// Its life.
+    pub incarnation: Incarnation,
+    /// Its address, as peers reach it.
+    pub addr: String,
+    /// The roster every daemon bootstraps from (id, address).
+    pub roster: Vec<(MemberId, String)>,
+    /// How many of the roster vote.
+    pub voters: usize,
+    /// Raft timing.
+    pub config: ControlConfig,
+    /// Where the Raft log lives.
+    pub dir: std::path::PathBuf,
+}
+
+impl ControlTask {
+    /// Opens the log and builds the node (replaying what the log holds).
+    pub fn open(
+        setup: ControlSetup,
+        peers: ControlSender,
+        driver: mpsc::Sender<Input>,
+    ) -> Result<(ControlTask, watch::Receiver<GroupView>)> {
+        let (log, persisted) = RaftLog::open(&setup.dir)?;
+        let ids: Vec<MemberId> = setup.roster.iter().map(|(m, _)| *m).collect();
+        let roles = initial_roles(&ids, setup.voters);
+        let restored = persisted.is_some();
+        let node = ControlNode::new(
+            setup.me,
+            setup.config,
+            GroupState::bootstrap(setup.roster.clone()),
+            &roles,
+            persisted,
+            Time::ZERO,
+        )
+        .map_err(anyhow::Error::msg)
+        .context("starting the raft node")?;
+        info!(
+            member = %setup.me,
+            life = setup.incarnation.0,
+            restored,
+            voters = ?roles.voters,
+            "control plane starting"
+        );
+        let view = GroupView {
+            group: node.group().clone(),
+            leader: None,
+            term: node.term(),
+            voters: node.roles().voters.clone(),
+            learners: node.roles().learners.clone(),
+        };
+        let (view_tx, view_rx) = watch::channel(view);
+        Ok((
+            ControlTask {
+                me: setup.me,
+                node,
+                log,
+                keeper: Housekeeper::new(RETRY),
+                incarnation: setup.incarnation,
+                addr: setup.addr,
+                origin: Instant::now(),
+                suspects: BTreeMap::new(),
+                peers,
+                driver,
+                view: view_tx,
+                last_sent: None,
+            },
+            view_rx,
+        ))
+    }
+
+    fn now(&self) -> Time {
+        Time(self.origin.elapsed().as_micros() as u64)
+    }
+
+    /// Runs until `shutdown`; a leader then hands leadership to another voter.
+    pub async fn run(
+        mut self,
+        mut input: mpsc::Receiver<ControlInput>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        self.step_all().await;
+        loop {
+            let due = tokio::time::Instant::from_std(
+                self.origin + Duration::from_micros(self.node.poll_timeout().0),
+            );
+            tokio::select! {
+                msg = input.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(due) => {
+                    let now = self.now();
+                    self.node.handle_timeout(now);
+                }
+                _ = shutdown.changed() => break,
+            }
+            self.step_all().await;
+        }
+        self.hand_over(&mut input).await;
+    }
+
+    /// Graceful shutdown of the leader: transfer leadership to an active
+    /// voter so the group does not wait an election timeout.
+    async fn hand_over(&mut self, input: &mut mpsc::Receiver<ControlInput>) {
+        if !self.node.is_leader() {
+            return;
+        }
+        let target = self
+            .node
+            .roles()
+            .voters
+            .iter()
+            .copied()
+            .find(|&v| v != self.me() && self.node.group().is_active(v));
+        let Some(target) = target else { return };
+        info!(to = %target, "shutting down: handing Raft leadership over");
+        self.node.transfer_leader(target);
+        let until = tokio::time::Instant::now() + Duration::from_millis(500);
+        while self.node.is_leader() {
+            self.step_all().await;
+            tokio::select! {
+                msg = input.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(until) => return,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+        self.step_all().await;
+    }
+
+    fn me(&self) -> MemberId {
+        self.me
+    }
+
+    fn handle(&mut self, msg: ControlInput) {
+        match msg {
+            ControlInput::Raft { from, message } => {
+                match decode_message(&message, from, self.me()) {
+                    Ok(msg) => {
+                        if let Err(e) = self.node.step(msg) {
+                            debug!(peer = %from, error = %e, "raft message not stepped");
+                        }
+                    }
+                    Err(e) => warn!(peer = %from, error = %e, "bad raft message"),
+                }
+            }
+            ControlInput::Suspect { member, reason } => {
+                self.suspects.entry(member).or_insert((reason, None));
+            }
+            ControlInput::Cleared { member } => {
+                self.suspects.remove(&member);
+            }
+        }
+    }
+
+    /// Proposes what is due, runs the ready loop, sends, publishes.
+    async fn step_all(&mut self) {
+        let now = self.now();
+        let group = self.node.group().clone();
+        for (member, (reason, last)) in self.suspects.iter_mut() {
+            if !group.is_active(*member) || last.is_some_and(|t| t.elapsed() < RETRY) {
+                continue;
+            }
+            *last = Some(Instant::now());
+            let cmd = Command::Remove {
+                member: *member,
+                epoch: group.epoch,
+                reason: reason.clone(),
+            };
+            match self.node.propose(&cmd) {
+                Ok(()) => {
+                    info!(%member, %reason, epoch = %group.epoch, "proposed removing a suspected member")
+                }
+                Err(e) => debug!(%member, error = %e, "removal not proposed yet"),
+            }
+        }
+        for p in self
+            .keeper
+            .poll(&self.node, self.incarnation, &self.addr, now)
+        {
+            match propose(&mut self.node, &p) {
+                Ok(()) => info!(proposal = ?p, "proposed"),
+                Err(e) => debug!(proposal = ?p, error = %e, "not proposed yet"),
+            }
+        }
+        let out = match tokio::task::block_in_place(|| self.node.process(&mut self.log)) {
+            Ok(out) => out,
+            Err(e) => {
+                // The log could not be written: going on would acknowledge
+                // what is not durable. Stop the daemon loudly.
+                tracing::error!(error = %e, "raft log failure: exiting");
+                std::process::exit(70);
+            }
+        };
+        for msg in out.messages {
+            let Some(to) = destination(&msg) else {
+                continue;
+            };
+            let bytes = encode_message(&msg);
+            if !self.peers.send(to, ControlMessage::Raft { message: bytes }) {
+                self.node.report_unreachable(to);
+            }
+        }
+        for ev in out.events {
+            match ev {
+                Event::Applied { index, applied } => match applied {
+                    Applied::NewEpoch {
+                        epoch,
+                        ring,
+                        change,
+                    } => match &change {
+                        Change::Removed(member, reason) => {
+                            warn!(%epoch, %member, %reason, ?ring, index, "member removed: new epoch");
+                            counter!(m::FAILOVERS).increment(1);
+                        }
+                        Change::Admitted(member, life) => {
+                            info!(%epoch, %member, life = life.0, ?ring, index, "member admitted: new epoch")
+                        }
+                    },
+                    Applied::LifeRecorded {
+                        member,
+                        incarnation,
+                    } => info!(%member, life = incarnation.0, "member's life recorded"),
+                    Applied::Ignored(why) => debug!(index, %why, "command ignored"),
+                },
+                Event::Leader { leader, term } => {
+                    info!(leader = ?leader, term, "raft leader changed")
+                }
+                Event::Roles(roles) => {
+                    info!(voters = ?roles.voters, learners = ?roles.learners, "raft roles changed")
+                }
+                Event::Restored { index } => info!(index, "group state restored from a snapshot"),
+            }
+        }
+        self.publish().await;
+    }
+
+    async fn publish(&mut self) {
+        let group = self.node.group();
+        let me = self.me();
+        let admitted = group
+            .members
+            .get(&me)
+            .is_some_and(|r| r.status == Status::Active && r.incarnation == self.incarnation);
+        let state = (group.epoch, admitted);
+        if self.last_sent != Some(state) {
+            self.last_sent = Some(state);
+            let input = Input::Group {
+                epoch: group.epoch,
+                ring: group.ring(),
+                admitted,
+            };
+            if self.driver.send(input).await.is_err() {
+                return;
+            }
+        }
+        gauge!(m::EPOCH).set(group.epoch.0 as f64);
+        gauge!(m::RAFT_TERM).set(self.node.term() as f64);
+        gauge!(m::RAFT_LEADER).set(self.node.leader().map_or(-1.0, |l| f64::from(l.0)));
+        for status in [Status::Active, Status::Removed] {
+            let n = group
+                .members
+                .values()
+                .filter(|r| r.status == status)
+                .count();
+            gauge!(m::MEMBERS, "status" => status.to_string()).set(n as f64);
+        }
+        let view = GroupView {
+            group: group.clone(),
+            leader: self.node.leader(),
+            term: self.node.term(),
+            voters: self.node.roles().voters.clone(),
+            learners: self.node.roles().learners.clone(),
+        };
+        self.view.send_replace(view);
+    }
+}
