@@ -2,6 +2,7 @@
 //! `--json FILE`, writes the raw figures and a `summary` object.
 
 mod allreduce;
+mod failover;
 mod kernels;
 
 use std::path::PathBuf;
@@ -78,6 +79,28 @@ enum Command {
         #[arg(long)]
         copy_api: bool,
     },
+    /// Failover: real `phalanxd` processes, one trainer per member
+    /// all-reducing in a loop; SIGKILL one member per trial (rotating, so the
+    /// Raft leader is among the victims) and time until every survivor has
+    /// completed an all-reduce without it. Also the commit latency of the
+    /// epoch change. Default bounds (100 ms heartbeats, 400 ms suspicion).
+    Failover {
+        /// Members per cluster (at least 3).
+        #[arg(long, default_value_t = 5)]
+        members: usize,
+        /// Trials (a fresh cluster each).
+        #[arg(long, default_value_t = 10)]
+        trials: usize,
+        /// f32 elements per all-reduce.
+        #[arg(long, default_value_t = 16384)]
+        elems: usize,
+        /// Write the figures and the summary as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The phalanxd binary (default: next to this one).
+        #[arg(long)]
+        phalanxd: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -117,6 +140,27 @@ fn main() -> ExitCode {
                 copy_api,
             };
             allreduce::run(&o, json.as_deref())
+        })(),
+        Command::Failover {
+            members,
+            trials,
+            elems,
+            json,
+            phalanxd,
+        } => (|| {
+            let phalanxd = match phalanxd {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name("phalanxd"),
+            };
+            failover::run(
+                &failover::Options {
+                    members,
+                    trials: trials.max(1),
+                    elems,
+                    phalanxd,
+                },
+                json.as_deref(),
+            )
         })(),
         Command::Kernels {
             json,

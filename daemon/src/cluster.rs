@@ -314,6 +314,9 @@ impl LocalCluster {
     }
 }
 
+/// SIGKILL, for [`LocalCluster::signal`].
+pub const KILL: rustix::process::Signal = rustix::process::Signal::KILL;
+
 /// `GET path` from a daemon's HTTP endpoint; the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
     use std::io::{Read, Write};

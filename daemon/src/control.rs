@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use metrics::{counter, gauge};
+use metrics::{counter, gauge, histogram};
 use phalanx_protocol::membership::control::{
     decode_message, destination, encode_message, initial_roles, propose, ControlConfig,
     ControlNode, Event, Housekeeper,
@@ -132,6 +132,15 @@ impl GroupView {
     }
 }
 
+#[derive(Debug)]
+struct Suspicion {
+    reason: String,
+    /// The last proposal (retried every `RETRY` while it has not taken effect).
+    last: Option<Instant>,
+    /// The first proposal that raft accepted (for the commit latency).
+    first: Option<Instant>,
+}
+
 /// The control task.
 pub struct ControlTask {
     me: MemberId,
@@ -141,7 +150,8 @@ pub struct ControlTask {
     incarnation: Incarnation,
     addr: String,
     origin: Instant,
-    suspects: BTreeMap<MemberId, (String, Option<Instant>)>,
+    /// Suspected members, with when their removal was proposed.
+    suspects: BTreeMap<MemberId, Suspicion>,
     peers: ControlSender,
     driver: mpsc::Sender<Input>,
     view: watch::Sender<GroupView>,
@@ -309,7 +319,11 @@ impl ControlTask {
                 }
             }
             ControlInput::Suspect { member, reason } => {
-                self.suspects.entry(member).or_insert((reason, None));
+                self.suspects.entry(member).or_insert(Suspicion {
+                    reason,
+                    last: None,
+                    first: None,
+                });
             }
             ControlInput::Cleared { member } => {
                 self.suspects.remove(&member);
@@ -321,19 +335,20 @@ impl ControlTask {
     async fn step_all(&mut self) {
         let now = self.now();
         let group = self.node.group().clone();
-        for (member, (reason, last)) in self.suspects.iter_mut() {
-            if !group.is_active(*member) || last.is_some_and(|t| t.elapsed() < RETRY) {
+        for (member, sus) in self.suspects.iter_mut() {
+            if !group.is_active(*member) || sus.last.is_some_and(|t| t.elapsed() < RETRY) {
                 continue;
             }
-            *last = Some(Instant::now());
+            sus.last = Some(Instant::now());
             let cmd = Command::Remove {
                 member: *member,
                 epoch: group.epoch,
-                reason: reason.clone(),
+                reason: sus.reason.clone(),
             };
             match self.node.propose(&cmd) {
                 Ok(()) => {
-                    info!(%member, %reason, epoch = %group.epoch, "proposed removing a suspected member")
+                    sus.first.get_or_insert_with(Instant::now);
+                    info!(%member, reason = %sus.reason, epoch = %group.epoch, "proposed removing a suspected member")
                 }
                 Err(e) => debug!(%member, error = %e, "removal not proposed yet"),
             }
@@ -376,6 +391,10 @@ impl ControlTask {
                         Change::Removed(member, reason) => {
                             warn!(%epoch, %member, %reason, ?ring, index, "member removed: new epoch");
                             counter!(m::FAILOVERS).increment(1);
+                            if let Some(first) = self.suspects.get(member).and_then(|s| s.first) {
+                                histogram!(m::EPOCH_COMMIT_SECONDS)
+                                    .record(first.elapsed().as_secs_f64());
+                            }
                         }
                         Change::Admitted(member, life) => {
                             info!(%epoch, %member, life = life.0, ?ring, index, "member admitted: new epoch")

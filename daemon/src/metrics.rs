@@ -36,6 +36,8 @@ pub const OPS_PARKED: &str = "phalanx_ops_parked";
 pub const RERUNS: &str = "phalanx_ops_recovered_total";
 /// Members removed from the ring (each is a failover).
 pub const FAILOVERS: &str = "phalanx_failovers_total";
+/// From this daemon's first proposal of a removal to its commit, seconds.
+pub const EPOCH_COMMIT_SECONDS: &str = "phalanx_epoch_commit_seconds";
 /// The current epoch.
 pub const EPOCH: &str = "phalanx_epoch";
 /// The Raft term.
@@ -61,6 +63,8 @@ pub fn handle() -> Result<PrometheusHandle> {
     }
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(OP_SECONDS.into()), &OP_BUCKETS)
+        .context("histogram buckets")?
+        .set_buckets_for_metric(Matcher::Full(EPOCH_COMMIT_SECONDS.into()), &OP_BUCKETS)
         .context("histogram buckets")?
         .build_recorder();
     let h = recorder.handle();
