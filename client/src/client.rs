@@ -44,6 +44,9 @@ pub struct OpInfo {
     /// The members whose inputs the result combines (a `Mean` divides by
     /// their number).
     pub contributors: Vec<MemberId>,
+    /// Members that (re)joined the group and wait for the trainers' state on
+    /// this stream: call [`Client::admit`] at the next step boundary.
+    pub waiting: Vec<MemberId>,
 }
 
 /// Why a call failed.
@@ -292,10 +295,12 @@ impl Client {
                 op,
                 epoch,
                 contributors,
+                waiting,
             } => Ok(OpInfo {
                 op,
                 epoch,
                 contributors,
+                waiting,
             }),
             other => Err(ClientError::Protocol(format!(
                 "expected Done, got {other:?}"
@@ -405,6 +410,57 @@ impl Client {
         self.stage(0, data);
         let info = self.collective(LocalKind::Broadcast(root), T::DTYPE, data.len())?;
         self.unstage(0, data);
+        Ok(info)
+    }
+
+    /// Hands this trainer's `state` (parameters, optimizer state: whatever a
+    /// new member needs to continue) to the members waiting for it, as
+    /// [`OpInfo::waiting`] reported. Every live trainer calls it at the same
+    /// point of the stream (the result that reported the joiners is the same
+    /// on every member); the state of the lowest live member is what every
+    /// member holds afterwards.
+    pub fn admit<T: Element>(&mut self, state: &mut [T]) -> Result<OpInfo, ClientError> {
+        self.ensure_arena(std::mem::size_of_val(state))?;
+        self.stage(0, state);
+        let info = self.collective(LocalKind::StateSync, T::DTYPE, state.len())?;
+        self.unstage(0, state);
+        Ok(info)
+    }
+
+    /// Joins (or rejoins) the group on this connection's stream: this
+    /// daemon asks to be readmitted, the call waits until the live trainers
+    /// hand over their state ([`Client::admit`]), writes it into `state`, and
+    /// the stream continues from there. Call it after a restart, or after a
+    /// call failed with [`ClientError::NoQuorum`] because the group went on
+    /// without this member; not on a fresh group, where every trainer starts
+    /// from the same state.
+    pub fn join<T: Element>(&mut self, state: &mut [T]) -> Result<OpInfo, ClientError> {
+        self.ensure_arena(std::mem::size_of_val(state))?;
+        let req = LocalRequest::Join {
+            buffer: self.arena.id,
+            offset_bytes: 0,
+            dtype: T::DTYPE,
+            len: state.len() as u64,
+        };
+        let info = match self.call(&req, None)? {
+            LocalResponse::Done {
+                op,
+                epoch,
+                contributors,
+                waiting,
+            } => OpInfo {
+                op,
+                epoch,
+                contributors,
+                waiting,
+            },
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Done, got {other:?}"
+                )))
+            }
+        };
+        self.unstage(0, state);
         Ok(info)
     }
 

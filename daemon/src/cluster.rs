@@ -144,6 +144,10 @@ impl LocalCluster {
             .arg("--config")
             .arg(&m.config)
             .env(
+                "PHALANX_FAULT_FILE",
+                self.options.dir.join(format!("node{}.cut", m.id)),
+            )
+            .env(
                 "RUST_LOG",
                 std::env::var("PHALANX_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
@@ -260,6 +264,31 @@ impl LocalCluster {
         text.lines()
             .find(|l| l.starts_with(&prefix))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// Cuts member index `i` off from `peers` (member ids) in both
+    /// directions, through the daemons' test-only fault gate; an empty list
+    /// heals it. Takes effect within ~50 ms.
+    pub fn cut(&self, i: usize, peers: &[u32]) -> Result<()> {
+        let me = self.members[i].id;
+        let write = |id: u32, ids: Vec<u32>| -> Result<()> {
+            let text: Vec<String> = ids.iter().map(u32::to_string).collect();
+            let path = self.options.dir.join(format!("node{id}.cut"));
+            std::fs::write(&path, text.join(" ") + "\n")
+                .with_context(|| format!("writing {}", path.display()))
+        };
+        write(me, peers.to_vec())?;
+        for m in &self.members {
+            if m.id != me {
+                let ids = if peers.contains(&m.id) {
+                    vec![me]
+                } else {
+                    vec![]
+                };
+                write(m.id, ids)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sends `signal` to member index `i` (SIGKILL takes the process away).

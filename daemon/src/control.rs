@@ -49,6 +49,8 @@ pub enum ControlInput {
         /// The member.
         member: MemberId,
     },
+    /// A local trainer wants this daemon in the ring (it is joining).
+    WantIn,
 }
 
 /// Sends control messages to peers over their control streams. A message to
@@ -156,6 +158,8 @@ pub struct ControlTask {
     driver: mpsc::Sender<Input>,
     view: watch::Sender<GroupView>,
     last_sent: Option<(phalanx_protocol::Epoch, bool)>,
+    /// A trainer asked to join; cleared once in the ring.
+    want_in: bool,
 }
 
 impl std::fmt::Debug for ControlTask {
@@ -235,6 +239,7 @@ impl ControlTask {
                 driver,
                 view: view_tx,
                 last_sent: None,
+                want_in: false,
             },
             view_rx,
         ))
@@ -328,6 +333,7 @@ impl ControlTask {
             ControlInput::Cleared { member } => {
                 self.suspects.remove(&member);
             }
+            ControlInput::WantIn => self.want_in = true,
         }
     }
 
@@ -355,7 +361,7 @@ impl ControlTask {
         }
         for p in self
             .keeper
-            .poll(&self.node, self.incarnation, &self.addr, now)
+            .poll(&self.node, self.incarnation, &self.addr, self.want_in, now)
         {
             match propose(&mut self.node, &p) {
                 Ok(()) => info!(proposal = ?p, "proposed"),
@@ -391,13 +397,20 @@ impl ControlTask {
                         Change::Removed(member, reason) => {
                             warn!(%epoch, %member, %reason, ?ring, index, "member removed: new epoch");
                             counter!(m::FAILOVERS).increment(1);
-                            if let Some(first) = self.suspects.get(member).and_then(|s| s.first) {
+                            // The suspicion took effect: a later life of the
+                            // member starts with a clean slate.
+                            if let Some(first) = self.suspects.remove(member).and_then(|s| s.first)
+                            {
                                 histogram!(m::EPOCH_COMMIT_SECONDS)
                                     .record(first.elapsed().as_secs_f64());
                             }
                         }
                         Change::Admitted(member, life) => {
-                            info!(%epoch, %member, life = life.0, ?ring, index, "member admitted: new epoch")
+                            info!(%epoch, %member, life = life.0, ?ring, index, "member admitted: new epoch");
+                            if *member == self.me && *life == self.incarnation {
+                                self.want_in = false;
+                            }
+                            self.suspects.remove(member);
                         }
                     },
                     Applied::LifeRecorded {
@@ -428,10 +441,22 @@ impl ControlTask {
         let state = (group.epoch, admitted);
         if self.last_sent != Some(state) {
             self.last_sent = Some(state);
+            let removed = group
+                .members
+                .get(&me)
+                .filter(|r| r.status == Status::Removed)
+                .map(|r| format!("removed in {}: {}", r.since, r.reason));
             let input = Input::Group {
                 epoch: group.epoch,
                 ring: group.ring(),
                 admitted,
+                removed,
+                joined_at: group
+                    .members
+                    .iter()
+                    .filter(|(_, r)| r.status == Status::Active)
+                    .map(|(&m, r)| (m, r.since))
+                    .collect(),
             };
             if self.driver.send(input).await.is_err() {
                 return;

@@ -24,7 +24,7 @@ use phalanx_compute::{apply_action, element_range, ComputeEngine};
 use phalanx_protocol::collective::{Action, Algorithm, Collectives, Kind, OpSpec};
 use phalanx_protocol::local::LocalKind;
 use phalanx_protocol::membership::{
-    Decision, DetectorConfig, FailureDetector, Plan, Recovery, RecoveryReport,
+    Decision, DetectorConfig, FailureDetector, KeptResult, Plan, Recovery, RecoveryReport,
 };
 use phalanx_protocol::wire::ControlMessage;
 use phalanx_protocol::wire::{
@@ -84,6 +84,8 @@ pub struct OpDone {
     pub epoch: Epoch,
     /// Whose inputs the result combines.
     pub contributors: Vec<MemberId>,
+    /// Members waiting for the trainers' state on this stream.
+    pub waiting: Vec<MemberId>,
 }
 
 /// Why a collective failed.
@@ -147,6 +149,41 @@ pub enum Input {
         ring: Vec<MemberId>,
         /// Whether this daemon, in its current life, is in the ring.
         admitted: bool,
+        /// Why this daemon is out of the ring, when it was removed.
+        removed: Option<String>,
+        /// The epoch each ring member was (last) admitted in.
+        joined_at: BTreeMap<MemberId, Epoch>,
+    },
+    /// A trainer joins on `stream`: state goes into `region`.
+    Join {
+        /// The stream.
+        stream: u32,
+        /// Element type of the state.
+        dtype: DType,
+        /// Elements of state.
+        len: usize,
+        /// Where the state goes.
+        region: Region,
+        /// Answered when the state has arrived (its op: the stream goes on
+        /// after it).
+        reply: oneshot::Sender<Result<OpDone, OpError>>,
+    },
+    /// A live member started handing state to this joining daemon.
+    JoinPoint {
+        /// The peer it came from (must be `root`).
+        from: MemberId,
+        /// The stream.
+        stream: u32,
+        /// The state-sync op.
+        op: OpId,
+        /// Its epoch.
+        epoch: Epoch,
+        /// Its root.
+        root: MemberId,
+        /// Element type.
+        dtype: DType,
+        /// Elements.
+        len: u64,
     },
     /// A peer's recovery report.
     Recovery {
@@ -206,11 +243,14 @@ struct OpCtx {
     kind_name: &'static str,
     /// The input, kept for a re-run (empty for the daemon's own ops).
     input: Vec<u8>,
-    /// The result names these members instead of the op's ring (a kept
-    /// result forwarded after a failure).
+    /// The result names these members instead of the op's ring, and these
+    /// as waiting (a kept result forwarded after a failure).
     contributors: Option<Vec<MemberId>>,
+    waiting: Option<Vec<MemberId>>,
     /// The ring it runs (or ran) in.
     members: Vec<MemberId>,
+    /// A state hand-over to joining members (its root tells them).
+    sync: bool,
 }
 
 struct Parked {
@@ -225,11 +265,29 @@ struct Waiting {
     since: Instant,
 }
 
+struct JoinReq {
+    dtype: DType,
+    len: usize,
+    region: Region,
+    reply: oneshot::Sender<Result<OpDone, OpError>>,
+    since: Instant,
+}
+
+#[derive(Clone, Debug)]
+struct JoinPointMsg {
+    op: OpId,
+    epoch: Epoch,
+    root: MemberId,
+    dtype: DType,
+    len: u64,
+}
+
 /// The last completed op of a stream: its result may still be needed by a
 /// member that did not see it complete.
 struct Retained {
     op: OpId,
     contributors: Vec<MemberId>,
+    waiting: Vec<MemberId>,
     dtype: DType,
     len: usize,
     output: Vec<u8>,
@@ -252,6 +310,8 @@ pub struct Wiring {
     pub control: mpsc::Sender<ControlInput>,
     /// Control messages (recovery reports) to peers.
     pub peers: ControlSender,
+    /// The mesh, to drop the links to a suspected peer.
+    pub mesh: Option<Arc<crate::transport::quic::Mesh>>,
 }
 
 /// The driver's state.
@@ -277,6 +337,18 @@ pub struct Driver {
     /// Plans for ops this daemon's trainer has not submitted yet.
     plans: HashMap<OpId, Plan>,
     retained: HashMap<u64, Retained>,
+    /// The epoch each ring member was last admitted in.
+    joined_at: BTreeMap<MemberId, Epoch>,
+    /// Why this daemon is out of the ring (None: in it, or starting).
+    removed: Option<String>,
+    /// Per stream, the epoch its members last agreed on the trainers' state
+    /// (its first completed op, or its last state hand-over): members
+    /// admitted later wait for the next hand-over and take no part before.
+    synced: HashMap<u64, Epoch>,
+    /// This daemon's trainers joining, per stream.
+    joins: HashMap<u64, JoinReq>,
+    /// Hand-overs announced before this daemon could take part.
+    join_points: HashMap<u64, JoinPointMsg>,
     recovery_timeout: std::time::Duration,
     wiring: Wiring,
     /// Peers whose connection is down; an op that needs one waits for the
@@ -306,6 +378,8 @@ fn kind_of(kind: LocalKind) -> (Kind, &'static str) {
         LocalKind::AllGather => (Kind::AllGather, "all_gather"),
         LocalKind::ReduceScatter(op) => (Kind::ReduceScatter(op), "reduce_scatter"),
         LocalKind::Barrier => (Kind::Barrier, "barrier"),
+        // Resolved to a broadcast from its root before it runs.
+        LocalKind::StateSync => (Kind::Barrier, "state_sync"),
     }
 }
 
@@ -337,6 +411,11 @@ impl Driver {
             early_reports: BTreeMap::new(),
             plans: HashMap::new(),
             retained: HashMap::new(),
+            joined_at: BTreeMap::new(),
+            removed: None,
+            synced: HashMap::new(),
+            joins: HashMap::new(),
+            join_points: HashMap::new(),
             recovery_timeout,
             wiring,
             down: BTreeSet::new(),
@@ -365,6 +444,15 @@ impl Driver {
         ))
     }
 
+    /// The earliest time a join gives up.
+    fn join_deadline(&self) -> Option<Time> {
+        let oldest = self.joins.values().map(|j| j.since).min()?;
+        let at = oldest + self.core.config().op_timeout;
+        Some(Time(
+            at.saturating_duration_since(self.origin).as_micros() as u64
+        ))
+    }
+
     /// Runs until `shutdown` turns true or every input sender is gone; then
     /// fails the ops in flight with [`OpError::ShuttingDown`].
     pub async fn run(
@@ -377,6 +465,7 @@ impl Driver {
                 self.core.poll_timeout(),
                 self.detector.next_deadline(),
                 self.recovery_deadline(),
+                self.join_deadline(),
             ]
             .into_iter()
             .flatten()
@@ -425,6 +514,9 @@ impl Driver {
         for w in self.waiting.drain(..) {
             let _ = w.reply.send(Err(OpError::ShuttingDown));
         }
+        for (_, j) in self.joins.drain() {
+            let _ = j.reply.send(Err(OpError::ShuttingDown));
+        }
         gauge!(m::OPS_IN_FLIGHT).set(0.0);
     }
 
@@ -447,6 +539,9 @@ impl Driver {
                     counter!(m::SUSPICIONS, "reason" => "silent").increment(1);
                     self.suspect(member, reason.to_string());
                     self.core.handle_member_down(now, member);
+                    if let Some(mesh) = &self.wiring.mesh {
+                        mesh.reset(member);
+                    }
                 }
                 Decision::Cleared { member } => {
                     info!(peer = %member, "suspected peer heard from again");
@@ -474,6 +569,10 @@ impl Driver {
             Input::PeerUp { member } => {
                 self.down.remove(&member);
                 self.detector.watch(member, now);
+                let _ = self
+                    .wiring
+                    .control
+                    .try_send(ControlInput::Cleared { member });
                 if let Some(report) = &self.report {
                     if self.ring.contains(&member) {
                         self.wiring
@@ -493,7 +592,66 @@ impl Driver {
                 epoch,
                 ring,
                 admitted,
-            } => self.install(epoch, ring, admitted),
+                removed,
+                joined_at,
+            } => {
+                self.joined_at = joined_at;
+                self.install(epoch, ring, admitted, removed);
+            }
+            Input::Join {
+                stream,
+                dtype,
+                len,
+                region,
+                reply,
+            } => {
+                info!(
+                    stream,
+                    "trainer joining: asking to be in the ring and for the state"
+                );
+                let _ = self.wiring.control.try_send(ControlInput::WantIn);
+                let stream = u64::from(stream);
+                if let Some(old) = self.joins.insert(
+                    stream,
+                    JoinReq {
+                        dtype,
+                        len,
+                        region,
+                        reply,
+                        since: Instant::now(),
+                    },
+                ) {
+                    let _ = old.reply.send(Err(OpError::Rejected(
+                        "superseded by a newer join on the same stream".into(),
+                    )));
+                }
+                self.try_joins();
+            }
+            Input::JoinPoint {
+                from,
+                stream,
+                op,
+                epoch,
+                root,
+                dtype,
+                len,
+            } => {
+                if from != root {
+                    warn!(peer = %from, %root, "join point from a member that is not its root: ignored");
+                    return;
+                }
+                self.join_points.insert(
+                    u64::from(stream),
+                    JoinPointMsg {
+                        op,
+                        epoch,
+                        root,
+                        dtype,
+                        len,
+                    },
+                );
+                self.try_joins();
+            }
             Input::Recovery { from, report } => {
                 if report.member != from {
                     warn!(peer = %from, claimed = %report.member, "recovery report for another member: ignored");
@@ -519,8 +677,14 @@ impl Driver {
 
     /// Installs a newer epoch: ops of older ones are aborted (and parked by
     /// `execute`), then the recovery exchange starts.
-    fn install(&mut self, epoch: Epoch, ring: Vec<MemberId>, admitted: bool) {
-        if epoch <= self.epoch && admitted == self.admitted {
+    fn install(
+        &mut self,
+        epoch: Epoch,
+        ring: Vec<MemberId>,
+        admitted: bool,
+        removed: Option<String>,
+    ) {
+        if epoch <= self.epoch && admitted == self.admitted && removed == self.removed {
             return;
         }
         let now = self.now();
@@ -528,8 +692,27 @@ impl Driver {
         self.epoch = epoch;
         self.ring = ring;
         self.admitted = admitted;
+        self.removed = removed.map(|why| {
+            format!(
+                "this member was removed from the group ({why}) and the group went on without it; \
+                 the trainer must call join() to come back with the group's state"
+            )
+        });
         self.core.set_epoch(now, epoch);
         self.execute();
+        if let Some(why) = self.removed.clone() {
+            warn!(%epoch, reason = %why, "out of the ring: failing this member's ops");
+            for (_, p) in std::mem::take(&mut self.parked) {
+                fail(p.ctx, OpError::NoQuorum(why.clone()));
+            }
+            for w in self.waiting.drain(..) {
+                let _ = w.reply.send(Err(OpError::NoQuorum(why.clone())));
+            }
+            // Results kept from before do not belong to the group's history
+            // any more: a rejoin starts from the live trainers' state.
+            self.retained.clear();
+            self.synced.clear();
+        }
         self.plans.clear();
         self.recovery = None;
         self.report = None;
@@ -549,7 +732,11 @@ impl Driver {
             completed: self
                 .retained
                 .values()
-                .map(|r| (r.op, r.contributors.clone()))
+                .map(|r| KeptResult {
+                    op: r.op,
+                    contributors: r.contributors.clone(),
+                    waiting: r.waiting.clone(),
+                })
                 .collect(),
         };
         let mut rec = Recovery::new(epoch, self.ring.clone());
@@ -609,6 +796,69 @@ impl Driver {
         for w in std::mem::take(&mut self.waiting) {
             self.submit(w.req, w.reply, w.since);
         }
+        self.try_joins();
+    }
+
+    /// Members admitted after `stream` last agreed on its state: they take
+    /// part only from the next hand-over (`StateSync`) on. Every live member
+    /// computes the same set: it depends on the epoch's records and on the
+    /// stream's agreed history only.
+    fn pending(&self, stream: u64) -> Vec<MemberId> {
+        let Some(&synced) = self.synced.get(&stream) else {
+            return Vec::new();
+        };
+        self.ring
+            .iter()
+            .copied()
+            .filter(|m| self.joined_at.get(m).is_some_and(|&at| at > synced))
+            .collect()
+    }
+
+    /// Starts the hand-over op of every join whose announcement is here and
+    /// current; drops announcements of older epochs (a re-run announces again).
+    fn try_joins(&mut self) {
+        if !self.admitted || self.recovery.is_some() {
+            return;
+        }
+        let streams: Vec<u64> = self.join_points.keys().copied().collect();
+        for stream in streams {
+            let jp = self.join_points[&stream].clone();
+            if jp.epoch < self.epoch {
+                self.join_points.remove(&stream);
+                continue;
+            }
+            if jp.epoch > self.epoch {
+                continue;
+            }
+            let Some(req) = self.joins.remove(&stream) else {
+                continue;
+            };
+            self.join_points.remove(&stream);
+            if req.dtype != jp.dtype || req.len as u64 != jp.len {
+                let _ = req.reply.send(Err(OpError::Rejected(format!(
+                    "the live trainers hand over {} elements of {:?}, this trainer expects {} of {:?}",
+                    jp.len, jp.dtype, req.len, req.dtype
+                ))));
+                continue;
+            }
+            info!(op = %jp.op, root = %jp.root, "receiving the trainers' state");
+            let ctx = OpCtx {
+                op: jp.op,
+                kind: LocalKind::Broadcast(jp.root),
+                dtype: req.dtype,
+                len: req.len,
+                buf: Buf::Shared(req.region),
+                reply: Some(req.reply),
+                started: req.since,
+                kind_name: "state_sync",
+                input: Vec::new(),
+                contributors: None,
+                waiting: None,
+                members: self.ring.clone(),
+                sync: true,
+            };
+            self.start(ctx);
+        }
     }
 
     /// Restarts a parked op as `plan` says.
@@ -623,7 +873,10 @@ impl Driver {
                 }
                 // SAFETY: this op owns its buffer until it ends.
                 let bytes = unsafe { ctx.buf.bytes_mut() };
-                bytes.copy_from_slice(&ctx.input);
+                // (A joiner's hand-over keeps no input: it only receives.)
+                if ctx.input.len() == bytes.len() {
+                    bytes.copy_from_slice(&ctx.input);
+                }
                 ctx.members = members.clone();
                 self.start(ctx);
             }
@@ -631,10 +884,12 @@ impl Driver {
                 holder,
                 members,
                 contributors,
+                waiting,
             } if members.contains(&me) => {
                 ctx.kind = LocalKind::Broadcast(*holder);
                 ctx.members = members.clone();
                 ctx.contributors = Some(contributors.clone());
+                ctx.waiting = Some(waiting.clone());
                 self.start(ctx);
             }
             Plan::Superseded { later } => fail(
@@ -668,7 +923,9 @@ impl Driver {
             kind_name: "broadcast",
             input: Vec::new(),
             contributors: None,
+            waiting: None,
             members,
+            sync: false,
         };
         self.start(ctx);
     }
@@ -679,15 +936,38 @@ impl Driver {
         reply: oneshot::Sender<Result<OpDone, OpError>>,
         since: Instant,
     ) {
+        if let Some(why) = &self.removed {
+            let _ = reply.send(Err(OpError::NoQuorum(why.clone())));
+            return;
+        }
         if !self.admitted || self.recovery.is_some() {
             self.waiting.push(Waiting { req, reply, since });
             return;
         }
-        let (kind, kind_name) = kind_of(req.kind);
+        let stream = stream_of(req.op);
+        let pending = self.pending(stream);
+        let sync = req.kind == LocalKind::StateSync;
+        let mut local_kind = req.kind;
+        if sync {
+            let Some(&root) = self.ring.iter().find(|m| !pending.contains(m)) else {
+                let _ = reply.send(Err(OpError::Rejected("no member holds the state".into())));
+                return;
+            };
+            local_kind = LocalKind::Broadcast(root);
+        }
+        let (kind, kind_name) = kind_of(local_kind);
         let plan = self.plans.remove(&req.op);
         let members = match &plan {
             Some(Plan::Rerun { members }) => members.clone(),
-            _ => self.ring.clone(),
+            // A hand-over includes the members waiting for it; every other
+            // op runs without them until then.
+            _ if sync => self.ring.clone(),
+            _ => self
+                .ring
+                .iter()
+                .copied()
+                .filter(|m| !pending.contains(m))
+                .collect(),
         };
         let probe = OpSpec {
             op: req.op,
@@ -713,7 +993,7 @@ impl Driver {
         let input = unsafe { buf.bytes_mut() }.to_vec();
         let ctx = OpCtx {
             op: req.op,
-            kind: req.kind,
+            kind: local_kind,
             dtype: req.dtype,
             len: req.len,
             buf,
@@ -722,7 +1002,9 @@ impl Driver {
             kind_name,
             input,
             contributors: None,
+            waiting: None,
             members,
+            sync,
         };
         let unavailable = ctx
             .members
@@ -768,6 +1050,25 @@ impl Driver {
             return fail(ctx, OpError::Rejected(e.to_string()));
         }
         debug!(op = %ctx.op, kind = ctx.kind_name, bytes = need, epoch = %self.epoch, "op started");
+        if let (true, LocalKind::Broadcast(root)) = (ctx.sync, ctx.kind) {
+            if root == self.me() {
+                let pending = self.pending(stream_of(ctx.op));
+                for &j in ctx.members.iter().filter(|m| pending.contains(m)) {
+                    info!(joiner = %j, op = %ctx.op, "handing the trainers' state to a joining member");
+                    self.wiring.peers.send(
+                        j,
+                        ControlMessage::JoinPoint {
+                            stream: stream_of(ctx.op) as u32,
+                            op: ctx.op,
+                            epoch: self.epoch,
+                            root,
+                            dtype: ctx.dtype,
+                            len: ctx.len as u64,
+                        },
+                    );
+                }
+            }
+        }
         self.ops.insert(ctx.op, ctx);
         gauge!(m::OPS_IN_FLIGHT).set(self.ops.len() as f64);
     }
@@ -813,6 +1114,22 @@ impl Driver {
                 }
             );
             fail(p.ctx, OpError::NoQuorum(msg));
+        }
+        let join_limit = self.core.config().op_timeout;
+        let stale: Vec<u64> = self
+            .joins
+            .iter()
+            .filter(|(_, j)| j.since.elapsed() >= join_limit)
+            .map(|(&s, _)| s)
+            .collect();
+        for stream in stale {
+            let j = self.joins.remove(&stream).expect("listed");
+            let _ = j.reply.send(Err(OpError::NoQuorum(format!(
+                "no live trainer handed over its state within {join_limit:?} (epoch {}, this member {}): \
+                 the live trainers must call admit() when a result says members are waiting",
+                self.epoch,
+                if self.admitted { "in the ring" } else { "not readmitted" }
+            ))));
         }
         let (old, keep): (Vec<Waiting>, Vec<Waiting>) = std::mem::take(&mut self.waiting)
             .into_iter()
@@ -873,6 +1190,14 @@ impl Driver {
                             .record(ctx.started.elapsed().as_secs_f64());
                         counter!(m::OPS, "outcome" => "completed").increment(1);
                         let contributors = ctx.contributors.take().unwrap_or(contributors);
+                        let stream = stream_of(op);
+                        if ctx.sync {
+                            self.synced.insert(stream, epoch);
+                            self.joins.remove(&stream);
+                        } else {
+                            self.synced.entry(stream).or_insert(epoch);
+                        }
+                        let waiting = ctx.waiting.take().unwrap_or_else(|| self.pending(stream));
                         // SAFETY: the op still owns its buffer here.
                         let output = unsafe { ctx.buf.bytes_mut() }.to_vec();
                         self.retained.insert(
@@ -880,6 +1205,7 @@ impl Driver {
                             Retained {
                                 op,
                                 contributors: contributors.clone(),
+                                waiting: waiting.clone(),
                                 dtype: ctx.dtype,
                                 len: ctx.len,
                                 output,
@@ -889,6 +1215,7 @@ impl Driver {
                             op,
                             epoch,
                             contributors,
+                            waiting,
                         }));
                     }
                 }

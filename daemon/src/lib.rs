@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             outboxes,
             control: control_tx,
             peers,
+            mesh: Some(mesh.clone()),
         },
         config.detector(),
         std::time::Duration::from_millis(config.control.recovery_timeout_ms),

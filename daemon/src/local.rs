@@ -262,6 +262,64 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                     }
                 }
             },
+            LocalRequest::Join {
+                buffer,
+                offset_bytes,
+                dtype,
+                len,
+            } => match claim
+                .stream
+                .ok_or_else(|| "say hello before joining".to_string())
+                .and_then(|stream| {
+                    collective(
+                        ctx,
+                        &buffers,
+                        OpId(0),
+                        buffer,
+                        offset_bytes,
+                        LocalKind::StateSync,
+                        dtype,
+                        len,
+                    )
+                    .map(|req| (stream, req))
+                }) {
+                Err(message) => error(LocalErrorCode::BadRequest, message),
+                Ok((stream, req)) => {
+                    let (reply, rx) = oneshot::channel();
+                    let join = Input::Join {
+                        stream,
+                        dtype: req.dtype,
+                        len: req.len,
+                        region: req.region,
+                        reply,
+                    };
+                    if ctx.driver.blocking_send(join).is_err() {
+                        error(LocalErrorCode::ShuttingDown, "the daemon is shutting down")
+                    } else {
+                        match rx.blocking_recv() {
+                            Ok(Ok(done)) => {
+                                // The stream goes on after the hand-over op.
+                                claim.continue_after(done.op);
+                                info!(stream, op = %done.op, "trainer joined");
+                                LocalResponse::Done {
+                                    op: done.op,
+                                    epoch: done.epoch,
+                                    contributors: done.contributors,
+                                    waiting: done.waiting,
+                                }
+                            }
+                            Ok(Err(OpError::Rejected(m))) => error(LocalErrorCode::BadRequest, m),
+                            Ok(Err(OpError::Aborted(r))) => {
+                                error(LocalErrorCode::Aborted, r.to_string())
+                            }
+                            Ok(Err(OpError::NoQuorum(m))) => error(LocalErrorCode::NoQuorum, m),
+                            Ok(Err(OpError::ShuttingDown)) | Err(_) => {
+                                error(LocalErrorCode::ShuttingDown, "the daemon is shutting down")
+                            }
+                        }
+                    }
+                }
+            },
             LocalRequest::Collective {
                 buffer,
                 offset_bytes,
@@ -286,6 +344,7 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                                 op: done.op,
                                 epoch: done.epoch,
                                 contributors: done.contributors,
+                                waiting: done.waiting,
                             },
                             Ok(Err(OpError::Rejected(m))) => error(LocalErrorCode::BadRequest, m),
                             Ok(Err(OpError::Aborted(r))) => {
@@ -353,6 +412,15 @@ impl StreamClaim {
         state.holder = Some((self.id, handle));
         self.stream = Some(stream);
         Ok(())
+    }
+
+    /// After a join: the stream's next op follows `op`.
+    fn continue_after(&mut self, op: OpId) {
+        if let Some(stream) = self.stream {
+            if let Some(state) = self.streams.lock().expect("poisoned").get_mut(&stream) {
+                state.issued = op.0 & ((1 << 40) - 1);
+            }
+        }
     }
 
     fn next_op(&mut self) -> Result<OpId, String> {

@@ -274,7 +274,8 @@ fn sigterm_fails_in_flight_ops_clearly_and_cleans_up() {
 /// its missing heartbeats within the bound; the group commits an epoch
 /// without it and the others' op completes without it, naming the members
 /// whose inputs it holds. Resumed (SIGCONT), the member finds itself out of
-/// the ring, asks to come back, and is readmitted in a later epoch.
+/// the ring; when its trainer joins it is readmitted in a later epoch with
+/// the live trainers' state.
 #[test]
 fn a_stopped_member_is_fenced_within_the_bound_then_readmitted() {
     // The default bounds, stated so the helper's generous test bound is not used.
@@ -332,40 +333,43 @@ fn a_stopped_member_is_fenced_within_the_bound_then_readmitted() {
     );
 
     cluster.signal(2, rustix::process::Signal::CONT).unwrap();
-    // Back: readmitted in a later epoch, and the three run together again.
-    let start = std::time::Instant::now();
-    loop {
-        let members =
-            phalanx_daemon::cluster::http_get(cluster.members[0].metrics, "/members").unwrap();
-        if members
-            .lines()
-            .any(|l| l.starts_with("m3 ") && l.contains("active"))
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "m3 not readmitted:\n{members}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-    cluster.wait_settled(Duration::from_secs(30)).unwrap();
-    let all: Vec<_> = (0..3)
+    // Resumed, it stays out of the ring (nobody waits for it) until its
+    // trainer joins; then it is readmitted and receives the live trainers'
+    // state, and the three train in lockstep.
+    let shared = common::training::Shared::new(3);
+    let live: Vec<_> = (0..2)
         .map(|i| {
-            let socket = cluster.members[i].socket.clone();
-            thread::spawn(move || {
-                // A new stream: the trainers start together after the rejoin.
-                let mut c = Client::connect_stream(&socket, 7).unwrap();
-                let mut v = vec![1.0f32; 1000];
-                let info = c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
-                (info, v[0])
-            })
+            common::training::spawn(cluster.members[i].socket.clone(), i, false, shared.clone())
         })
         .collect();
-    for t in all {
-        let (info, x) = t.join().unwrap();
-        assert_eq!(info.contributors.len(), 3, "{info:?}");
-        assert_eq!(x, 3.0);
+    common::training::wait_until("the two train", 60, || shared.max_step() >= 10);
+    let members =
+        phalanx_daemon::cluster::http_get(cluster.members[0].metrics, "/members").unwrap();
+    assert!(
+        members
+            .lines()
+            .any(|l| l.starts_with("m3 ") && l.contains("removed")),
+        "resumed, m3 must stay out until its trainer joins:\n{members}"
+    );
+    let from = shared.max_step();
+    let joiner =
+        common::training::spawn(cluster.members[2].socket.clone(), 2, true, shared.clone());
+    common::training::wait_until("m3 trains again", 60, || {
+        shared.progress[2].load(std::sync::atomic::Ordering::SeqCst) > from
+    });
+    shared.stop_soon(5);
+    let mut states = Vec::new();
+    for (i, t) in live.into_iter().chain([joiner]).enumerate() {
+        states.push((i, t.join().unwrap().expect("trainer finishes")));
     }
+    common::training::assert_identical(&states);
+    let members =
+        phalanx_daemon::cluster::http_get(cluster.members[0].metrics, "/members").unwrap();
+    assert!(
+        members
+            .lines()
+            .any(|l| l.starts_with("m3 ") && l.contains("active")),
+        "{members}"
+    );
     eprintln!("op completed without the stopped member {failed_over:?} after SIGSTOP");
 }

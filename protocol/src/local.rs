@@ -27,6 +27,11 @@ pub enum LocalKind {
     ReduceScatter(ReduceOp),
     /// Barrier (no data).
     Barrier,
+    /// Hands the trainers' state to members joining the group: a broadcast
+    /// from the lowest member that is not joining to every member, the
+    /// joiners included (their trainers call `Join`). Live trainers issue it
+    /// when a result says members are waiting.
+    StateSync,
 }
 
 /// Trainer to daemon.
@@ -50,6 +55,20 @@ pub enum LocalRequest {
         buffer: u32,
         /// Its size.
         len_bytes: u64,
+    },
+    /// Joins the group on this connection's stream: the daemon asks to be
+    /// (re)admitted, waits for the live trainers' `StateSync`, receives
+    /// their state into bytes `offset_bytes..` of `buffer` (`len` elements
+    /// of `dtype`) and continues the stream's numbering from there.
+    Join {
+        /// The registered buffer.
+        buffer: u32,
+        /// Where the state goes.
+        offset_bytes: u64,
+        /// Element type.
+        dtype: DType,
+        /// Elements of state.
+        len: u64,
     },
     /// Runs one collective over bytes `offset_bytes..` of a registered buffer.
     Collective {
@@ -114,6 +133,9 @@ pub enum LocalResponse {
         epoch: Epoch,
         /// The members whose inputs the result combines.
         contributors: Vec<MemberId>,
+        /// Members admitted to the group that wait for the trainers' state
+        /// on this stream (issue `StateSync` at the next step boundary).
+        waiting: Vec<MemberId>,
     },
     /// A request failed; the connection stays usable unless the code says otherwise.
     Error {

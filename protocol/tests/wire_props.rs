@@ -1,7 +1,7 @@
 //! Property tests of the wire codec: every message kind round-trips, and no
 //! byte string, arbitrary or truncated, makes the decoder panic.
 
-use phalanx_protocol::membership::RecoveryReport;
+use phalanx_protocol::membership::{KeptResult, RecoveryReport};
 use phalanx_protocol::wire::{
     decode, encode_control, encode_frame_header, AbortReason, ControlMessage, DType, DecodeError,
     Decoded, EnvelopeHeader, FrameHeader, Limits, MessageKind, RejectCode, ENVELOPE_LEN,
@@ -91,6 +91,24 @@ fn control() -> impl Strategy<Value = ControlMessage> {
         proptest::collection::vec(any::<u8>(), 0..64)
             .prop_map(|message| ControlMessage::Raft { message }),
         (
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            member(),
+            dtype(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(stream, op, e, root, dtype, len)| ControlMessage::JoinPoint {
+                    stream,
+                    op: OpId(op),
+                    epoch: Epoch(e),
+                    root,
+                    dtype,
+                    len,
+                }
+            ),
+        (
             any::<u64>(),
             member(),
             proptest::collection::vec(
@@ -103,14 +121,18 @@ fn control() -> impl Strategy<Value = ControlMessage> {
             )
         )
             .prop_map(|(e, m, p, c)| {
-                let ops = |v: Vec<(u64, Vec<MemberId>)>| {
-                    v.into_iter().map(|(o, ms)| (OpId(o), ms)).collect()
-                };
                 ControlMessage::Recovery(RecoveryReport {
                     epoch: Epoch(e),
                     member: m,
-                    parked: ops(p),
-                    completed: ops(c),
+                    parked: p.iter().map(|(o, ms)| (OpId(*o), ms.clone())).collect(),
+                    completed: c
+                        .into_iter()
+                        .map(|(o, ms)| KeptResult {
+                            op: OpId(o),
+                            waiting: ms.iter().rev().copied().collect(),
+                            contributors: ms,
+                        })
+                        .collect(),
                 })
             }),
     ]

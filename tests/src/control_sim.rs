@@ -434,7 +434,8 @@ impl ControlSim {
         for cmd in &proposals {
             let _ = node.propose(cmd);
         }
-        for p in mem.keeper.poll(node, mem.incarnation, &addr(m), now) {
+        // Every simulated trainer wants back in as soon as it can.
+        for p in mem.keeper.poll(node, mem.incarnation, &addr(m), true, now) {
             let _ = propose(node, &p);
         }
         let out = match node.process(&mut mem.disk) {

@@ -37,6 +37,9 @@ pub mod close {
     pub const PROTOCOL_ERROR: u32 = 1;
     /// The hello was refused.
     pub const REFUSED: u32 = 2;
+    /// The peer was suspected (silent): the link is dropped and redialled,
+    /// so a peer that restarted is reached in its new life at once.
+    pub const SUSPECTED: u32 = 3;
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -110,6 +113,55 @@ pub struct Mesh {
     control: mpsc::Sender<ControlInput>,
     peers: ControlSender,
     limits: Limits,
+    /// Peers cut off by fault injection (tests only; see [`FaultGate`]).
+    fault: FaultGate,
+    /// Connections closed by [`Mesh::reset`]: their dial loop redials.
+    resets: std::sync::Mutex<std::collections::HashSet<usize>>,
+}
+
+/// Test-only fault injection: when `PHALANX_FAULT_FILE` names a file, the
+/// member ids listed in it (whitespace-separated) are cut off — everything
+/// they send is dropped on arrival, as a network partition would. Polled
+/// every 50 ms, so a test cuts and heals by rewriting the file. Never set it
+/// in production.
+#[derive(Clone, Debug, Default)]
+pub struct FaultGate {
+    cut: Arc<std::sync::RwLock<std::collections::BTreeSet<MemberId>>>,
+}
+
+impl FaultGate {
+    /// Whether traffic from `peer` is dropped.
+    pub fn is_cut(&self, peer: MemberId) -> bool {
+        self.cut.read().expect("poisoned").contains(&peer)
+    }
+
+    /// Starts polling `path` (when the variable is set).
+    pub fn from_env() -> FaultGate {
+        let gate = FaultGate::default();
+        if let Some(path) = std::env::var_os("PHALANX_FAULT_FILE") {
+            warn!(path = %std::path::Path::new(&path).display(), "fault injection enabled (PHALANX_FAULT_FILE)");
+            let g = gate.clone();
+            tokio::spawn(async move {
+                loop {
+                    // A small local file: a blocking read is fine here.
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let ids: std::collections::BTreeSet<MemberId> = text
+                        .split_whitespace()
+                        .filter_map(|w| w.parse().ok().map(MemberId))
+                        .collect();
+                    {
+                        let mut cut = g.cut.write().expect("poisoned");
+                        if *cut != ids {
+                            warn!(cut = ?ids, "fault injection: peers cut off");
+                            *cut = ids;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+        }
+        gate
+    }
 }
 
 /// The mesh and the outboxes the driver sends through.
@@ -162,6 +214,8 @@ pub fn mesh(
         control,
         peers,
         limits,
+        fault: FaultGate::from_env(),
+        resets: Default::default(),
     };
     (Arc::new(mesh), outboxes, writers)
 }
@@ -176,8 +230,12 @@ pub struct WriterTask {
 }
 
 impl WriterTask {
-    /// Runs until the driver drops the queue.
+    /// Runs until the driver drops the queue. A frame whose write fails is
+    /// kept and written on the peer's next connection (a restarted peer's
+    /// new life replaces the old connection before QUIC notices the old one
+    /// is dead); a frame of a superseded epoch is dropped by the receiver.
     pub async fn run(mut self) {
+        let mut carry: Option<OutFrame> = None;
         'connection: loop {
             let conn = loop {
                 if let Some(c) = self.conn.borrow_and_update().clone() {
@@ -191,24 +249,65 @@ impl WriterTask {
                 Ok(s) => s,
                 Err(e) => {
                     debug!(peer = %self.peer, error = %e, "opening a channel failed; waiting for a new connection");
-                    let _ = self.conn.changed().await;
+                    if self.conn.changed().await.is_err() {
+                        return;
+                    }
                     continue 'connection;
                 }
             };
-            while let Some(frame) = self.frames.recv().await {
-                let mut chunks = [Bytes::copy_from_slice(&frame.head), frame.payload];
+            loop {
+                let frame = match carry.take() {
+                    Some(f) => f,
+                    None => match self.frames.recv().await {
+                        Some(f) => f,
+                        None => {
+                            let _ = stream.finish();
+                            return;
+                        }
+                    },
+                };
+                if self.conn.has_changed().unwrap_or(false) {
+                    // A newer connection replaced this one: write there.
+                    carry = Some(frame);
+                    continue 'connection;
+                }
+                let mut chunks = [Bytes::copy_from_slice(&frame.head), frame.payload.clone()];
                 if let Err(e) = stream.write_all_chunks(&mut chunks).await {
-                    warn!(peer = %self.peer, error = %e, "channel write failed; frame lost");
+                    debug!(peer = %self.peer, error = %e, "channel write failed; the frame waits for the next connection");
+                    carry = Some(frame);
+                    if self.conn.changed().await.is_err() {
+                        return;
+                    }
                     continue 'connection;
                 }
             }
-            let _ = stream.finish();
-            return;
         }
     }
 }
 
 impl Mesh {
+    /// Drops the links to a suspected `peer`: a peer killed and restarted
+    /// is otherwise reached only after QUIC's idle timeout notices its old
+    /// life is gone. The dialing side redials (with backoff), the accepting
+    /// side waits for it.
+    pub fn reset(&self, peer: MemberId) {
+        let Some(slots) = self.primaries.get(&peer) else {
+            return;
+        };
+        for slot in slots {
+            if let Some(conn) = slot.borrow().clone() {
+                self.resets
+                    .lock()
+                    .expect("poisoned")
+                    .insert(conn.stable_id());
+                conn.close(
+                    VarInt::from_u32(close::SUSPECTED),
+                    b"suspected: reconnecting",
+                );
+            }
+        }
+    }
+
     /// How many parallel connections each pair keeps.
     pub fn links(&self) -> usize {
         self.links
@@ -226,8 +325,13 @@ impl Mesh {
                     info!(peer = %id, addr = %peer.addr, link, mtu = conn.stats().path.current_mtu, "connected");
                     self.serve(conn.clone(), id, Some(link)).await;
                     let reason = conn.closed().await;
-                    if let quinn::ConnectionError::LocallyClosed = reason {
-                        return;
+                    let was_reset = self
+                        .resets
+                        .lock()
+                        .expect("poisoned")
+                        .remove(&conn.stable_id());
+                    if let (quinn::ConnectionError::LocallyClosed, false) = (reason, was_reset) {
+                        return; // shutting down
                     }
                 }
                 Err(e) => {
@@ -519,6 +623,9 @@ impl Mesh {
                 .read_exact(&mut payload)
                 .await
                 .map_err(|e| format!("reading a frame payload: {e}"))?;
+            if self.fault.is_cut(peer) {
+                continue;
+            }
             if self
                 .driver
                 .send(Input::Frame {
@@ -604,9 +711,14 @@ impl Mesh {
             }
         });
         let (driver, control, limits) = (self.driver.clone(), self.control.clone(), self.limits);
+        let fault = self.fault.clone();
         tokio::spawn(async move {
             loop {
-                match read_control(&mut recv, &limits).await {
+                let msg = read_control(&mut recv, &limits).await;
+                if msg.is_ok() && fault.is_cut(peer) {
+                    continue;
+                }
+                match msg {
                     Ok(ControlMessage::Heartbeat { member, .. }) if member == peer => {
                         if driver.send(Input::Heard { member }).await.is_err() {
                             return;
@@ -624,6 +736,27 @@ impl Mesh {
                             .await
                             .is_err()
                         {
+                            return;
+                        }
+                    }
+                    Ok(ControlMessage::JoinPoint {
+                        stream,
+                        op,
+                        epoch,
+                        root,
+                        dtype,
+                        len,
+                    }) => {
+                        let input = Input::JoinPoint {
+                            from: peer,
+                            stream,
+                            op,
+                            epoch,
+                            root,
+                            dtype,
+                            len,
+                        };
+                        if driver.send(input).await.is_err() {
                             return;
                         }
                     }

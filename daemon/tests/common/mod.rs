@@ -8,7 +8,13 @@ use phalanx_daemon::cluster::{ClusterOptions, LocalCluster};
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh cluster of `members` real `phalanxd` processes.
+#[allow(dead_code)] // not every test file that includes this module needs it
 pub fn cluster(members: usize, data_plane: &str) -> LocalCluster {
+    cluster_with(members, data_plane, "")
+}
+
+/// A fresh cluster with extra `[control]` lines too.
+pub fn cluster_with(members: usize, data_plane: &str, control: &str) -> LocalCluster {
     let dir: PathBuf = std::env::temp_dir().join(format!(
         "phalanx-test-{}-{}",
         std::process::id(),
@@ -26,7 +32,7 @@ pub fn cluster(members: usize, data_plane: &str) -> LocalCluster {
         } else {
             format!("{data_plane}\nsuspect_after_ms = 3000")
         },
-        control: String::new(),
+        control: control.to_string(),
         keep: std::env::var_os("PHALANX_KEEP_TEST_DIRS").is_some(),
     })
     .expect("starting the local cluster")
@@ -48,5 +54,169 @@ pub fn wait_for_op_in_flight(cluster: &LocalCluster, i: usize) {
             i + 1
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A small data-parallel training loop the failure tests run on every
+/// member: a linear model whose per-member gradients are exact multiples of
+/// 1/16 below 2^10, so their sum is exact in f32 whatever the order, and a
+/// step's result can be checked against the sum over the contributors the
+/// daemon reports — bit for bit.
+#[allow(dead_code)]
+pub mod training {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::thread;
+
+    use phalanx_client::{Client, ClientError, MemberId, ReduceOp};
+
+    /// Parameters per replica.
+    pub const DIM: usize = 2048;
+    const LR: f32 = 1e-3;
+    /// No stop step set yet.
+    pub const RUN_ON: u64 = u64::MAX;
+
+    /// One trainer's result of one step: (member index, step, epoch,
+    /// contributors).
+    pub type StepResult = (usize, u64, u64, Vec<MemberId>);
+
+    /// What the trainers share with the test.
+    #[derive(Debug)]
+    pub struct Shared {
+        /// (member id, step) → that member's gradient.
+        pub grads: Mutex<HashMap<(u32, u64), Vec<f32>>>,
+        /// Per member index: the last step completed.
+        pub progress: Vec<AtomicU64>,
+        /// Trainers stop before this step.
+        pub stop_at: AtomicU64,
+        /// Every result: (member index, step, epoch, contributors).
+        pub results: Mutex<Vec<StepResult>>,
+    }
+
+    impl Shared {
+        /// For `n` members.
+        pub fn new(n: usize) -> Arc<Shared> {
+            Arc::new(Shared {
+                grads: Mutex::new(HashMap::new()),
+                progress: (0..n).map(|_| AtomicU64::new(0)).collect(),
+                stop_at: AtomicU64::new(RUN_ON),
+                results: Mutex::new(Vec::new()),
+            })
+        }
+
+        /// The furthest step any trainer completed.
+        pub fn max_step(&self) -> u64 {
+            self.progress
+                .iter()
+                .map(|p| p.load(Ordering::SeqCst))
+                .max()
+                .unwrap_or(0)
+        }
+
+        /// Stops every trainer `margin` steps past the furthest one.
+        pub fn stop_soon(&self, margin: u64) {
+            self.stop_at
+                .store(self.max_step() + margin, Ordering::SeqCst);
+        }
+    }
+
+    fn gradient(member: u32, step: u64, w: &[f32]) -> Vec<f32> {
+        w.iter()
+            .enumerate()
+            .map(|(j, &wj)| {
+                let x = ((member as u64 * 7 + step * 13 + j as u64 * 3) % 11) as f32 - 5.0;
+                let g = (wj * x - 1.0) * x;
+                ((g * 16.0).round() / 16.0).clamp(-1000.0, 1000.0)
+            })
+            .collect()
+    }
+
+    /// Runs member index `idx` (member id `idx + 1`): joins first when
+    /// `join`, trains until `stop_at`, hands its state over whenever a
+    /// result reports members waiting. Returns the final state (parameters,
+    /// then the step).
+    pub fn spawn(
+        socket: PathBuf,
+        idx: usize,
+        join: bool,
+        shared: Arc<Shared>,
+    ) -> thread::JoinHandle<Result<Vec<f32>, ClientError>> {
+        thread::spawn(move || {
+            let me = idx as u32 + 1;
+            let mut c = Client::connect(&socket)?;
+            let mut state = vec![0.0f32; DIM + 1];
+            if join {
+                c.join(&mut state)?;
+            }
+            loop {
+                let step = state[DIM] as u64;
+                if step >= shared.stop_at.load(Ordering::SeqCst) {
+                    return Ok(state);
+                }
+                let g = gradient(me, step, &state[..DIM]);
+                shared.grads.lock().unwrap().insert((me, step), g.clone());
+                let mut sum = g;
+                let info = c.all_reduce(&mut sum, ReduceOp::Sum)?;
+                {
+                    let grads = shared.grads.lock().unwrap();
+                    let mut want = vec![0.0f32; DIM];
+                    for m in &info.contributors {
+                        let theirs = grads
+                            .get(&(m.0, step))
+                            .unwrap_or_else(|| panic!("no gradient of {m} for step {step}"));
+                        for (w, t) in want.iter_mut().zip(theirs) {
+                            *w += t;
+                        }
+                    }
+                    assert!(
+                        want.iter().zip(&sum).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "member {me} step {step}: the result is not the sum over its contributors {:?}",
+                        info.contributors
+                    );
+                }
+                let k = info.contributors.len() as f32;
+                for (w, s) in state[..DIM].iter_mut().zip(&sum) {
+                    *w -= LR * s / k;
+                }
+                state[DIM] += 1.0;
+                shared.progress[idx].store(step + 1, Ordering::SeqCst);
+                shared.results.lock().unwrap().push((
+                    idx,
+                    step,
+                    info.epoch.0,
+                    info.contributors.clone(),
+                ));
+                if !info.waiting.is_empty() {
+                    c.admit(&mut state)?;
+                }
+            }
+        })
+    }
+
+    /// Waits (polling an event, generous bound) until `cond` holds.
+    pub fn wait_until(what: &str, bound_s: u64, mut cond: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(bound_s),
+                "{what}: not within {bound_s} s"
+            );
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Asserts the states are bit-for-bit identical.
+    pub fn assert_identical(states: &[(usize, Vec<f32>)]) {
+        let (first_idx, first) = &states[0];
+        for (idx, s) in &states[1..] {
+            assert!(
+                s.iter().zip(first).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "member {} and member {} hold different parameters",
+                idx + 1,
+                first_idx + 1
+            );
+        }
     }
 }

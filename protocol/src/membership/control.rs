@@ -701,29 +701,58 @@ impl Housekeeper {
         last.is_none_or(|t| now.since(t) >= retry)
     }
 
-    /// What to propose now. `incarnation` and `addr` are this daemon's.
+    /// What to propose now. `incarnation` and `addr` are this daemon's;
+    /// `want_in` says whether it asks to be in the ring (a trainer wants to
+    /// join): a removed daemon stays out until then, so the group is never
+    /// made to wait for a member whose trainer is not ready.
+    ///
+    /// - A bootstrap member records its first life (no new epoch).
+    /// - A daemon that restarted while still in the ring under its previous
+    ///   life takes itself out at once: that life's ops are gone, and the
+    ///   others must not wait for them.
+    /// - A removed daemon asks to be readmitted when `want_in`.
     pub fn poll(
         &mut self,
         node: &ControlNode,
         incarnation: crate::Incarnation,
         addr: &str,
+        want_in: bool,
         now: Time,
     ) -> Vec<Proposal> {
         let mut out = Vec::new();
         let me = node.me;
         let group = node.group();
-        let stale_life = group
-            .members
-            .get(&me)
-            .is_some_and(|r| r.incarnation < incarnation);
-        if (!group.is_active(me) || stale_life) && Self::due(self.last_admit, now, self.retry) {
-            let cmd = Command::Admit {
+        let record = group.members.get(&me);
+        let active = group.is_active(me);
+        let first_life = record.is_some_and(|r| r.incarnation.0 == 0);
+        let older_life =
+            record.is_some_and(|r| r.incarnation.0 != 0 && r.incarnation < incarnation);
+        let cmd = if active && first_life {
+            Some(Command::Admit {
                 member: me,
                 incarnation,
                 addr: addr.to_string(),
-            };
-            self.last_admit = Some(now);
-            out.push(Proposal::Command(cmd));
+            })
+        } else if active && older_life {
+            Some(Command::Remove {
+                member: me,
+                epoch: group.epoch,
+                reason: format!("restarted in life {}", incarnation.0),
+            })
+        } else if !active && want_in {
+            Some(Command::Admit {
+                member: me,
+                incarnation,
+                addr: addr.to_string(),
+            })
+        } else {
+            None
+        };
+        if let Some(cmd) = cmd {
+            if Self::due(self.last_admit, now, self.retry) {
+                self.last_admit = Some(now);
+                out.push(Proposal::Command(cmd));
+            }
         }
         if node.is_leader() && Self::due(self.last_swap, now, self.retry) {
             let roles = node.roles();

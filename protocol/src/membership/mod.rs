@@ -8,4 +8,4 @@ pub mod recovery;
 
 pub use detector::{Decision, DetectorConfig, FailureDetector, SuspicionReason};
 pub use group::{Applied, Change, Command, GroupState, MemberRecord, Status};
-pub use recovery::{Plan, Recovery, RecoveryReport};
+pub use recovery::{KeptResult, Plan, Recovery, RecoveryReport};

@@ -34,8 +34,21 @@ pub struct RecoveryReport {
     pub member: MemberId,
     /// Ops in flight when an epoch changed, with the ring they ran in.
     pub parked: Vec<(OpId, Vec<MemberId>)>,
-    /// Ops whose result the member still holds, with their contributors.
-    pub completed: Vec<(OpId, Vec<MemberId>)>,
+    /// Ops whose result the member still holds.
+    pub completed: Vec<KeptResult>,
+}
+
+/// A result a member holds, with what its trainer was told about it.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct KeptResult {
+    /// The op.
+    pub op: OpId,
+    /// Whose inputs it combines.
+    pub contributors: Vec<MemberId>,
+    /// The members its trainer was told are waiting for state: a member
+    /// that receives this result later must be told the same, or the
+    /// trainers' next ops diverge.
+    pub waiting: Vec<MemberId>,
 }
 
 /// How an interrupted op is finished in the new epoch.
@@ -58,6 +71,8 @@ pub enum Plan {
         members: Vec<MemberId>,
         /// Whose inputs the kept result combines.
         contributors: Vec<MemberId>,
+        /// What the holder's trainer was told is waiting.
+        waiting: Vec<MemberId>,
     },
     /// Nobody holds the result, but a member completed a later op of the
     /// same stream: the group went on without the parker (it was cut off or
@@ -129,7 +144,7 @@ impl Recovery {
     fn later_op_of_stream(&self, op: OpId) -> Option<OpId> {
         self.reports
             .values()
-            .flat_map(|r| r.completed.iter().map(|(o, _)| *o))
+            .flat_map(|r| r.completed.iter().map(|k| k.op))
             .filter(|o| o.0 >> 40 == op.0 >> 40 && o.0 > op.0)
             .max()
     }
@@ -152,18 +167,18 @@ impl Recovery {
         }
         let mut plans = BTreeMap::new();
         for (op, (parkers, old_ring)) in parked {
-            let holders: Vec<(MemberId, &Vec<MemberId>)> = self
+            let holders: Vec<(MemberId, &KeptResult)> = self
                 .reports
                 .values()
                 .filter_map(|r| {
                     r.completed
                         .iter()
-                        .find(|(o, _)| *o == op)
-                        .map(|(_, c)| (r.member, c))
+                        .find(|k| k.op == op)
+                        .map(|k| (r.member, k))
                 })
                 .collect();
             let plan = match holders.first() {
-                Some(&(holder, contributors)) => Plan::FromResult {
+                Some(&(holder, kept)) => Plan::FromResult {
                     holder,
                     members: parkers
                         .iter()
@@ -173,7 +188,8 @@ impl Recovery {
                         .collect::<BTreeSet<_>>()
                         .into_iter()
                         .collect(),
-                    contributors: contributors.clone(),
+                    contributors: kept.contributors.clone(),
+                    waiting: kept.waiting.clone(),
                 },
                 None => match self.later_op_of_stream(op) {
                     Some(later) => Plan::Superseded { later },
@@ -206,7 +222,11 @@ mod tests {
                 .collect(),
             completed: completed
                 .iter()
-                .map(|&o| (OpId(o), m(&[0, 1, 2, 3])))
+                .map(|&o| KeptResult {
+                    op: OpId(o),
+                    contributors: m(&[0, 1, 2, 3]),
+                    waiting: vec![],
+                })
                 .collect(),
         }
     }
@@ -243,6 +263,7 @@ mod tests {
                 holder: MemberId(1),
                 members: m(&[0, 1, 3]),
                 contributors: m(&[0, 1, 2, 3]),
+                waiting: vec![],
             }
         );
     }

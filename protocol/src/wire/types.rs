@@ -207,4 +207,21 @@ pub enum ControlMessage {
     },
     /// What the sender holds of interrupted ops as it enters a new epoch.
     Recovery(crate::membership::RecoveryReport),
+    /// To a joining member: the live trainers started handing over their
+    /// state on `stream` as op `op` (a broadcast from `root` of `len`
+    /// elements of `dtype` in `epoch`); the joiner runs it too.
+    JoinPoint {
+        /// The stream's id.
+        stream: u32,
+        /// The state-sync op.
+        op: OpId,
+        /// Its epoch.
+        epoch: Epoch,
+        /// The member whose trainer's state it carries.
+        root: MemberId,
+        /// Element type.
+        dtype: DType,
+        /// Elements.
+        len: u64,
+    },
 }
