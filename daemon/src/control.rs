@@ -279,6 +279,28 @@ impl ControlTask {
     /// Graceful shutdown of the leader: transfer leadership to an active
     /// voter so the group does not wait an election timeout.
     async fn hand_over(&mut self, input: &mut mpsc::Receiver<ControlInput>) {
+        // Leave the ring first, so the others go on without waiting for a
+        // suspicion (bounded: without a quorum nothing commits).
+        let until = tokio::time::Instant::now() + Duration::from_millis(1000);
+        let mut last_try: Option<tokio::time::Instant> = None;
+        while self.node.group().is_active(self.me) && self.node.group().ring().len() > 1 {
+            if last_try.is_none_or(|t| t.elapsed() >= RETRY) {
+                last_try = Some(tokio::time::Instant::now());
+                let cmd = Command::Remove {
+                    member: self.me,
+                    by: self.me,
+                    epoch: self.node.group().epoch,
+                    reason: "left: shutting down".into(),
+                };
+                match self.node.propose(&cmd) {
+                    Ok(()) => info!("shutting down: leaving the ring"),
+                    Err(e) => debug!(error = %e, "leave not proposed yet"),
+                }
+            }
+            if !self.wait_step(input, until).await {
+                break;
+            }
+        }
         if !self.node.is_leader() {
             return;
         }
@@ -294,17 +316,32 @@ impl ControlTask {
         self.node.transfer_leader(target);
         let until = tokio::time::Instant::now() + Duration::from_millis(500);
         while self.node.is_leader() {
-            self.step_all().await;
-            tokio::select! {
-                msg = input.recv() => match msg {
-                    Some(msg) => self.handle(msg),
-                    None => return,
-                },
-                _ = tokio::time::sleep_until(until) => return,
-                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            if !self.wait_step(input, until).await {
+                break;
             }
         }
         self.step_all().await;
+    }
+
+    /// One round of the loop during shutdown; false once `until` passed.
+    async fn wait_step(
+        &mut self,
+        input: &mut mpsc::Receiver<ControlInput>,
+        until: tokio::time::Instant,
+    ) -> bool {
+        self.step_all().await;
+        tokio::select! {
+            msg = input.recv() => match msg {
+                Some(msg) => self.handle(msg),
+                None => return false,
+            },
+            _ = tokio::time::sleep_until(until) => return false,
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {
+                let now = self.now();
+                self.node.handle_timeout(now);
+            }
+        }
+        true
     }
 
     fn me(&self) -> MemberId {
@@ -341,13 +378,18 @@ impl ControlTask {
     async fn step_all(&mut self) {
         let now = self.now();
         let group = self.node.group().clone();
+        let in_ring = group.is_active(self.me);
         for (member, sus) in self.suspects.iter_mut() {
-            if !group.is_active(*member) || sus.last.is_some_and(|t| t.elapsed() < RETRY) {
+            if !in_ring
+                || !group.is_active(*member)
+                || sus.last.is_some_and(|t| t.elapsed() < RETRY)
+            {
                 continue;
             }
             sus.last = Some(Instant::now());
             let cmd = Command::Remove {
                 member: *member,
+                by: self.me,
                 epoch: group.epoch,
                 reason: sus.reason.clone(),
             };
@@ -409,6 +451,10 @@ impl ControlTask {
                             info!(%epoch, %member, life = life.0, ?ring, index, "member admitted: new epoch");
                             if *member == self.me && *life == self.incarnation {
                                 self.want_in = false;
+                                // What this daemon suspected while it was out
+                                // of the ring is stale: the ring it rejoins
+                                // is the majority's.
+                                self.suspects.clear();
                             }
                             self.suspects.remove(member);
                         }
@@ -431,19 +477,37 @@ impl ControlTask {
         self.publish().await;
     }
 
+    /// Publishes the state: metrics and the operators' view first, then the
+    /// driver, so whatever a trainer sees of a new epoch, `phalanxctl` and
+    /// `/metrics` already show.
     async fn publish(&mut self) {
-        let group = self.node.group();
+        let group = self.node.group().clone();
+        gauge!(m::EPOCH).set(group.epoch.0 as f64);
+        gauge!(m::RAFT_TERM).set(self.node.term() as f64);
+        gauge!(m::RAFT_LEADER).set(self.node.leader().map_or(-1.0, |l| f64::from(l.0)));
+        for status in [Status::Active, Status::Removed] {
+            let n = group
+                .members
+                .values()
+                .filter(|r| r.status == status)
+                .count();
+            gauge!(m::MEMBERS, "status" => status.to_string()).set(n as f64);
+        }
+        self.view.send_replace(GroupView {
+            group: group.clone(),
+            leader: self.node.leader(),
+            term: self.node.term(),
+            voters: self.node.roles().voters.clone(),
+            learners: self.node.roles().learners.clone(),
+        });
         let me = self.me();
-        let admitted = group
-            .members
-            .get(&me)
-            .is_some_and(|r| r.status == Status::Active && r.incarnation == self.incarnation);
+        let record = group.members.get(&me);
+        let admitted =
+            record.is_some_and(|r| r.status == Status::Active && r.incarnation == self.incarnation);
         let state = (group.epoch, admitted);
         if self.last_sent != Some(state) {
             self.last_sent = Some(state);
-            let removed = group
-                .members
-                .get(&me)
+            let removed = record
                 .filter(|r| r.status == Status::Removed)
                 .map(|r| format!("removed in {}: {}", r.since, r.reason));
             let input = Input::Group {
@@ -458,28 +522,7 @@ impl ControlTask {
                     .map(|(&m, r)| (m, r.since))
                     .collect(),
             };
-            if self.driver.send(input).await.is_err() {
-                return;
-            }
+            let _ = self.driver.send(input).await;
         }
-        gauge!(m::EPOCH).set(group.epoch.0 as f64);
-        gauge!(m::RAFT_TERM).set(self.node.term() as f64);
-        gauge!(m::RAFT_LEADER).set(self.node.leader().map_or(-1.0, |l| f64::from(l.0)));
-        for status in [Status::Active, Status::Removed] {
-            let n = group
-                .members
-                .values()
-                .filter(|r| r.status == status)
-                .count();
-            gauge!(m::MEMBERS, "status" => status.to_string()).set(n as f64);
-        }
-        let view = GroupView {
-            group: group.clone(),
-            leader: self.node.leader(),
-            term: self.node.term(),
-            voters: self.node.roles().voters.clone(),
-            learners: self.node.roles().learners.clone(),
-        };
-        self.view.send_replace(view);
     }
 }

@@ -14,7 +14,7 @@
 //! A parked op with no new epoch within `recovery_timeout` fails with
 //! [`OpError::NoQuorum`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -351,9 +351,10 @@ pub struct Driver {
     join_points: HashMap<u64, JoinPointMsg>,
     recovery_timeout: std::time::Duration,
     wiring: Wiring,
-    /// Peers whose connection is down; an op that needs one waits for the
-    /// epoch without it instead of for its timeout.
-    down: BTreeSet<MemberId>,
+    /// Peers whose connection is down or who are suspected, since when: an
+    /// op that needs one fails with `NoQuorum` if no epoch without it comes
+    /// within `recovery_timeout` (this member is cut off from a majority).
+    down: BTreeMap<MemberId, Instant>,
     /// Heartbeat-based suspicion: a peer that is connected but silent (hung,
     /// SIGSTOPped, partitioned) is suspected long before QUIC's idle timeout.
     detector: FailureDetector,
@@ -418,7 +419,7 @@ impl Driver {
             join_points: HashMap::new(),
             recovery_timeout,
             wiring,
-            down: BTreeSet::new(),
+            down: BTreeMap::new(),
         }
     }
 
@@ -439,6 +440,21 @@ impl Driver {
             .chain(self.waiting.iter().map(|w| w.since))
             .min()?;
         let at = oldest + self.recovery_timeout;
+        Some(Time(
+            at.saturating_duration_since(self.origin).as_micros() as u64
+        ))
+    }
+
+    /// When the longest-gone member has been gone `recovery_timeout`.
+    fn gone_deadline(&self) -> Option<Time> {
+        // Past deadlines were acted on (later ops are checked on the next
+        // wake-up, and heartbeats wake the loop every interval).
+        let at = self
+            .down
+            .values()
+            .map(|&since| since + self.recovery_timeout)
+            .filter(|&at| at > Instant::now())
+            .min()?;
         Some(Time(
             at.saturating_duration_since(self.origin).as_micros() as u64
         ))
@@ -466,6 +482,7 @@ impl Driver {
                 self.detector.next_deadline(),
                 self.recovery_deadline(),
                 self.join_deadline(),
+                self.gone_deadline().filter(|_| !self.ops.is_empty()),
             ]
             .into_iter()
             .flatten()
@@ -535,6 +552,7 @@ impl Driver {
         for decision in self.detector.poll(now) {
             match decision {
                 Decision::Suspect { member, reason } => {
+                    self.down.entry(member).or_insert_with(Instant::now);
                     warn!(peer = %member, %reason, "peer suspected: parking its ops until the next epoch");
                     counter!(m::SUSPICIONS, "reason" => "silent").increment(1);
                     self.suspect(member, reason.to_string());
@@ -545,6 +563,7 @@ impl Driver {
                 }
                 Decision::Cleared { member } => {
                     info!(peer = %member, "suspected peer heard from again");
+                    self.down.remove(&member);
                     let _ = self
                         .wiring
                         .control
@@ -583,7 +602,7 @@ impl Driver {
             }
             Input::PeerDown { member, reason } => {
                 warn!(peer = %member, %reason, "peer down: parking its ops until the next epoch");
-                self.down.insert(member);
+                self.down.entry(member).or_insert_with(Instant::now);
                 self.detector.unwatch(member);
                 self.suspect(member, format!("connection lost: {reason}"));
                 self.core.handle_member_down(now, member);
@@ -690,6 +709,7 @@ impl Driver {
         let now = self.now();
         info!(%epoch, ?ring, admitted, parked = self.parked.len(), in_flight = self.ops.len(), "epoch installed");
         self.epoch = epoch;
+        self.down.retain(|m, _| ring.contains(m));
         self.ring = ring;
         self.admitted = admitted;
         self.removed = removed.map(|why| {
@@ -1006,16 +1026,10 @@ impl Driver {
             members,
             sync,
         };
-        let unavailable = ctx
-            .members
-            .iter()
-            .copied()
-            .find(|&m| self.down.contains(&m) || self.detector.is_suspected(m));
-        if let Some(down) = unavailable {
-            // The control plane is removing it; the op runs in that epoch.
-            self.park(ctx, format!("member {down} is down"));
-            return;
-        }
+        // A member that is down or suspected is not waited for here: it
+        // may be reconnecting (its frames wait in its queue), and if it is
+        // gone the control plane removes it and the op is finished in that
+        // epoch.
         self.start(ctx);
     }
 
@@ -1088,9 +1102,38 @@ impl Driver {
         );
     }
 
-    /// Fails parked and waiting ops that saw no new epoch in time.
+    /// Fails parked and waiting ops that saw no new epoch in time, and
+    /// running ops that wait for a member gone that long.
     fn expire_parked(&mut self) {
         let limit = self.recovery_timeout;
+        let gone: Vec<MemberId> = self
+            .down
+            .iter()
+            .filter(|(_, since)| since.elapsed() >= limit)
+            .map(|(&m, _)| m)
+            .collect();
+        if !gone.is_empty() {
+            let stuck: Vec<OpId> = self
+                .ops
+                .iter()
+                .filter(|(_, ctx)| ctx.members.iter().any(|m| gone.contains(m)))
+                .map(|(&op, _)| op)
+                .collect();
+            for op in stuck {
+                let ctx = self.ops.remove(&op).expect("listed");
+                self.core.cancel(op);
+                warn!(%op, ?gone, "members gone and no new epoch in time: failing the op");
+                counter!(m::OPS, "outcome" => "no_quorum").increment(1);
+                fail(
+                    ctx,
+                    OpError::NoQuorum(format!(
+                        "members {gone:?} are unreachable and no epoch without them was committed \
+                         within {limit:?} (epoch {}): this member cannot reach a majority of the group",
+                        self.epoch
+                    )),
+                );
+            }
+        }
         let expired: Vec<OpId> = self
             .parked
             .iter()

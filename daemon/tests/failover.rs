@@ -155,6 +155,7 @@ fn a_member_cut_off_gets_no_quorum_then_rejoins_after_the_heal() {
         .collect();
     training::wait_until("warm-up", 60, || shared.max_step() >= 20);
     let cut_at = std::time::Instant::now();
+    let m5_at_cut = shared.progress[4].load(Ordering::SeqCst);
     cluster.cut(4, &[1, 2, 3, 4]).unwrap();
     // The minority side: its trainer's call fails with NoQuorum, in bound.
     let err = trainers[4].take().unwrap().join().unwrap().unwrap_err();
@@ -193,18 +194,37 @@ fn a_member_cut_off_gets_no_quorum_then_rejoins_after_the_heal() {
         .collect();
     training::assert_identical(&finished);
     // No split brain: every completion of a step names the same
-    // contributors (the cut-off side completed nothing on its own).
+    // contributors. One exception, by design: the cut-off member may have
+    // completed the op in flight at the cut (it had every input; the others
+    // lost its last frames and re-ran the step without it). That result is
+    // never combined with anything: the member is fenced, its next call
+    // fails, and it rejoins with the majority's state, discarding it.
     let results = shared.results.lock().unwrap();
-    let mut by_step: std::collections::BTreeMap<u64, Vec<&Vec<phalanx_client::MemberId>>> =
+    let mut majority: std::collections::BTreeMap<u64, &Vec<phalanx_client::MemberId>> =
         Default::default();
-    for r in results.iter() {
-        by_step.entry(r.1).or_default().push(&r.3);
-    }
-    for (step, sets) in &by_step {
-        assert!(
-            sets.windows(2).all(|w| w[0] == w[1]),
-            "step {step} completed with different contributors: {sets:?}"
+    for r in results.iter().filter(|r| r.0 != 4) {
+        let agreed = majority.entry(r.1).or_insert(&r.3);
+        assert_eq!(
+            *agreed, &r.3,
+            "step {} completed with different contributors",
+            r.1
         );
+    }
+    let fenced: Vec<u64> = results
+        .iter()
+        .filter(|r| r.0 == 4 && r.1 < joiner_from)
+        .map(|r| r.1)
+        .collect();
+    let last_fenced = fenced.iter().max().copied();
+    for r in results.iter().filter(|r| r.0 == 4) {
+        if majority.get(&r.1).is_some_and(|m| **m != r.3) {
+            assert!(
+                r.1 >= m5_at_cut && Some(r.1) == last_fenced,
+                "the cut-off member's step {} disagrees with the majority's and was not \
+                 its last before being fenced",
+                r.1
+            );
+        }
     }
     eprintln!("cut-off member got NoQuorum after {waited:?}");
 }

@@ -425,6 +425,7 @@ impl ControlSim {
                 if node.group().is_active(member) {
                     proposals.push(Command::Remove {
                         member,
+                        by: mem.id,
                         epoch: node.group().epoch,
                         reason: reason.to_string(),
                     });

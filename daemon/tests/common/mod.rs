@@ -170,11 +170,22 @@ pub mod training {
                             *w += t;
                         }
                     }
-                    assert!(
-                        want.iter().zip(&sum).all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "member {me} step {step}: the result is not the sum over its contributors {:?}",
-                        info.contributors
-                    );
+                    if !want
+                        .iter()
+                        .zip(&sum)
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                    {
+                        let others: Vec<(u32, f32)> = grads
+                            .iter()
+                            .filter(|((_, st), _)| *st == step)
+                            .map(|((m, _), g)| (*m, g[0]))
+                            .collect();
+                        panic!(
+                            "member {me} step {step} ({} in {}): the result is not the sum over its \
+                             contributors {:?}: result[0] {} want[0] {}; step's gradients[0]: {others:?}",
+                            info.op, info.epoch, info.contributors, sum[0], want[0]
+                        );
+                    }
                 }
                 let k = info.contributors.len() as f32;
                 for (w, s) in state[..DIM].iter_mut().zip(&sum) {

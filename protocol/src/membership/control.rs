@@ -736,6 +736,7 @@ impl Housekeeper {
         } else if active && older_life {
             Some(Command::Remove {
                 member: me,
+                by: me,
                 epoch: group.epoch,
                 reason: format!("restarted in life {}", incarnation.0),
             })

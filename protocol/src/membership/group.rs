@@ -55,6 +55,9 @@ pub enum Command {
     Remove {
         /// The member.
         member: MemberId,
+        /// Who suspects it: only a member of the current ring may remove
+        /// another (a stale or fenced daemon, back from a pause, must not).
+        by: MemberId,
         /// The epoch the suspicion was raised in.
         epoch: Epoch,
         /// Why, for logs and `phalanxctl members`.
@@ -162,9 +165,15 @@ impl GroupState {
         match cmd {
             Command::Remove {
                 member,
+                by,
                 epoch,
                 reason,
             } => {
+                if !self.is_active(*by) {
+                    return Applied::Ignored(format!(
+                        "{by}, out of the ring, cannot remove {member}"
+                    ));
+                }
                 if *epoch != self.epoch {
                     return Applied::Ignored(format!(
                         "removal of {member} decided in {epoch}, current is {}",
@@ -279,6 +288,7 @@ mod tests {
     fn remove(m: u32, e: u64) -> Command {
         Command::Remove {
             member: MemberId(m),
+            by: MemberId(if m == 0 { 1 } else { 0 }),
             epoch: Epoch(e),
             reason: "silent".into(),
         }
@@ -307,6 +317,20 @@ mod tests {
         // A suspicion raised in an older epoch is stale even for another member.
         assert!(matches!(g.apply(&remove(3, 1)), Applied::Ignored(_)));
         assert_eq!(g.epoch, Epoch(2));
+    }
+
+    #[test]
+    fn a_member_out_of_the_ring_cannot_remove_another() {
+        let mut g = group(3);
+        g.apply(&remove(2, 1));
+        let stale = Command::Remove {
+            member: MemberId(0),
+            by: MemberId(2),
+            epoch: Epoch(2),
+            reason: "connection lost".into(),
+        };
+        assert!(matches!(g.apply(&stale), Applied::Ignored(_)));
+        assert_eq!(g.ring(), vec![MemberId(0), MemberId(1)]);
     }
 
     #[test]
