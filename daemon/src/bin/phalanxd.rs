@@ -12,7 +12,10 @@ use tracing_subscriber::EnvFilter;
 /// connects to every other member over QUIC with mutual TLS, and serves the
 /// trainers on this node through a Unix socket, running their collectives
 /// (all-reduce, broadcast, all-gather, reduce-scatter, barrier) with the
-/// group. Flags override the config file. Logs go to stderr; set RUST_LOG
+/// group. Membership is coordinated with Raft (log in `data_dir`): a member
+/// that dies, hangs or is cut off is removed within about half a second and
+/// the others' collectives finish without it; a restarted member rejoins
+/// when its trainer calls join(). Flags override the config file. Logs go to stderr; set RUST_LOG
 /// (e.g. `RUST_LOG=phalanx_daemon=debug`) for more. SIGTERM or SIGINT stop it
 /// cleanly: in-flight collectives fail with a clear error, connections close,
 /// the socket file is removed.
@@ -31,6 +34,9 @@ struct Cli {
     /// The trainer socket path (overrides `socket`).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Where the Raft log and the life counter live (overrides `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
     /// Prometheus `/metrics` address (overrides `metrics`).
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -77,6 +83,9 @@ fn real_main() -> Result<()> {
     }
     if let Some(s) = cli.socket {
         config.socket = s;
+    }
+    if let Some(d) = cli.data_dir {
+        config.data_dir = d;
     }
     if let Some(m) = cli.metrics {
         config.metrics = Some(m);
