@@ -57,18 +57,40 @@ pub struct LocalCluster {
     pub members: Vec<Member>,
 }
 
-/// A free UDP port on `ip` (bound and released: another process could take it
-/// in between, which on a test machine is rare enough to retry by hand).
-fn free_udp(ip: [u8; 4]) -> Result<SocketAddr> {
-    let s = UdpSocket::bind(SocketAddr::from((ip, 0)))
-        .with_context(|| format!("binding a UDP port on {ip:?}"))?;
-    Ok(s.local_addr()?)
+/// The next candidate port: clusters started by one process (parallel
+/// tests, benchmark trials) never get the same port twice, which asking the
+/// kernel for an ephemeral port and releasing it cannot promise (a parallel
+/// test could be handed the same one before the daemon binds it). The range
+/// starts at a place derived from the process id so concurrent processes are
+/// unlikely to meet; a port something else holds is skipped.
+fn next_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 400) * 100;
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    (base + n % 40_000) as u16
 }
 
+/// A free UDP port on `ip`.
+fn free_udp(ip: [u8; 4]) -> Result<SocketAddr> {
+    for _ in 0..1000 {
+        let addr = SocketAddr::from((ip, next_port()));
+        if UdpSocket::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("no free UDP port on {ip:?}")
+}
+
+/// A free TCP port on `ip`.
 fn free_tcp(ip: [u8; 4]) -> Result<SocketAddr> {
-    let s = TcpListener::bind(SocketAddr::from((ip, 0)))
-        .with_context(|| format!("binding a TCP port on {ip:?}"))?;
-    Ok(s.local_addr()?)
+    for _ in 0..1000 {
+        let addr = SocketAddr::from((ip, next_port()));
+        if TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("no free TCP port on {ip:?}")
 }
 
 impl LocalCluster {
@@ -309,6 +331,13 @@ impl LocalCluster {
     /// Waits until every running member has installed the same epoch and
     /// knows a Raft leader; returns the epoch.
     pub fn wait_settled(&self, bound: Duration) -> Result<u64> {
+        self.wait_settled_with(bound, false)
+    }
+
+    /// As [`LocalCluster::wait_settled`], and with every running member
+    /// active (none removed on a suspicion while the group formed) when
+    /// `all_active`.
+    pub fn wait_settled_with(&self, bound: Duration, all_active: bool) -> Result<u64> {
         let start = Instant::now();
         loop {
             let running: Vec<usize> = (0..self.members.len())
@@ -323,15 +352,20 @@ impl LocalCluster {
                 .map(|&i| self.metric(i, "phalanx_raft_leader"))
                 .collect();
             let first = epochs.first().copied().flatten();
+            let active: Vec<Option<f64>> = running
+                .iter()
+                .map(|&i| self.metric(i, "phalanx_members{status=\"active\"}"))
+                .collect();
             if let Some(epoch) = first {
                 if epochs.iter().all(|e| *e == first)
                     && leaders.iter().all(|l| l.is_some_and(|l| l >= 0.0))
+                    && (!all_active || active.iter().all(|a| *a == Some(running.len() as f64)))
                 {
                     return Ok(epoch as u64);
                 }
             }
             if start.elapsed() > bound {
-                bail!("members did not settle on one epoch and a leader within {bound:?}: epochs {epochs:?}, leaders {leaders:?}");
+                bail!("members did not settle on one epoch, a leader and all running members active within {bound:?}: epochs {epochs:?}, leaders {leaders:?}, active {active:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

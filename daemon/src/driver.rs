@@ -546,8 +546,15 @@ impl Driver {
         }
     }
 
-    /// Acts on the failure detector's new decisions.
+    /// Acts on the failure detector's new decisions. Not before this daemon
+    /// is in the ring: while the group forms (daemons starting, logs being
+    /// created and synced) silence says little, and a daemon out of the ring
+    /// may not remove anyone anyway; admission gives every peer a fresh
+    /// window.
     fn judge_peers(&mut self) {
+        if !self.admitted {
+            return;
+        }
         let now = self.now();
         for decision in self.detector.poll(now) {
             match decision {
@@ -584,10 +591,21 @@ impl Driver {
                 }
             }
             Input::Submit { req, reply } => self.submit(req, reply, Instant::now()),
-            Input::Heard { member } => self.detector.heard(member, now),
+            Input::Heard { member } => {
+                // A peer is judged from its first heartbeat on: a daemon
+                // still starting up (or a link still forming) is not silent.
+                if self.detector.watches(member) {
+                    self.detector.heard(member, now);
+                } else {
+                    self.detector.watch(member, now);
+                }
+            }
             Input::PeerUp { member } => {
                 self.down.remove(&member);
-                self.detector.watch(member, now);
+                if self.detector.watches(member) {
+                    // Reconnected: a fresh window, as after any sign of life.
+                    self.detector.watch(member, now);
+                }
                 let _ = self
                     .wiring
                     .control
@@ -601,11 +619,12 @@ impl Driver {
                 }
             }
             Input::PeerDown { member, reason } => {
-                warn!(peer = %member, %reason, "peer down: parking its ops until the next epoch");
+                // Not a suspicion by itself: the link may be redialled (after
+                // a reset, or a heal) and frames not yet written wait for the
+                // next connection. The detector keeps watching: a peer that
+                // stays silent is suspected with the reason, as any other.
+                warn!(peer = %member, %reason, "peer connection lost; reconnecting");
                 self.down.entry(member).or_insert_with(Instant::now);
-                self.detector.unwatch(member);
-                self.suspect(member, format!("connection lost: {reason}"));
-                self.core.handle_member_down(now, member);
             }
             Input::Group {
                 epoch,
@@ -708,6 +727,18 @@ impl Driver {
         }
         let now = self.now();
         info!(%epoch, ?ring, admitted, parked = self.parked.len(), in_flight = self.ops.len(), "epoch installed");
+        if admitted && !self.admitted {
+            // Back in the ring (or first in it): what this daemon heard of
+            // its peers while it was out says nothing about them now.
+            self.detector.excuse(now);
+        }
+        for &m in ring.iter().filter(|m| !self.ring.contains(m)) {
+            // Newly (re)admitted: judge it from now on, not by the silence
+            // it had while it was out.
+            if m != self.me() {
+                self.detector.watch(m, now);
+            }
+        }
         self.epoch = epoch;
         self.down.retain(|m, _| ring.contains(m));
         self.ring = ring;

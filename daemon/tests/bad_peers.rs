@@ -260,8 +260,16 @@ fn sigterm_fails_in_flight_ops_leaves_the_ring_and_cleans_up() {
     let log = std::fs::read_to_string(&cluster.members[0].log).unwrap();
     assert!(log.contains("leaving the ring"), "{log}");
     let mut c = Client::connect(&cluster.members[1].socket).unwrap();
+    // (Member 1's part of that barrier may have reached member 2 before it
+    // left: then it counts as a contributor.)
     let info = c.barrier().expect("the survivor goes on");
-    assert_eq!(info.contributors, vec![MemberId(2)]);
+    assert!(info.contributors.contains(&MemberId(2)), "{info:?}");
+    let info = c.barrier().expect("the survivor goes on");
+    assert_eq!(
+        info.contributors,
+        vec![MemberId(2)],
+        "member 1 left the ring"
+    );
 }
 
 /// A member that stops answering (SIGSTOP) while connected is suspected from
@@ -272,9 +280,12 @@ fn sigterm_fails_in_flight_ops_leaves_the_ring_and_cleans_up() {
 /// the live trainers' state.
 #[test]
 fn a_stopped_member_is_fenced_within_the_bound_then_readmitted() {
+    let _serial = common::one_at_a_time();
     // The default bounds, stated so the helper's generous test bound is not used.
     let mut cluster = common::cluster(3, "heartbeat_interval_ms = 100\nsuspect_after_ms = 400");
-    let epoch_before = cluster.wait_settled(Duration::from_secs(30)).unwrap();
+    let epoch_before = cluster
+        .wait_settled_with(Duration::from_secs(30), true)
+        .unwrap();
     let waiters: Vec<_> = (0..2)
         .map(|i| {
             let socket = cluster.members[i].socket.clone();

@@ -720,9 +720,9 @@ impl Mesh {
                 }
                 match msg {
                     Ok(ControlMessage::Heartbeat { member, .. }) if member == peer => {
-                        if driver.send(Input::Heard { member }).await.is_err() {
-                            return;
-                        }
+                        // The driver stops before the Raft task at shutdown:
+                        // keep reading, the Raft task still needs the stream.
+                        let _ = driver.send(Input::Heard { member }).await;
                     }
                     Ok(ControlMessage::Goodbye { reason, .. }) => {
                         info!(%peer, %reason, "peer says goodbye");
@@ -756,18 +756,10 @@ impl Mesh {
                             dtype,
                             len,
                         };
-                        if driver.send(input).await.is_err() {
-                            return;
-                        }
+                        let _ = driver.send(input).await;
                     }
                     Ok(ControlMessage::Recovery(report)) => {
-                        if driver
-                            .send(Input::Recovery { from: peer, report })
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
+                        let _ = driver.send(Input::Recovery { from: peer, report }).await;
                     }
                     Ok(msg) => debug!(%peer, ?msg, "control message"),
                     Err(e) => {

@@ -7,6 +7,15 @@ use phalanx_daemon::cluster::{ClusterOptions, LocalCluster};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Serialises the tests that kill, stop and cut members with the default
+/// 400 ms suspicion bound: run side by side on two cores, their daemons
+/// starve each other's heartbeats and raise suspicions no test asked for.
+#[allow(dead_code)] // not every test file that includes this module needs it
+pub fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A fresh cluster of `members` real `phalanxd` processes.
 #[allow(dead_code)] // not every test file that includes this module needs it
 pub fn cluster(members: usize, data_plane: &str) -> LocalCluster {
@@ -93,6 +102,9 @@ pub mod training {
         pub stop_at: AtomicU64,
         /// Every result: (member index, step, epoch, contributors).
         pub results: Mutex<Vec<StepResult>>,
+        /// Per member index: when a call first failed with `NoQuorum`, and
+        /// at which steps (the trainer then rejoins, as a real one would).
+        pub no_quorum: Vec<Mutex<(Option<std::time::Instant>, Vec<u64>)>>,
     }
 
     impl Shared {
@@ -103,6 +115,7 @@ pub mod training {
                 progress: (0..n).map(|_| AtomicU64::new(0)).collect(),
                 stop_at: AtomicU64::new(RUN_ON),
                 results: Mutex::new(Vec::new()),
+                no_quorum: (0..n).map(|_| Mutex::new((None, Vec::new()))).collect(),
             })
         }
 
@@ -135,8 +148,10 @@ pub mod training {
 
     /// Runs member index `idx` (member id `idx + 1`): joins first when
     /// `join`, trains until `stop_at`, hands its state over whenever a
-    /// result reports members waiting. Returns the final state (parameters,
-    /// then the step).
+    /// result reports members waiting, and rejoins whenever a call fails
+    /// with `NoQuorum` (cut off, or removed on a false suspicion on a loaded
+    /// machine: what a real trainer does). Returns the final state
+    /// (parameters, then the step); other errors end it.
     pub fn spawn(
         socket: PathBuf,
         idx: usize,
@@ -158,7 +173,19 @@ pub mod training {
                 let g = gradient(me, step, &state[..DIM]);
                 shared.grads.lock().unwrap().insert((me, step), g.clone());
                 let mut sum = g;
-                let info = c.all_reduce(&mut sum, ReduceOp::Sum)?;
+                let info = match c.all_reduce(&mut sum, ReduceOp::Sum) {
+                    Ok(info) => info,
+                    Err(ClientError::NoQuorum(_)) => {
+                        {
+                            let mut nq = shared.no_quorum[idx].lock().unwrap();
+                            nq.0.get_or_insert_with(std::time::Instant::now);
+                            nq.1.push(step);
+                        }
+                        c.join(&mut state)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 {
                     let grads = shared.grads.lock().unwrap();
                     let mut want = vec![0.0f32; DIM];
@@ -215,6 +242,32 @@ pub mod training {
                 "{what}: not within {bound_s} s"
             );
             thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// No split brain: every completion of a step names the same
+    /// contributors. One exception, by design: a member cut off (or falsely
+    /// suspected) just as an op completed may have completed it while the
+    /// others re-ran it without its last frames. That result is never
+    /// combined with anything: the member is fenced, its next call fails with
+    /// `NoQuorum`, and it rejoins with the group's state, discarding it.
+    pub fn assert_one_history(shared: &Shared) {
+        let results = shared.results.lock().unwrap();
+        let fenced_at = |idx: usize, step: u64| {
+            shared.no_quorum[idx]
+                .lock()
+                .unwrap()
+                .1
+                .contains(&(step + 1))
+        };
+        let mut agreed: HashMap<u64, &Vec<MemberId>> = HashMap::new();
+        for r in results.iter().filter(|r| !fenced_at(r.0, r.1)) {
+            let first = agreed.entry(r.1).or_insert(&r.3);
+            assert_eq!(
+                *first, &r.3,
+                "step {} completed with different contributors",
+                r.1
+            );
         }
     }
 

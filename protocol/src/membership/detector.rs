@@ -204,6 +204,11 @@ impl FailureDetector {
         out
     }
 
+    /// Whether `member` is watched.
+    pub fn watches(&self, member: MemberId) -> bool {
+        self.last.contains_key(&member)
+    }
+
     /// Whether `member` is suspected now (as of the last poll).
     pub fn is_suspected(&self, member: MemberId) -> bool {
         self.suspected.contains(&member)
