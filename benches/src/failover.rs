@@ -75,6 +75,10 @@ fn run_trial(o: &Options, trial: usize) -> Result<Trial> {
         control: String::new(),
         keep: std::env::var_os("PHALANX_KEEP_BENCH_DIRS").is_some(),
     })?;
+    // Every member in the ring before the clock starts: on a loaded machine a
+    // daemon can be suspected while the group forms, and this benchmark
+    // measures one failure, not that one.
+    cluster.wait_settled_with(Duration::from_secs(30), true)?;
     let stop = Arc::new(AtomicBool::new(false));
     let logs: Vec<Arc<Mutex<Vec<Completion>>>> =
         (0..n).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
@@ -173,8 +177,18 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
         "trial", "victim", "leader", "failover s", "epoch commit ms", "re-runs"
     );
     let mut trials = Vec::new();
+    let mut restarts = 0;
     for t in 0..o.trials {
-        let r = run_trial(o, t).with_context(|| format!("trial {t}"))?;
+        let r = loop {
+            match run_trial(o, t) {
+                Ok(r) => break r,
+                Err(e) if restarts < 3 => {
+                    restarts += 1;
+                    eprintln!("note: trial {t} set-up failed, starting it again: {e:#}");
+                }
+                Err(e) => return Err(e.context(format!("trial {t}"))),
+            }
+        };
         println!(
             "{:>5} {:>6} {:>7} {:>11.3} {:>15} {:>7}",
             t,
@@ -197,6 +211,7 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
         "epoch_commit_p50_ms": (!c.is_empty()).then(|| quantile(&c, 0.5)),
         "trials": trials.len(),
         "leader_kills": trials.iter().filter(|t| t.was_leader).count(),
+        "set_up_restarts": restarts,
     });
     let doc = json!({
         "benchmark": "failover",
