@@ -43,6 +43,14 @@ enum Command {
         #[arg(long)]
         trace: bool,
     },
+    /// Runs one control-plane seed (raft-rs nodes, failure detector and
+    /// readmission policy under crashes, pauses, partitions and loss, then a
+    /// heal) and reports what it did, or which invariant broke.
+    Control {
+        /// The scenario's seed.
+        #[arg(long)]
+        seed: u64,
+    },
     /// Runs many seeds and lists the failing ones.
     Sweep {
         /// How many seeds.
@@ -57,6 +65,20 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Demo { members, len } => demo(members, len),
+        Command::Control { seed } => {
+            let scenario = phalanx_tests::control_sim::ControlScenario::from_seed(seed);
+            println!("{scenario:?}");
+            match phalanx_tests::control_sim::ControlSim::new(scenario).run() {
+                Ok(r) => {
+                    println!("ok: {r:?}");
+                    ExitCode::SUCCESS
+                }
+                Err(f) => {
+                    println!("{f}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { seed, trace } => {
             let scenario = Scenario::from_seed(seed);
             println!("{scenario}");
