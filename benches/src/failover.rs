@@ -79,6 +79,7 @@ fn run_trial(o: &Options, trial: usize) -> Result<Trial> {
     // daemon can be suspected while the group forms, and this benchmark
     // measures one failure, not that one.
     cluster.wait_settled_with(Duration::from_secs(30), true)?;
+    let settled_at = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let logs: Vec<Arc<Mutex<Vec<Completion>>>> =
         (0..n).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
@@ -112,6 +113,11 @@ fn run_trial(o: &Options, trial: usize) -> Result<Trial> {
         if start.elapsed() > Duration::from_secs(60) {
             bail!("trainers did not get going within 60 s");
         }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Past the daemons' start-up grace (2 s after the group forms, when
+    // heartbeats are not judged yet), so the figure is a steady-state one.
+    while settled_at.elapsed() < Duration::from_secs(3) {
         std::thread::sleep(Duration::from_millis(10));
     }
     let victim = trial % n;

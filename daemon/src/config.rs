@@ -52,6 +52,10 @@ pub struct DataPlaneConfig {
     /// A peer silent this long is suspected and its ops fail with the reason;
     /// at least 3 heartbeat intervals, and below `idle_timeout_ms`.
     pub suspect_after_ms: u64,
+    /// The progress signal: a member whose daemon answers heartbeats but
+    /// whose trainer has not issued an op the others have waited on this
+    /// long is suspected as stuck; below `op_timeout_ms`.
+    pub stuck_after_ms: u64,
     /// Largest tensor a trainer may submit, in bytes.
     pub max_tensor_bytes: u64,
     /// First QUIC packet size tried; path MTU discovery raises it up to
@@ -81,6 +85,7 @@ impl Default for DataPlaneConfig {
             op_timeout_ms: 60_000,
             heartbeat_interval_ms: 100,
             suspect_after_ms: 400,
+            stuck_after_ms: 30_000,
             max_tensor_bytes: 1 << 30,
             initial_mtu: 1200,
             max_mtu: 1452,
@@ -236,6 +241,14 @@ impl Config {
                  suspected (with a reason) before its connection times out",
                 dp.suspect_after_ms,
                 dp.idle_timeout_ms
+            );
+        }
+        if dp.stuck_after_ms == 0 || dp.stuck_after_ms >= dp.op_timeout_ms {
+            bail!(
+                "data_plane.stuck_after_ms ({}) must be positive and below op_timeout_ms ({}), \
+                 so a stuck member is removed before the others' ops time out",
+                dp.stuck_after_ms,
+                dp.op_timeout_ms
             );
         }
         if dp.channels == 0 || dp.channels > 64 {

@@ -24,7 +24,8 @@ use phalanx_compute::{apply_action, element_range, ComputeEngine};
 use phalanx_protocol::collective::{Action, Algorithm, Collectives, Kind, OpSpec};
 use phalanx_protocol::local::LocalKind;
 use phalanx_protocol::membership::{
-    Decision, DetectorConfig, FailureDetector, KeptResult, Plan, Recovery, RecoveryReport,
+    judge_progress, Decision, DetectorConfig, FailureDetector, KeptResult, Plan, Recovery,
+    RecoveryReport,
 };
 use phalanx_protocol::wire::ControlMessage;
 use phalanx_protocol::wire::{
@@ -184,6 +185,13 @@ pub enum Input {
         dtype: DType,
         /// Elements.
         len: u64,
+    },
+    /// A peer's progress report: per stream, the last op its trainers issued.
+    Progress {
+        /// The peer.
+        from: MemberId,
+        /// (stream, last issued seq).
+        streams: Vec<(u32, u64)>,
     },
     /// A peer's recovery report.
     Recovery {
@@ -359,7 +367,23 @@ pub struct Driver {
     /// SIGSTOPped, partitioned) is suspected long before QUIC's idle timeout.
     detector: FailureDetector,
     heartbeat_interval: std::time::Duration,
+    /// The progress signal: per stream, the last op this daemon's trainers
+    /// issued; what each peer reported of theirs; peers already reported
+    /// stuck (until they move).
+    issued: BTreeMap<u32, u64>,
+    peer_progress: BTreeMap<MemberId, BTreeMap<u32, u64>>,
+    stuck: std::collections::BTreeSet<MemberId>,
+    stuck_after: std::time::Duration,
+    next_progress: Instant,
+    /// Until when peers are not judged (see `judge_peers`); set at the
+    /// first admission of this daemon's life.
+    grace_until: Option<Instant>,
+    ever_admitted: bool,
 }
+
+/// How long after its first admission a daemon waits before it judges
+/// peers by their heartbeats.
+const STARTUP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -392,6 +416,7 @@ impl Driver {
         wiring: Wiring,
         detector: DetectorConfig,
         recovery_timeout: std::time::Duration,
+        stuck_after: std::time::Duration,
     ) -> Driver {
         Driver {
             // Peers are watched from their first connection on (PeerUp).
@@ -420,6 +445,13 @@ impl Driver {
             recovery_timeout,
             wiring,
             down: BTreeMap::new(),
+            issued: BTreeMap::new(),
+            peer_progress: BTreeMap::new(),
+            stuck: Default::default(),
+            stuck_after,
+            next_progress: Instant::now(),
+            grace_until: None,
+            ever_admitted: false,
         }
     }
 
@@ -483,6 +515,11 @@ impl Driver {
                 self.recovery_deadline(),
                 self.join_deadline(),
                 self.gone_deadline().filter(|_| !self.ops.is_empty()),
+                Some(Time(
+                    self.next_progress
+                        .saturating_duration_since(self.origin)
+                        .as_micros() as u64,
+                )),
             ]
             .into_iter()
             .flatten()
@@ -515,6 +552,7 @@ impl Driver {
                 }
             }
             self.judge_peers();
+            self.report_progress();
             self.execute();
             self.expire_parked();
         }
@@ -546,6 +584,51 @@ impl Driver {
         }
     }
 
+    /// Sends this daemon's progress to the ring every few heartbeats, and
+    /// suspects members whose trainers are behind an op waited on too long.
+    fn report_progress(&mut self) {
+        if Instant::now() >= self.next_progress {
+            self.next_progress = Instant::now() + self.heartbeat_interval * 5;
+            let streams: Vec<(u32, u64)> = self.issued.iter().map(|(&s, &q)| (s, q)).collect();
+            for &peer in &self.ring {
+                if peer != self.me() {
+                    self.wiring.peers.send(
+                        peer,
+                        ControlMessage::Progress {
+                            streams: streams.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        if !self.admitted {
+            return;
+        }
+        let now = self.now();
+        let waiting: Vec<(OpId, Vec<MemberId>, Time)> = self
+            .ops
+            .values()
+            .filter(|ctx| ctx.reply.is_some())
+            .map(|ctx| {
+                let started = ctx.started.saturating_duration_since(self.origin);
+                (
+                    ctx.op,
+                    ctx.members.clone(),
+                    Time(started.as_micros() as u64),
+                )
+            })
+            .collect();
+        for stuck in judge_progress(&waiting, &self.peer_progress, self.stuck_after, now) {
+            if stuck.member == self.me() || !self.stuck.insert(stuck.member) {
+                continue;
+            }
+            warn!(peer = %stuck.member, reason = %stuck, "peer suspected: alive but stuck");
+            counter!(m::SUSPICIONS, "reason" => "stuck").increment(1);
+            self.suspect(stuck.member, stuck.to_string());
+            self.core.handle_member_down(now, stuck.member);
+        }
+    }
+
     /// Acts on the failure detector's new decisions. Not before this daemon
     /// is in the ring: while the group forms (daemons starting, logs being
     /// created and synced) silence says little, and a daemon out of the ring
@@ -556,6 +639,18 @@ impl Driver {
             return;
         }
         let now = self.now();
+        // Start-up grace: while a new group forms, every daemon creates and
+        // syncs its log at once and a busy machine misses heartbeats; the
+        // first judgement comes STARTUP_GRACE after this daemon's first
+        // admission, with a fresh window for everyone.
+        match self.grace_until {
+            Some(until) if Instant::now() < until => return,
+            Some(_) => {
+                self.grace_until = None;
+                self.detector.excuse(now);
+            }
+            None => {}
+        }
         for decision in self.detector.poll(now) {
             match decision {
                 Decision::Suspect { member, reason } => {
@@ -590,7 +685,21 @@ impl Driver {
                     warn!(peer = %header.sender, op = %header.op, error = %e, "frame refused");
                 }
             }
-            Input::Submit { req, reply } => self.submit(req, reply, Instant::now()),
+            Input::Submit { req, reply } => {
+                let (stream, seq) = (stream_of(req.op) as u32, seq_of(req.op));
+                let e = self.issued.entry(stream).or_insert(0);
+                *e = (*e).max(seq);
+                self.submit(req, reply, Instant::now())
+            }
+            Input::Progress { from, streams } => {
+                let moved =
+                    self.peer_progress.get(&from) != Some(&streams.iter().copied().collect());
+                if moved {
+                    self.stuck.remove(&from);
+                }
+                self.peer_progress
+                    .insert(from, streams.into_iter().collect());
+            }
             Input::Heard { member } => {
                 // A peer is judged from its first heartbeat on: a daemon
                 // still starting up (or a link still forming) is not silent.
@@ -731,6 +840,10 @@ impl Driver {
             // Back in the ring (or first in it): what this daemon heard of
             // its peers while it was out says nothing about them now.
             self.detector.excuse(now);
+            if !self.ever_admitted {
+                self.ever_admitted = true;
+                self.grace_until = Some(Instant::now() + STARTUP_GRACE);
+            }
         }
         for &m in ring.iter().filter(|m| !self.ring.contains(m)) {
             // Newly (re)admitted: judge it from now on, not by the silence
@@ -1126,7 +1239,9 @@ impl Driver {
         self.parked.insert(
             ctx.op,
             Parked {
-                since: ctx.started,
+                // The wait for the next epoch starts now, not when the op
+                // was submitted.
+                since: Instant::now(),
                 ctx,
                 reason,
             },

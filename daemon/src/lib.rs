@@ -126,6 +126,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
         config.detector(),
         std::time::Duration::from_millis(config.control.recovery_timeout_ms),
+        std::time::Duration::from_millis(config.data_plane.stuck_after_ms),
     );
     let driver_task = tokio::spawn(driver.run(driver_rx, stop_rx.clone()));
     let control_task = tokio::spawn(control_task.run(control_rx, stop_rx));

@@ -378,3 +378,67 @@ fn a_stopped_member_is_fenced_within_the_bound_then_readmitted() {
     );
     eprintln!("op completed without the stopped member {failed_over:?} after SIGSTOP");
 }
+
+/// The progress signal: a member whose daemon answers heartbeats but whose
+/// trainer hangs (never issues the next op) is suspected as stuck once the
+/// others have waited `stuck_after_ms`, removed, and the others' op
+/// completes without it.
+#[test]
+fn a_member_whose_trainer_hangs_is_removed_for_no_progress() {
+    let _serial = common::one_at_a_time();
+    let cluster = common::cluster(3, "stuck_after_ms = 1500");
+    cluster
+        .wait_settled_with(Duration::from_secs(30), true)
+        .unwrap();
+    let hung = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let threads: Vec<_> = (0..3)
+        .map(|i| {
+            let socket = cluster.members[i].socket.clone();
+            let hung = hung.clone();
+            thread::spawn(move || {
+                let mut c = Client::connect(&socket).unwrap();
+                let mut v = vec![1.0f32; 1000];
+                let first = c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                assert_eq!(first.contributors.len(), 3);
+                if i == 2 {
+                    // Hangs inside its step: connected, never issues op 2.
+                    hung.wait();
+                    return None;
+                }
+                let start = std::time::Instant::now();
+                let mut v = vec![1.0f32; 1000];
+                let info = c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                Some((info, v[0], start.elapsed()))
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for (i, t) in threads.into_iter().enumerate() {
+        if i < 2 {
+            results.push(t.join().unwrap().unwrap());
+        } else {
+            // Release the hung trainer once the others are done.
+            hung.wait();
+            assert!(t.join().unwrap().is_none());
+        }
+    }
+    for (info, x, waited) in results {
+        assert_eq!(
+            info.contributors,
+            vec![MemberId(1), MemberId(2)],
+            "{info:?}"
+        );
+        assert_eq!(x, 2.0);
+        assert!(
+            waited >= Duration::from_millis(1500) && waited < Duration::from_secs(30),
+            "{waited:?}"
+        );
+    }
+    let log = std::fs::read_to_string(&cluster.members[0].log).unwrap()
+        + &std::fs::read_to_string(&cluster.members[1].log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("member removed: new epoch") && l.contains("has not issued")),
+        "the removal does not give the no-progress reason"
+    );
+}

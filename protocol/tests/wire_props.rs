@@ -90,6 +90,8 @@ fn control() -> impl Strategy<Value = ControlMessage> {
         }),
         proptest::collection::vec(any::<u8>(), 0..64)
             .prop_map(|message| ControlMessage::Raft { message }),
+        proptest::collection::vec((any::<u32>(), any::<u64>()), 0..8)
+            .prop_map(|streams| ControlMessage::Progress { streams }),
         (
             any::<u32>(),
             any::<u64>(),

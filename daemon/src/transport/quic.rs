@@ -758,6 +758,14 @@ impl Mesh {
                         };
                         let _ = driver.send(input).await;
                     }
+                    Ok(ControlMessage::Progress { streams }) => {
+                        let _ = driver
+                            .send(Input::Progress {
+                                from: peer,
+                                streams,
+                            })
+                            .await;
+                    }
                     Ok(ControlMessage::Recovery(report)) => {
                         let _ = driver.send(Input::Recovery { from: peer, report }).await;
                     }

@@ -4,8 +4,10 @@
 pub mod control;
 mod detector;
 pub mod group;
+mod progress;
 pub mod recovery;
 
 pub use detector::{Decision, DetectorConfig, FailureDetector, SuspicionReason};
 pub use group::{Applied, Change, Command, GroupState, MemberRecord, Status};
+pub use progress::{judge_progress, Stuck};
 pub use recovery::{KeptResult, Plan, Recovery, RecoveryReport};

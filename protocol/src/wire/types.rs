@@ -207,6 +207,12 @@ pub enum ControlMessage {
     },
     /// What the sender holds of interrupted ops as it enters a new epoch.
     Recovery(crate::membership::RecoveryReport),
+    /// The progress signal: per stream, the last op the sender's trainers
+    /// issued (sent every few heartbeats).
+    Progress {
+        /// (stream, last issued op seq).
+        streams: Vec<(u32, u64)>,
+    },
     /// To a joining member: the live trainers started handing over their
     /// state on `stream` as op `op` (a broadcast from `root` of `len`
     /// elements of `dtype` in `epoch`); the joiner runs it too.
