@@ -24,8 +24,8 @@ use phalanx_compute::{apply_action, element_range, ComputeEngine};
 use phalanx_protocol::collective::{Action, Algorithm, Collectives, Kind, OpSpec};
 use phalanx_protocol::local::LocalKind;
 use phalanx_protocol::membership::{
-    judge_progress, Decision, DetectorConfig, FailureDetector, KeptResult, Plan, Recovery,
-    RecoveryReport,
+    judge_progress, state_checksum, Decision, DetectorConfig, FailureDetector, KeptResult, Plan,
+    Recovery, RecoveryReport,
 };
 use phalanx_protocol::wire::ControlMessage;
 use phalanx_protocol::wire::{
@@ -185,6 +185,8 @@ pub enum Input {
         dtype: DType,
         /// Elements.
         len: u64,
+        /// The state's checksum as the root sends it.
+        checksum: u64,
     },
     /// A peer's progress report: per stream, the last op its trainers issued.
     Progress {
@@ -259,6 +261,8 @@ struct OpCtx {
     members: Vec<MemberId>,
     /// A state hand-over to joining members (its root tells them).
     sync: bool,
+    /// A joiner's hand-over: the checksum the received state must have.
+    expect_checksum: Option<u64>,
 }
 
 struct Parked {
@@ -288,6 +292,7 @@ struct JoinPointMsg {
     root: MemberId,
     dtype: DType,
     len: u64,
+    checksum: u64,
 }
 
 /// The last completed op of a stream: its result may still be needed by a
@@ -782,6 +787,7 @@ impl Driver {
                 root,
                 dtype,
                 len,
+                checksum,
             } => {
                 if from != root {
                     warn!(peer = %from, %root, "join point from a member that is not its root: ignored");
@@ -795,6 +801,7 @@ impl Driver {
                         root,
                         dtype,
                         len,
+                        checksum,
                     },
                 );
                 self.try_joins();
@@ -1020,6 +1027,7 @@ impl Driver {
                 waiting: None,
                 members: self.ring.clone(),
                 sync: true,
+                expect_checksum: Some(jp.checksum),
             };
             self.start(ctx);
         }
@@ -1090,6 +1098,7 @@ impl Driver {
             waiting: None,
             members,
             sync: false,
+            expect_checksum: None,
         };
         self.start(ctx);
     }
@@ -1169,6 +1178,7 @@ impl Driver {
             waiting: None,
             members,
             sync,
+            expect_checksum: None,
         };
         // A member that is down or suspected is not waited for here: it
         // may be reconnecting (its frames wait in its queue), and if it is
@@ -1177,7 +1187,7 @@ impl Driver {
         self.start(ctx);
     }
 
-    fn start(&mut self, ctx: OpCtx) {
+    fn start(&mut self, mut ctx: OpCtx) {
         let now = self.now();
         let spec = OpSpec {
             op: ctx.op,
@@ -1210,6 +1220,9 @@ impl Driver {
         debug!(op = %ctx.op, kind = ctx.kind_name, bytes = need, epoch = %self.epoch, "op started");
         if let (true, LocalKind::Broadcast(root)) = (ctx.sync, ctx.kind) {
             if root == self.me() {
+                // SAFETY: the op owns its buffer; the broadcast has not
+                // touched the root's copy yet.
+                let checksum = state_checksum(unsafe { ctx.buf.bytes_mut() });
                 let pending = self.pending(stream_of(ctx.op));
                 for &j in ctx.members.iter().filter(|m| pending.contains(m)) {
                     info!(joiner = %j, op = %ctx.op, "handing the trainers' state to a joining member");
@@ -1222,6 +1235,7 @@ impl Driver {
                             root,
                             dtype: ctx.dtype,
                             len: ctx.len as u64,
+                            checksum,
                         },
                     );
                 }
@@ -1389,6 +1403,17 @@ impl Driver {
                         let waiting = ctx.waiting.take().unwrap_or_else(|| self.pending(stream));
                         // SAFETY: the op still owns its buffer here.
                         let output = unsafe { ctx.buf.bytes_mut() }.to_vec();
+                        if let Some(want) = ctx.expect_checksum {
+                            let got = state_checksum(&output);
+                            if got != want {
+                                warn!(%op, want, got, "received state fails its checksum");
+                                let _ = reply.send(Err(OpError::Rejected(format!(
+                                    "the state received fails its checksum ({got:#x}, the root sent {want:#x}); join again"
+                                ))));
+                                continue;
+                            }
+                            info!(%op, bytes = output.len(), "received state verified");
+                        }
                         self.retained.insert(
                             stream_of(op),
                             Retained {

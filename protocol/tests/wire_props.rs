@@ -98,18 +98,20 @@ fn control() -> impl Strategy<Value = ControlMessage> {
             any::<u64>(),
             member(),
             dtype(),
+            any::<u64>(),
             any::<u64>()
         )
-            .prop_map(
-                |(stream, op, e, root, dtype, len)| ControlMessage::JoinPoint {
+            .prop_map(|(stream, op, e, root, dtype, len, checksum)| {
+                ControlMessage::JoinPoint {
                     stream,
                     op: OpId(op),
                     epoch: Epoch(e),
                     root,
                     dtype,
                     len,
+                    checksum,
                 }
-            ),
+            }),
         (
             any::<u64>(),
             member(),

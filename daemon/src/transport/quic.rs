@@ -746,6 +746,7 @@ impl Mesh {
                         root,
                         dtype,
                         len,
+                        checksum,
                     }) => {
                         let input = Input::JoinPoint {
                             from: peer,
@@ -755,6 +756,7 @@ impl Mesh {
                             root,
                             dtype,
                             len,
+                            checksum,
                         };
                         let _ = driver.send(input).await;
                     }

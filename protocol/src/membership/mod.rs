@@ -10,4 +10,4 @@ pub mod recovery;
 pub use detector::{Decision, DetectorConfig, FailureDetector, SuspicionReason};
 pub use group::{Applied, Change, Command, GroupState, MemberRecord, Status};
 pub use progress::{judge_progress, Stuck};
-pub use recovery::{KeptResult, Plan, Recovery, RecoveryReport};
+pub use recovery::{state_checksum, KeptResult, Plan, Recovery, RecoveryReport};

@@ -25,6 +25,24 @@ use bincode::{Decode, Encode};
 
 use crate::{Epoch, MemberId, OpId};
 
+/// The checksum a state hand-over is verified with end to end: FNV-1a (64
+/// bit) over the bytes, eight at a time, then the tail and the length.
+pub fn state_checksum(bytes: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        h ^= u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        h = h.wrapping_mul(PRIME);
+    }
+    for &b in words.remainder() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(PRIME);
+    }
+    h ^= bytes.len() as u64;
+    h.wrapping_mul(PRIME)
+}
+
 /// One member's holdings when it enters `epoch`.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct RecoveryReport {
@@ -266,6 +284,19 @@ mod tests {
                 waiting: vec![],
             }
         );
+    }
+
+    #[test]
+    fn the_state_checksum_sees_every_byte_and_the_length() {
+        let a = vec![7u8; 1003];
+        let base = state_checksum(&a);
+        for i in [0, 7, 8, 999, 1002] {
+            let mut b = a.clone();
+            b[i] ^= 1;
+            assert_ne!(state_checksum(&b), base, "byte {i}");
+        }
+        assert_ne!(state_checksum(&a[..1002]), base);
+        assert_eq!(state_checksum(&a.clone()), base);
     }
 
     #[test]

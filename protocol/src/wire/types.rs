@@ -229,5 +229,8 @@ pub enum ControlMessage {
         dtype: DType,
         /// Elements.
         len: u64,
+        /// [`crate::membership::state_checksum`] of the state as the root
+        /// sends it; the joiner checks what it received against it.
+        checksum: u64,
     },
 }
