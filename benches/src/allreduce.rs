@@ -13,6 +13,8 @@ use phalanx_client::{Client, ReduceOp};
 use phalanx_daemon::cluster::{ClusterOptions, LocalCluster};
 use serde_json::{json, Value};
 
+use crate::quantile;
+
 /// Options from the command line.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -94,10 +96,6 @@ impl Row {
             "min_us": self.min_us, "algbw_GBps": self.algbw(), "busbw_GBps": self.busbw(), "ok": self.ok,
         })
     }
-}
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 /// One cluster of `n` members, every size.
@@ -349,11 +347,7 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
         "results": rows.iter().map(Row::json).collect::<Vec<_>>(),
         "summary": summary,
     });
-    if let Some(path) = json_path {
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
-    }
+    crate::write_report(&doc, json_path)?;
     println!("summary: {}", doc["summary"]);
     if !all_ok {
         bail!("some all-reduce results were wrong");

@@ -10,10 +10,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use phalanx_client::{Client, ReduceOp};
 use phalanx_daemon::cluster::{ClusterOptions, LocalCluster};
 use serde_json::json;
+
+use crate::quantile;
 
 /// Options from the command line.
 #[derive(Debug, Clone)]
@@ -34,10 +36,6 @@ struct Trial {
     failover_s: f64,
     epoch_commit_ms: Option<f64>,
     reruns: f64,
-}
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 /// Sum and count of a histogram across members `ids`.
@@ -233,11 +231,7 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
         })).collect::<Vec<_>>(),
         "summary": summary,
     });
-    if let Some(path) = json_path {
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
-    }
+    crate::write_report(&doc, json_path)?;
     println!("summary: {}", doc["summary"]);
     Ok(())
 }

@@ -4,7 +4,6 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Context;
 use phalanx_compute::{ComputeEngine, ReduceOp, ScalarEngine, SimdEngine};
 use serde_json::json;
 
@@ -124,10 +123,6 @@ pub fn run(samples: usize, bytes_per_sample: u64, json_path: Option<&Path>) -> a
         "results": rows,
         "summary": summary,
     });
-    if let Some(path) = json_path {
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
-    }
+    crate::write_report(&doc, json_path)?;
     Ok(())
 }

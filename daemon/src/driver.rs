@@ -468,6 +468,11 @@ impl Driver {
         self.core.me()
     }
 
+    /// `at` on the core's clock.
+    fn time_at(&self, at: Instant) -> Time {
+        Time(at.saturating_duration_since(self.origin).as_micros() as u64)
+    }
+
     /// The earliest time a parked or waiting op gives up.
     fn recovery_deadline(&self) -> Option<Time> {
         let oldest = self
@@ -477,9 +482,7 @@ impl Driver {
             .chain(self.waiting.iter().map(|w| w.since))
             .min()?;
         let at = oldest + self.recovery_timeout;
-        Some(Time(
-            at.saturating_duration_since(self.origin).as_micros() as u64
-        ))
+        Some(self.time_at(at))
     }
 
     /// When the longest-gone member has been gone `recovery_timeout`.
@@ -492,18 +495,14 @@ impl Driver {
             .map(|&since| since + self.recovery_timeout)
             .filter(|&at| at > Instant::now())
             .min()?;
-        Some(Time(
-            at.saturating_duration_since(self.origin).as_micros() as u64
-        ))
+        Some(self.time_at(at))
     }
 
     /// The earliest time a join gives up.
     fn join_deadline(&self) -> Option<Time> {
         let oldest = self.joins.values().map(|j| j.since).min()?;
         let at = oldest + self.core.config().op_timeout;
-        Some(Time(
-            at.saturating_duration_since(self.origin).as_micros() as u64
-        ))
+        Some(self.time_at(at))
     }
 
     /// Runs until `shutdown` turns true or every input sender is gone; then
@@ -520,11 +519,7 @@ impl Driver {
                 self.recovery_deadline(),
                 self.join_deadline(),
                 self.gone_deadline().filter(|_| !self.ops.is_empty()),
-                Some(Time(
-                    self.next_progress
-                        .saturating_duration_since(self.origin)
-                        .as_micros() as u64,
-                )),
+                Some(self.time_at(self.next_progress)),
             ]
             .into_iter()
             .flatten()
@@ -614,14 +609,7 @@ impl Driver {
             .ops
             .values()
             .filter(|ctx| ctx.reply.is_some())
-            .map(|ctx| {
-                let started = ctx.started.saturating_duration_since(self.origin);
-                (
-                    ctx.op,
-                    ctx.members.clone(),
-                    Time(started.as_micros() as u64),
-                )
-            })
+            .map(|ctx| (ctx.op, ctx.members.clone(), self.time_at(ctx.started)))
             .collect();
         for stuck in judge_progress(&waiting, &self.peer_progress, self.stuck_after, now) {
             if stuck.member == self.me() || !self.stuck.insert(stuck.member) {

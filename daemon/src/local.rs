@@ -170,6 +170,25 @@ fn send(stream: &mut UnixStream, resp: &LocalResponse) -> std::io::Result<()> {
     stream.write_all(&bytes)
 }
 
+fn done_response(done: crate::driver::OpDone) -> LocalResponse {
+    LocalResponse::Done {
+        op: done.op,
+        epoch: done.epoch,
+        contributors: done.contributors,
+        waiting: done.waiting,
+    }
+}
+
+/// The trainer's answer for a failed op.
+fn op_error(e: OpError) -> LocalResponse {
+    match e {
+        OpError::Rejected(m) => error(LocalErrorCode::BadRequest, m),
+        OpError::Aborted(r) => error(LocalErrorCode::Aborted, r.to_string()),
+        OpError::NoQuorum(m) => error(LocalErrorCode::NoQuorum, m),
+        OpError::ShuttingDown => error(LocalErrorCode::ShuttingDown, "the daemon is shutting down"),
+    }
+}
+
 fn error(code: LocalErrorCode, message: impl Into<String>) -> LocalResponse {
     LocalResponse::Error {
         code,
@@ -301,21 +320,10 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                                 // The stream goes on after the hand-over op.
                                 claim.continue_after(done.op);
                                 info!(stream, op = %done.op, "trainer joined");
-                                LocalResponse::Done {
-                                    op: done.op,
-                                    epoch: done.epoch,
-                                    contributors: done.contributors,
-                                    waiting: done.waiting,
-                                }
+                                done_response(done)
                             }
-                            Ok(Err(OpError::Rejected(m))) => error(LocalErrorCode::BadRequest, m),
-                            Ok(Err(OpError::Aborted(r))) => {
-                                error(LocalErrorCode::Aborted, r.to_string())
-                            }
-                            Ok(Err(OpError::NoQuorum(m))) => error(LocalErrorCode::NoQuorum, m),
-                            Ok(Err(OpError::ShuttingDown)) | Err(_) => {
-                                error(LocalErrorCode::ShuttingDown, "the daemon is shutting down")
-                            }
+                            Ok(Err(e)) => op_error(e),
+                            Err(_) => op_error(OpError::ShuttingDown),
                         }
                     }
                 }
@@ -340,20 +348,9 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                         error(LocalErrorCode::ShuttingDown, "the daemon is shutting down")
                     } else {
                         match rx.blocking_recv() {
-                            Ok(Ok(done)) => LocalResponse::Done {
-                                op: done.op,
-                                epoch: done.epoch,
-                                contributors: done.contributors,
-                                waiting: done.waiting,
-                            },
-                            Ok(Err(OpError::Rejected(m))) => error(LocalErrorCode::BadRequest, m),
-                            Ok(Err(OpError::Aborted(r))) => {
-                                error(LocalErrorCode::Aborted, r.to_string())
-                            }
-                            Ok(Err(OpError::NoQuorum(m))) => error(LocalErrorCode::NoQuorum, m),
-                            Ok(Err(OpError::ShuttingDown)) | Err(_) => {
-                                error(LocalErrorCode::ShuttingDown, "the daemon is shutting down")
-                            }
+                            Ok(Ok(done)) => done_response(done),
+                            Ok(Err(e)) => op_error(e),
+                            Err(_) => op_error(OpError::ShuttingDown),
                         }
                     }
                 }
