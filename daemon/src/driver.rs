@@ -202,6 +202,13 @@ pub enum Input {
         /// The report.
         report: RecoveryReport,
     },
+    /// A peer misses this daemon's recovery report for `epoch`.
+    RecoveryAsk {
+        /// The peer.
+        from: MemberId,
+        /// The epoch.
+        epoch: Epoch,
+    },
 }
 
 /// A frame on its way to a peer: envelope and header, then the payload.
@@ -346,6 +353,10 @@ pub struct Driver {
     /// that connects (late, or again): a report sent while it was not
     /// connected was dropped.
     report: Option<RecoveryReport>,
+    /// When this daemon last asked the members whose reports it misses
+    /// (a report can be lost with a connection or to a partition that is
+    /// healing on one side first).
+    asked_reports: Instant,
     early_reports: BTreeMap<MemberId, RecoveryReport>,
     /// Plans for ops this daemon's trainer has not submitted yet.
     plans: HashMap<OpId, Plan>,
@@ -439,6 +450,7 @@ impl Driver {
             recovery: None,
             recovered: Epoch(0),
             report: None,
+            asked_reports: Instant::now(),
             early_reports: BTreeMap::new(),
             plans: HashMap::new(),
             retained: HashMap::new(),
@@ -520,6 +532,9 @@ impl Driver {
                 self.join_deadline(),
                 self.gone_deadline().filter(|_| !self.ops.is_empty()),
                 Some(self.time_at(self.next_progress)),
+                self.recovery
+                    .as_ref()
+                    .map(|_| self.time_at(self.asked_reports + self.heartbeat_interval * 2)),
             ]
             .into_iter()
             .flatten()
@@ -584,9 +599,31 @@ impl Driver {
         }
     }
 
+    /// While the recovery exchange waits, asks the members whose reports are
+    /// missing again every two heartbeat intervals (they answer from
+    /// `Input::RecoveryAsk`); a member that stays silent is suspected by the
+    /// detector and the next epoch drops it.
+    fn ask_reports(&mut self) {
+        let Some(rec) = &self.recovery else {
+            return;
+        };
+        if self.asked_reports.elapsed() < self.heartbeat_interval * 2 {
+            return;
+        }
+        self.asked_reports = Instant::now();
+        let epoch = rec.epoch();
+        for peer in rec.missing() {
+            info!(%peer, %epoch, "recovery report missing: asking for it again");
+            self.wiring
+                .peers
+                .send(peer, ControlMessage::RecoveryAsk { epoch });
+        }
+    }
+
     /// Sends this daemon's progress to the ring every few heartbeats, and
     /// suspects members whose trainers are behind an op waited on too long.
     fn report_progress(&mut self) {
+        self.ask_reports();
         if Instant::now() >= self.next_progress {
             self.next_progress = Instant::now() + self.heartbeat_interval * 5;
             let streams: Vec<(u32, u64)> = self.issued.iter().map(|(&s, &q)| (s, q)).collect();
@@ -751,6 +788,24 @@ impl Driver {
                 );
                 let _ = self.wiring.control.try_send(ControlInput::WantIn);
                 let stream = u64::from(stream);
+                if self.admitted
+                    && self.synced.contains_key(&stream)
+                    && !self.pending(stream).contains(&self.me())
+                {
+                    // The group counts this member's trainer as holding the
+                    // stream's state, but it asks for it (its call failed
+                    // after the group went on, say): no live trainer hands
+                    // state to a member that is not waiting for it, so this
+                    // daemon leaves the ring and is readmitted as a joiner.
+                    warn!(
+                        stream,
+                        "trainer joining while this member is in the ring: leaving it to be readmitted with the group's state"
+                    );
+                    self.suspect(
+                        self.me(),
+                        "its trainer asked to join again (it lost the group's state)".into(),
+                    );
+                }
                 if let Some(old) = self.joins.insert(
                     stream,
                     JoinReq {
@@ -794,6 +849,17 @@ impl Driver {
                 );
                 self.try_joins();
             }
+            Input::RecoveryAsk { from, epoch } => match &self.report {
+                Some(report) if report.epoch == epoch => {
+                    debug!(peer = %from, %epoch, "recovery report asked for: sending it again");
+                    self.wiring
+                        .peers
+                        .send(from, ControlMessage::Recovery(report.clone()));
+                }
+                // Not there yet: this daemon sends its report when it
+                // installs that epoch. Past it: the asker catches up.
+                _ => debug!(peer = %from, %epoch, "recovery report asked for another epoch"),
+            },
             Input::Recovery { from, report } => {
                 if report.member != from {
                     warn!(peer = %from, claimed = %report.member, "recovery report for another member: ignored");
@@ -898,6 +964,7 @@ impl Driver {
                 })
                 .collect(),
         };
+        self.asked_reports = Instant::now();
         let mut rec = Recovery::new(epoch, self.ring.clone());
         rec.add(report.clone()).expect("own report");
         self.report = Some(report.clone());

@@ -142,14 +142,14 @@ fn a_killed_member_restarts_and_rejoins_with_the_trainers_state() {
     );
 }
 
-// Ignored in CI: fails about one run in three on the 2-core box. After the
-// heal an op of the live members can hang in the epoch that readmits the
-// cut-off member (a re-run and a fresh start of the same op disagree), and a
-// live member whose parked op expired calls join() while still in the ring.
-// An open bug of issue 4, not a slow machine; run it with
-// `cargo test --release -p phalanx-daemon --test failover -- --ignored`.
+// The heal reaches the members one by one (each polls its fault file), so
+// the recovery report of the epoch that readmits the cut-off member can be
+// dropped by a member that still fences it off: this test caught that the
+// exchange then waited forever (the daemons now ask for a missing report
+// again), and that a trainer whose call failed while its daemon stayed in
+// the ring waited in join() for a hand-over nobody sent (its daemon now
+// leaves the ring to be readmitted as a joiner).
 #[test]
-#[ignore = "flaky: a known race in the post-heal hand-over (issue 4)"]
 fn a_member_cut_off_gets_no_quorum_then_rejoins_after_the_heal() {
     let _serial = common::one_at_a_time();
     // A short recovery bound so the cut-off member gives up quickly.

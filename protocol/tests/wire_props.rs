@@ -139,6 +139,7 @@ fn control() -> impl Strategy<Value = ControlMessage> {
                         .collect(),
                 })
             }),
+        any::<u64>().prop_map(|e| ControlMessage::RecoveryAsk { epoch: Epoch(e) }),
     ]
 }
 

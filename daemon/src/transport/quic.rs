@@ -771,6 +771,9 @@ impl Mesh {
                     Ok(ControlMessage::Recovery(report)) => {
                         let _ = driver.send(Input::Recovery { from: peer, report }).await;
                     }
+                    Ok(ControlMessage::RecoveryAsk { epoch }) => {
+                        let _ = driver.send(Input::RecoveryAsk { from: peer, epoch }).await;
+                    }
                     Ok(msg) => debug!(%peer, ?msg, "control message"),
                     Err(e) => {
                         let closed = e.downcast_ref::<quinn::ReadExactError>().is_some();

@@ -207,6 +207,14 @@ pub enum ControlMessage {
     },
     /// What the sender holds of interrupted ops as it enters a new epoch.
     Recovery(crate::membership::RecoveryReport),
+    /// The sender misses the receiver's recovery report for `epoch`: a
+    /// member that has installed that epoch answers with its report (the
+    /// first one may have been lost with a connection, or dropped while the
+    /// receiver still fenced the sender off).
+    RecoveryAsk {
+        /// The epoch whose report is missing.
+        epoch: Epoch,
+    },
     /// The progress signal: per stream, the last op the sender's trainers
     /// issued (sent every few heartbeats).
     Progress {
