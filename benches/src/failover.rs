@@ -72,6 +72,7 @@ fn run_trial(o: &Options, trial: usize) -> Result<Trial> {
         data_plane: String::new(),
         control: String::new(),
         keep: std::env::var_os("PHALANX_KEEP_BENCH_DIRS").is_some(),
+        bootstrap: false,
     })?;
     // Every member in the ring before the clock starts: on a loaded machine a
     // daemon can be suspected while the group forms, and this benchmark

@@ -27,6 +27,12 @@ pub struct ClusterOptions {
     pub control: String,
     /// Keep the directory (logs, configs) after drop.
     pub keep: bool,
+    /// Form the group as on real nodes: member 1 `--bootstrap`, the others
+    /// `--join` member 1, each config listing only its own member. The
+    /// joined members enter the ring when their trainers call join().
+    /// Otherwise every config lists every member and they bootstrap
+    /// together.
+    pub bootstrap: bool,
 }
 
 /// One member process.
@@ -46,6 +52,36 @@ pub struct Member {
     pub log: PathBuf,
     /// The process, while it runs.
     pub child: Option<Child>,
+    /// Start flags (`--bootstrap`, `--join ADDR`; a restart ignores them).
+    pub args: Vec<String>,
+}
+
+impl Member {
+    /// Its `[[members]]` entry.
+    fn entry(&self) -> String {
+        format!(
+            "[[members]]\nid = {i}\nname = \"node{i}\"\naddr = \"{addr}\"\n",
+            i = self.id,
+            addr = self.addr
+        )
+    }
+
+    fn write_config(&self, options: &ClusterOptions, entries: &str) -> Result<()> {
+        let text = format!(
+            "cluster = \"local\"\nmember_id = {id}\nsocket = \"{sock}\"\nmetrics = \"{metrics}\"\n\
+             data_dir = \"node{id}.data\"\n\
+             [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node{id}.pem\"\nkey = \"certs/node{id}.key\"\n\
+             [control]\n{control}\n\
+             [data_plane]\n{dp}\n{entries}",
+            id = self.id,
+            sock = self.socket.display(),
+            metrics = self.metrics,
+            dp = options.data_plane,
+            control = options.control,
+        );
+        std::fs::write(&self.config, text)
+            .with_context(|| format!("writing {}", self.config.display()))
+    }
 }
 
 /// The running cluster; dropping it kills every member.
@@ -107,50 +143,79 @@ impl LocalCluster {
         std::fs::create_dir_all(&options.dir)
             .with_context(|| format!("creating {}", options.dir.display()))?;
         tls::init_ca(&certs)?;
-        let mut entries = String::new();
         let mut members = Vec::new();
         for i in 1..=options.members as u32 {
-            let ip = [127, 0, 0, 10 + i as u8];
-            tls::issue_node(&certs, &format!("node{i}"))?;
-            let addr = free_udp(ip)?;
-            let metrics = free_tcp(ip)?;
-            entries.push_str(&format!(
-                "[[members]]\nid = {i}\nname = \"node{i}\"\naddr = \"{addr}\"\n"
-            ));
-            members.push(Member {
-                id: i,
-                socket: options.dir.join(format!("node{i}.sock")),
-                metrics,
-                addr,
-                config: options.dir.join(format!("node{i}.toml")),
-                log: options.dir.join(format!("node{i}.log")),
-                child: None,
-            });
+            members.push(Self::new_member(&options, i)?);
         }
-        let data_plane = &options.data_plane;
-        for m in &members {
-            let text = format!(
-                "cluster = \"local\"\nmember_id = {id}\nsocket = \"{sock}\"\nmetrics = \"{metrics}\"\n\
-                 data_dir = \"node{id}.data\"\n\
-                 [tls]\nca = \"certs/ca.pem\"\ncert = \"certs/node{id}.pem\"\nkey = \"certs/node{id}.key\"\n\
-                 [control]\n{control}\n\
-                 [data_plane]\n{dp}\n{entries}",
-                id = m.id,
-                sock = m.socket.display(),
-                metrics = m.metrics,
-                dp = data_plane,
-                control = options.control,
-            );
-            std::fs::write(&m.config, text)
-                .with_context(|| format!("writing {}", m.config.display()))?;
+        let entries: String = members.iter().map(Member::entry).collect();
+        for m in &mut members {
+            if options.bootstrap {
+                m.args = if m.id == 1 {
+                    vec!["--bootstrap".into()]
+                } else {
+                    vec![]
+                };
+                m.write_config(&options, &m.entry())?;
+            } else {
+                m.write_config(&options, &entries)?;
+            }
         }
+        let first = members[0].addr;
         let mut cluster = LocalCluster { options, members };
-        for i in 0..cluster.members.len() {
+        cluster.spawn(0)?;
+        if cluster.options.bootstrap {
+            // The others join once the first one runs.
+            cluster.wait_ready(Duration::from_secs(60))?;
+            for i in 1..cluster.members.len() {
+                cluster.members[i].args = vec!["--join".into(), first.to_string()];
+            }
+        }
+        for i in 1..cluster.members.len() {
             cluster.spawn(i)?;
         }
         cluster.wait_ready(Duration::from_secs(60))?;
         cluster.wait_settled(Duration::from_secs(60))?;
         Ok(cluster)
+    }
+
+    fn new_member(options: &ClusterOptions, i: u32) -> Result<Member> {
+        if i > 200 {
+            bail!("a local cluster has at most 200 members");
+        }
+        let ip = [127, 0, 0, 10 + i as u8];
+        tls::issue_node(&options.dir.join("certs"), &format!("node{i}"))?;
+        Ok(Member {
+            id: i,
+            socket: options.dir.join(format!("node{i}.sock")),
+            metrics: free_tcp(ip)?,
+            addr: free_udp(ip)?,
+            config: options.dir.join(format!("node{i}.toml")),
+            log: options.dir.join(format!("node{i}.log")),
+            child: None,
+            args: Vec::new(),
+        })
+    }
+
+    /// Starts a new node that joins the running group (`phalanxd --join`
+    /// the first running member; its config lists only itself) and waits
+    /// until its trainer socket accepts and it is connected to every
+    /// running member. It is a learner, out of the ring, until its trainer
+    /// calls join(). Returns its index.
+    pub fn add_member(&mut self) -> Result<usize> {
+        let seed = self
+            .members
+            .iter()
+            .find(|m| m.child.is_some())
+            .map(|m| m.addr)
+            .context("no running member to join")?;
+        let mut m = Self::new_member(&self.options, self.members.len() as u32 + 1)?;
+        m.write_config(&self.options, &m.entry())?;
+        m.args = vec!["--join".into(), seed.to_string()];
+        self.members.push(m);
+        let i = self.members.len() - 1;
+        self.spawn(i)?;
+        self.wait_ready(Duration::from_secs(60))?;
+        Ok(i)
     }
 
     /// Starts member index `i`'s process.
@@ -165,6 +230,7 @@ impl LocalCluster {
         let child = Command::new(&self.options.phalanxd)
             .arg("--config")
             .arg(&m.config)
+            .args(&m.args)
             .env(
                 "PHALANX_FAULT_FILE",
                 self.options.dir.join(format!("node{}.cut", m.id)),
@@ -197,7 +263,7 @@ impl LocalCluster {
             .count()
             .saturating_sub(1)
             * links;
-        for m in &mut self.members {
+        for m in self.members.iter_mut().filter(|m| m.child.is_some()) {
             loop {
                 if std::os::unix::net::UnixStream::connect(&m.socket).is_ok() {
                     break;

@@ -154,7 +154,10 @@ pub struct Config {
     pub engine: String,
     /// TLS files.
     pub tls: TlsConfig,
-    /// The group (static in this release).
+    /// The members this daemon knows at start, itself included: with the
+    /// default start, every member of the group (all daemons list the same
+    /// ones and bootstrap together); with `--bootstrap` or `--join`, at
+    /// least this daemon (the others are learnt from the group).
     pub members: Vec<MemberConfig>,
     /// Data-plane tuning.
     #[serde(default)]
@@ -162,6 +165,22 @@ pub struct Config {
     /// Control-plane (Raft) settings.
     #[serde(default)]
     pub control: ControlPlaneConfig,
+    /// How a first start finds its group (command-line flags only).
+    #[serde(skip)]
+    pub start: StartFlag,
+}
+
+/// `phalanxd`'s group-forming flags; they matter only while the data
+/// directory holds no Raft log (a restart rejoins the group it knows).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StartFlag {
+    /// No flag: every member in `members` bootstraps the group.
+    #[default]
+    Roster,
+    /// `--bootstrap`: a new group of this daemon alone.
+    Bootstrap,
+    /// `--join ADDR`: ask the member at ADDR to enrol this daemon.
+    Join(SocketAddr),
 }
 
 /// TLS file paths, relative to the config file's directory when relative.
@@ -337,6 +356,7 @@ impl Config {
     /// Raft timing.
     pub fn control_config(&self) -> phalanx_protocol::membership::control::ControlConfig {
         phalanx_protocol::membership::control::ControlConfig {
+            election_seed: None,
             tick: Duration::from_millis(self.control.tick_ms),
             election_ticks: self.control.election_ticks,
             heartbeat_ticks: self.control.heartbeat_ticks,

@@ -51,6 +51,16 @@ pub enum ControlInput {
     },
     /// A local trainer wants this daemon in the ring (it is joining).
     WantIn,
+    /// A new node (`phalanxd --join`) asks to be enrolled; its certificate
+    /// was checked to name `name`.
+    JoinRequest {
+        /// The node.
+        member: MemberId,
+        /// Its certificate's name.
+        name: String,
+        /// Where it listens.
+        addr: String,
+    },
 }
 
 /// Sends control messages to peers over their control streams. A message to
@@ -170,6 +180,19 @@ impl std::fmt::Debug for ControlTask {
     }
 }
 
+/// How a daemon with an empty data directory comes to a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Every member listed in the configuration bootstraps one group
+    /// together (all must list the same members).
+    Roster,
+    /// `--bootstrap`: a new group of this daemon alone.
+    Bootstrap,
+    /// `--join ADDR`: this daemon asks a member of a running group to
+    /// enrol it, then learns the group from the leader's snapshot.
+    Join,
+}
+
 /// How a daemon's control plane starts.
 #[derive(Debug)]
 pub struct ControlSetup {
@@ -179,8 +202,12 @@ pub struct ControlSetup {
     pub incarnation: Incarnation,
     /// Its address, as peers reach it.
     pub addr: String,
-    /// The roster every daemon bootstraps from (id, address).
-    pub roster: Vec<(MemberId, String)>,
+    /// The roster every daemon bootstraps from (id, certificate name,
+    /// address).
+    pub roster: Vec<(MemberId, String, String)>,
+    /// How a first start (an empty data directory) forms or finds the
+    /// group; ignored once the Raft log holds anything.
+    pub start: Start,
     /// How many of the roster vote.
     pub voters: usize,
     /// Raft timing.
@@ -197,14 +224,26 @@ impl ControlTask {
         driver: mpsc::Sender<Input>,
     ) -> Result<(ControlTask, watch::Receiver<GroupView>)> {
         let (log, persisted) = RaftLog::open(&setup.dir)?;
-        let ids: Vec<MemberId> = setup.roster.iter().map(|(m, _)| *m).collect();
+        let roster: Vec<(MemberId, String, String)> = match setup.start {
+            Start::Roster => setup.roster.clone(),
+            Start::Bootstrap => setup
+                .roster
+                .iter()
+                .filter(|(m, _, _)| *m == setup.me)
+                .cloned()
+                .collect(),
+            Start::Join => Vec::new(),
+        };
+        let ids: Vec<MemberId> = roster.iter().map(|(m, _, _)| *m).collect();
         let roles = initial_roles(&ids, setup.voters);
         let restored = persisted.is_some();
+        if restored && setup.start != Start::Roster {
+            info!(start = ?setup.start, "the raft log already holds a group: the start flag is ignored");
+        }
         let node = ControlNode::new(
             setup.me,
             setup.config,
-            GroupState::bootstrap(setup.roster.clone()),
-            &roles,
+            (setup.start != Start::Join).then(|| (GroupState::bootstrap(roster), &roles)),
             persisted,
             Time::ZERO,
         )
@@ -230,7 +269,7 @@ impl ControlTask {
                 me: setup.me,
                 node,
                 log,
-                keeper: Housekeeper::new(RETRY),
+                keeper: Housekeeper::new(RETRY, setup.voters),
                 incarnation: setup.incarnation,
                 addr: setup.addr,
                 origin: Instant::now(),
@@ -371,6 +410,14 @@ impl ControlTask {
                 self.suspects.remove(&member);
             }
             ControlInput::WantIn => self.want_in = true,
+            ControlInput::JoinRequest { member, name, addr } => {
+                match self.node.propose_enroll(member, &name, &addr) {
+                    Ok(()) => {
+                        info!(%member, %name, %addr, "a new node asks to join: proposed enrolling it")
+                    }
+                    Err(e) => debug!(%member, error = %e, "enrolment not proposed"),
+                }
+            }
         }
     }
 
@@ -463,6 +510,10 @@ impl ControlTask {
                         member,
                         incarnation,
                     } => info!(%member, life = incarnation.0, "member's life recorded"),
+                    Applied::Enrolled { member } => {
+                        let rec = &self.node.group().members[&member];
+                        info!(%member, name = %rec.name, addr = %rec.addr, index, "new node enrolled: a learner, in the ring once its trainer joins")
+                    }
                     Applied::Ignored(why) => debug!(index, %why, "command ignored"),
                 },
                 Event::Leader { leader, term } => {

@@ -202,6 +202,13 @@ pub enum Input {
         /// The report.
         report: RecoveryReport,
     },
+    /// A peer learnt at run time: its data queues.
+    Peer {
+        /// The peer.
+        member: MemberId,
+        /// Its queues.
+        outbox: Outbox,
+    },
     /// A peer misses this daemon's recovery report for `epoch`.
     RecoveryAsk {
         /// The peer.
@@ -848,6 +855,9 @@ impl Driver {
                     },
                 );
                 self.try_joins();
+            }
+            Input::Peer { member, outbox } => {
+                self.wiring.outboxes.entry(member).or_insert(outbox);
             }
             Input::RecoveryAsk { from, epoch } => match &self.report {
                 Some(report) if report.epoch == epoch => {

@@ -22,19 +22,92 @@ pub mod tls;
 pub mod transport;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use phalanx_compute::{ComputeEngine, ScalarEngine, SimdEngine};
 use phalanx_protocol::collective::{Collectives, Config as CoreConfig};
 use phalanx_protocol::MemberId;
 use tokio::sync::{mpsc, watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 
 /// Queue depth from the network and trainers into the driver; readers wait
 /// when it is full, which pushes back through QUIC flow control.
 const DRIVER_QUEUE: usize = 1024;
+
+/// Keeps the mesh in step with the group: every member the group records
+/// (a node that joined, or — on a joining node — the whole group once its
+/// snapshot arrives) becomes a peer.
+async fn learn_peers(
+    mesh: Arc<transport::quic::Mesh>,
+    mut view: watch::Receiver<control::GroupView>,
+) {
+    loop {
+        let members: Vec<(MemberId, String, String)> = view
+            .borrow_and_update()
+            .group
+            .members
+            .iter()
+            .map(|(&id, r)| (id, r.name.clone(), r.addr.clone()))
+            .collect();
+        for (id, name, addr) in members {
+            if mesh.knows(id) {
+                continue;
+            }
+            match addr.parse() {
+                Ok(addr) => mesh.add_peer(config::MemberConfig {
+                    id: id.0,
+                    name,
+                    addr,
+                }),
+                Err(e) => {
+                    warn!(member = %id, %addr, error = %e, "the group records an address that does not parse")
+                }
+            }
+        }
+        if view.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `phalanxd --join ADDR`: asks the member at `addr` to enrol this daemon,
+/// again every second until the group (learnt from the leader's snapshot)
+/// lists it; meanwhile connects to the members the answers list.
+async fn ask_to_join(
+    mesh: Arc<transport::quic::Mesh>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    view: watch::Receiver<control::GroupView>,
+) {
+    let me = mesh.me();
+    let mut tries = 0u32;
+    while !view.borrow().group.members.contains_key(&me) {
+        tries += 1;
+        match mesh.ask_to_join(&endpoint, client.clone(), addr).await {
+            Ok(roster) => {
+                info!(%addr, members = roster.len(), tries, "asked to join the group; waiting to be enrolled");
+                for (id, name, peer_addr) in roster {
+                    if let (false, Ok(peer_addr)) = (mesh.knows(id), peer_addr.parse()) {
+                        mesh.add_peer(config::MemberConfig {
+                            id: id.0,
+                            name,
+                            addr: peer_addr,
+                        });
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(%addr, error = %format!("{e:#}"), tries, "could not ask to join; retrying")
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    info!(%me, "enrolled in the group: a learner until this node's trainer joins");
+}
 
 fn engine(name: &str) -> Box<dyn ComputeEngine> {
     match name {
@@ -84,8 +157,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             roster: config
                 .members
                 .iter()
-                .map(|m| (MemberId(m.id), m.addr.to_string()))
+                .map(|m| (MemberId(m.id), m.name.clone(), m.addr.to_string()))
                 .collect(),
+            start: match config.start {
+                config::StartFlag::Roster => control::Start::Roster,
+                config::StartFlag::Bootstrap => control::Start::Bootstrap,
+                config::StartFlag::Join(_) => control::Start::Join,
+            },
             voters: config.control.voters,
             config: config.control_config(),
             dir: config.data_dir.join("raft"),
@@ -133,7 +211,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for w in writers {
         tokio::spawn(w.run());
     }
+    mesh.set_endpoint(endpoint.clone());
     tokio::spawn(mesh.clone().accept(endpoint.clone()));
+    tokio::spawn(learn_peers(mesh.clone(), view.clone()));
+    if let config::StartFlag::Join(addr) = config.start {
+        tokio::spawn(ask_to_join(
+            mesh.clone(),
+            endpoint.clone(),
+            quinn::ClientConfig::new(Arc::new(
+                quinn::crypto::rustls::QuicClientConfig::try_from(identity.join_client.clone())
+                    .context("QUIC client TLS for --join")?,
+            )),
+            addr,
+            view.clone(),
+        ));
+    }
     for peer in config.members.iter().filter(|p| p.id > config.member_id) {
         for link in 0..mesh.links() {
             tokio::spawn(mesh.clone().dial(endpoint.clone(), peer.clone(), link));

@@ -163,6 +163,61 @@ pub struct Identity {
     pub server: Arc<rustls::ServerConfig>,
     /// rustls client side: presents this node's certificate.
     pub client: Arc<rustls::ClientConfig>,
+    /// rustls client side for `phalanxd --join ADDR`: the address's node
+    /// name is not known yet, so any node certificate of the cluster CA is
+    /// accepted (the chain is checked as usual; the name is learnt from the
+    /// answer and checked on every later connection).
+    pub join_client: Arc<rustls::ClientConfig>,
+}
+
+/// Verifies a server's chain against the cluster CA but not its name.
+#[derive(Debug)]
+struct AnyNodeOfTheCa(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyNodeOfTheCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        // The chain is checked before the name: a name mismatch means the
+        // certificate is one of the cluster's nodes.
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(rustls::client::danger::ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 /// Loads the CA, certificate and key, and builds both TLS configurations.
@@ -193,6 +248,21 @@ pub fn load(files: &TlsFiles) -> Result<Identity> {
             )
         })?;
     server.alpn_protocols = vec![ALPN.to_vec()];
+    let mut join_client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 with the ring provider")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyNodeOfTheCa(
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                roots.clone(),
+                provider.clone(),
+            )
+            .build()
+            .context("building the server-certificate verifier")?,
+        )))
+        .with_client_auth_cert(chain.clone(), key.clone_key())
+        .context("using the node certificate as a client certificate")?;
+    join_client.alpn_protocols = vec![ALPN.to_vec()];
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 with the ring provider")?
@@ -204,6 +274,7 @@ pub fn load(files: &TlsFiles) -> Result<Identity> {
         roots,
         server: Arc::new(server),
         client: Arc::new(client),
+        join_client: Arc::new(join_client),
     })
 }
 

@@ -140,6 +140,10 @@ fn control() -> impl Strategy<Value = ControlMessage> {
                 })
             }),
         any::<u64>().prop_map(|e| ControlMessage::RecoveryAsk { epoch: Epoch(e) }),
+        ("[a-z0-9.-]{0,20}", "[0-9.:]{0,21}")
+            .prop_map(|(name, addr)| ControlMessage::JoinRequest { name, addr }),
+        proptest::collection::vec((member(), "[a-z0-9-]{0,12}", "[0-9.:]{0,21}"), 0..6)
+            .prop_map(|members| ControlMessage::JoinRoster { members }),
     ]
 }
 

@@ -9,6 +9,13 @@
 //! index gives the same result on every member, one ring per epoch, epochs
 //! never go back on a member. Liveness is checked at the end: every member
 //! runs, agrees on the epoch, and is back in the ring.
+//!
+//! In about half the seeds only the first members bootstrap the group (one
+//! of them alone, as `phalanxd --bootstrap` does) and the others join it as
+//! `phalanxd --join` does: they start with no configuration, ask a random
+//! member to enrol them, and are brought up to date by a snapshot. Half the
+//! seeds compact the log every few entries, so members that fall behind
+//! (crashed, cut off) are restored from snapshots too.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -17,7 +24,7 @@ use std::time::Duration;
 
 use phalanx_protocol::membership::control::{
     decode_message, destination, encode_message, initial_roles, propose, ControlConfig,
-    ControlNode, Event, Housekeeper, MemoryDisk,
+    ControlNode, Event, Housekeeper, MemoryDisk, Persisted,
 };
 use phalanx_protocol::membership::{
     Applied, Command, Decision, DetectorConfig, FailureDetector, GroupState,
@@ -37,6 +44,11 @@ pub struct ControlScenario {
     pub members: usize,
     /// Voters.
     pub voters: usize,
+    /// How many members (the lowest ids) bootstrap the group; the others
+    /// join it.
+    pub bootstrapped: usize,
+    /// Applied entries between snapshots.
+    pub snapshot_every: u64,
     /// Length of the fault phase.
     pub fault_phase: Duration,
     /// Length of the liveness phase.
@@ -105,10 +117,22 @@ impl ControlScenario {
             faults.push((at, fault));
         }
         faults.sort_by_key(|(at, _)| *at);
+        let bootstrapped = if rng.chance(0.5) {
+            members
+        } else {
+            rng.range_inclusive(1, members as u64 - 1) as usize
+        };
+        let snapshot_every = if rng.chance(0.5) {
+            rng.range_inclusive(4, 64)
+        } else {
+            ControlConfig::default().snapshot_every
+        };
         ControlScenario {
             seed,
             members,
             voters,
+            bootstrapped,
+            snapshot_every,
             fault_phase,
             heal_phase: Duration::from_secs(30),
             drop: if rng.chance(0.5) {
@@ -143,6 +167,8 @@ pub struct ControlReport {
     pub restarts: u64,
     /// Snapshots installed from a leader.
     pub restores: u64,
+    /// Members enrolled by joining.
+    pub enrolled: u64,
     /// Messages dropped by the network.
     pub dropped: u64,
 }
@@ -173,6 +199,8 @@ impl fmt::Display for ControlFailure {
 enum Packet {
     Raft(Vec<u8>),
     Heartbeat,
+    /// A joining member asks to be enrolled.
+    Join(MemberId),
 }
 
 struct Member {
@@ -216,8 +244,15 @@ impl ControlSim {
     /// A cluster for `sc`.
     pub fn new(sc: ControlScenario) -> ControlSim {
         let ids: Vec<MemberId> = (0..sc.members).map(|i| MemberId(i as u32)).collect();
-        let bootstrap = GroupState::bootstrap(ids.iter().map(|&m| (m, addr(m.0 as usize))));
-        let config = ControlConfig::default();
+        let bootstrap = GroupState::bootstrap(
+            ids[..sc.bootstrapped]
+                .iter()
+                .map(|&m| (m, format!("node{}", m.0), addr(m.0 as usize))),
+        );
+        let config = ControlConfig {
+            snapshot_every: sc.snapshot_every,
+            ..ControlConfig::default()
+        };
         let detector = DetectorConfig::default();
         let mut sim = ControlSim {
             rng: SplitMix64::new(sc.seed),
@@ -244,23 +279,36 @@ impl ControlSim {
                 node: Some(node),
                 disk: MemoryDisk::default(),
                 detector: FailureDetector::new(detector, others(&ids, id), Time::ZERO),
-                keeper: Housekeeper::new(Duration::from_millis(500)),
+                keeper: Housekeeper::new(Duration::from_millis(500), sim.sc.voters),
                 incarnation: Incarnation(1),
                 paused_until: None,
-                last_epoch: Epoch(1),
+                last_epoch: if (id.0 as usize) < sim.sc.bootstrapped {
+                    Epoch(1)
+                } else {
+                    Epoch(0)
+                },
             });
         }
         sim
     }
 
-    fn start_node(&self, id: MemberId, disk: Option<&MemoryDisk>) -> ControlNode {
-        let ids: Vec<MemberId> = (0..self.sc.members).map(|i| MemberId(i as u32)).collect();
+    fn start_node(&mut self, id: MemberId, persisted: Option<Persisted>) -> ControlNode {
+        let ids: Vec<MemberId> = (0..self.sc.bootstrapped)
+            .map(|i| MemberId(i as u32))
+            .collect();
+        let roles = initial_roles(&ids, self.sc.voters);
+        let joiner = id.0 as usize >= self.sc.bootstrapped;
+        // Each life draws its election timeouts from the seed (see
+        // `ControlConfig::election_seed`).
+        let config = ControlConfig {
+            election_seed: Some(self.rng.next_u64()),
+            ..self.config
+        };
         ControlNode::new(
             id,
-            self.config,
-            self.bootstrap.clone(),
-            &initial_roles(&ids, self.sc.voters),
-            disk.map(|d| d.state.clone()),
+            config,
+            (!joiner).then(|| (self.bootstrap.clone(), &roles)),
+            persisted,
             self.now,
         )
         .expect("node starts")
@@ -323,13 +371,15 @@ impl ControlSim {
             return;
         }
         let id = self.members[m].id;
-        let node = self.start_node(id, Some(&self.members[m].disk));
+        let persisted = self.members[m].disk.state.clone();
+        let node = self.start_node(id, Some(persisted));
         let ids: Vec<MemberId> = (0..self.sc.members).map(|i| MemberId(i as u32)).collect();
+        let voters = self.sc.voters;
         let mem = &mut self.members[m];
         mem.node = Some(node);
         mem.incarnation = Incarnation(mem.incarnation.0 + 1);
         mem.detector = FailureDetector::new(self.detector, others(&ids, id), self.now);
-        mem.keeper = Housekeeper::new(Duration::from_millis(500));
+        mem.keeper = Housekeeper::new(Duration::from_millis(500), voters);
         self.report.restarts += 1;
     }
 
@@ -367,6 +417,20 @@ impl ControlSim {
                     }
                 }
                 next_heartbeat = next_heartbeat.after(self.detector.heartbeat_interval);
+                // Joiners not yet known ask a random member, as often as
+                // `phalanxd --join` does (every 500 ms).
+                if self.now.0 % 500_000 < self.detector.heartbeat_interval.as_micros() as u64 {
+                    for j in self.sc.bootstrapped..self.sc.members {
+                        let known = self.members[j]
+                            .node
+                            .as_ref()
+                            .is_some_and(|n| n.group().members.contains_key(&MemberId(j as u32)));
+                        if self.running(j) && !known {
+                            let to = self.rng.below(self.sc.bootstrapped as u64) as usize;
+                            self.send(j, to, Packet::Join(MemberId(j as u32)));
+                        }
+                    }
+                }
             }
             for m in 0..self.sc.members {
                 if self.running(m) {
@@ -404,10 +468,20 @@ impl ControlSim {
             let mem = &mut self.members[to];
             let from_id = MemberId(from as u32);
             mem.detector.heard(from_id, now);
-            if let Packet::Raft(bytes) = p {
-                let node = mem.node.as_mut().expect("running");
-                let msg = decode_message(&bytes, from_id, mem.id).expect("well-formed");
-                let _ = node.step(msg);
+            let node = mem.node.as_mut().expect("running");
+            match p {
+                Packet::Raft(bytes) => {
+                    let msg = decode_message(&bytes, from_id, mem.id).expect("well-formed");
+                    let _ = node.step(msg);
+                }
+                Packet::Join(joiner) => {
+                    let _ = node.propose_enroll(
+                        joiner,
+                        &format!("node{}", joiner.0),
+                        &addr(joiner.0 as usize),
+                    );
+                }
+                Packet::Heartbeat => {}
             }
         }
     }
@@ -477,8 +551,10 @@ impl ControlSim {
                             )));
                         }
                     } else {
-                        if let Applied::NewEpoch { .. } = applied {
-                            self.report.epochs += 1;
+                        match applied {
+                            Applied::NewEpoch { .. } => self.report.epochs += 1,
+                            Applied::Enrolled { .. } => self.report.enrolled += 1,
+                            _ => {}
                         }
                         self.applied.insert(index, applied);
                     }

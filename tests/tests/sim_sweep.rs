@@ -129,6 +129,7 @@ fn seeded_control_plane_scenarios() {
                 total.role_changes += r.role_changes;
                 total.restores += r.restores;
                 total.dropped += r.dropped;
+                total.enrolled += r.enrolled;
             }
             Err(failure) => {
                 eprintln!("{failure}\n");

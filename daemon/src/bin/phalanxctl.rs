@@ -46,6 +46,12 @@ enum Command {
         /// The phalanxd binary (default: next to phalanxctl).
         #[arg(long)]
         phalanxd: Option<PathBuf>,
+        /// Form the group as on real nodes: member 1 runs `phalanxd
+        /// --bootstrap`, the others `--join` it with configs that list only
+        /// themselves (their trainers enter the ring with join()). Default:
+        /// every config lists every member and they bootstrap together.
+        #[arg(long)]
+        bootstrap: bool,
     },
 }
 
@@ -107,6 +113,7 @@ fn real_main() -> Result<()> {
             dir,
             keep,
             phalanxd,
+            bootstrap,
         } => {
             let dir = dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("phalanx-local-{}", std::process::id()))
@@ -126,6 +133,7 @@ fn real_main() -> Result<()> {
                 data_plane: String::new(),
                 control: String::new(),
                 keep,
+                bootstrap,
             })?;
             for m in &cluster.members {
                 println!(

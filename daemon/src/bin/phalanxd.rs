@@ -8,8 +8,10 @@ use clap::Parser;
 use phalanx_daemon::config::Config;
 use tracing_subscriber::EnvFilter;
 
-/// The Phalanx daemon: one per node. It joins the group listed in its config,
-/// connects to every other member over QUIC with mutual TLS, and serves the
+/// The Phalanx daemon: one per node. It forms or joins a group (all members
+/// listed in its config bootstrap together; or `--bootstrap` on the first
+/// node and `--join ADDR` on the others), connects to every other member
+/// over QUIC with mutual TLS, and serves the
 /// trainers on this node through a Unix socket, running their collectives
 /// (all-reduce, broadcast, all-gather, reduce-scatter, barrier) with the
 /// group. Membership is coordinated with Raft (log in `data_dir`): a member
@@ -53,6 +55,20 @@ struct Cli {
     /// Log filter when RUST_LOG is unset.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Start a new group of this daemon alone (first start only: the data
+    /// directory must hold no Raft log). Other daemons then `--join` it.
+    /// Without this flag or `--join`, every member listed in the config
+    /// bootstraps one group together.
+    #[arg(long, conflicts_with = "join")]
+    bootstrap: bool,
+    /// Join the running group that the daemon at ADDR (its QUIC address)
+    /// belongs to: it enrols this daemon as a learner and the group's
+    /// state arrives from the Raft leader; this daemon's trainer then calls
+    /// join() to enter the ring with the live trainers' state. The config
+    /// needs to list only this daemon. First start only (a restart finds
+    /// its group in the data directory).
+    #[arg(long, value_name = "ADDR")]
+    join: Option<SocketAddr>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,6 +111,12 @@ fn real_main() -> Result<()> {
     }
     if let Some(e) = cli.engine {
         config.engine = e;
+    }
+    if cli.bootstrap {
+        config.start = phalanx_daemon::config::StartFlag::Bootstrap;
+    }
+    if let Some(addr) = cli.join {
+        config.start = phalanx_daemon::config::StartFlag::Join(addr);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.worker_threads.max(1))

@@ -6,7 +6,7 @@
 //! is served on.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use metrics::{counter, gauge};
 use phalanx_protocol::wire::{
     decode, encode_control, ControlMessage, DecodeError, Decoded, EnvelopeHeader, FrameHeader,
-    Limits, MessageKind, RejectCode, ENVELOPE_LEN, FRAME_HEADER_LEN, PROTOCOL_VERSION,
+    Limits, MessageKind, RejectCode, ENVELOPE_LEN, FRAME_HEADER_LEN, JOIN_LINK, PROTOCOL_VERSION,
 };
 use phalanx_protocol::{Epoch, Incarnation, MemberId};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -104,10 +104,16 @@ pub struct Mesh {
     me: MemberId,
     cluster: String,
     incarnation: Incarnation,
-    members: BTreeMap<MemberId, MemberConfig>,
+    /// Every member this daemon knows: the configured ones, and those
+    /// learnt from the group (nodes that joined) — see [`Mesh::add_peer`].
+    members: RwLock<BTreeMap<MemberId, MemberConfig>>,
     /// Per peer, one slot per parallel connection ("link").
-    primaries: HashMap<MemberId, Vec<watch::Sender<Option<Connection>>>>,
+    primaries: RwLock<HashMap<MemberId, Vec<watch::Sender<Option<Connection>>>>>,
     links: usize,
+    /// Data channels per peer.
+    channels: usize,
+    /// The endpoint, to dial peers learnt at run time.
+    endpoint: std::sync::OnceLock<Endpoint>,
     heartbeat: Duration,
     driver: mpsc::Sender<Input>,
     control: mpsc::Sender<ControlInput>,
@@ -202,13 +208,17 @@ pub fn mesh(
         me,
         cluster: config.cluster.clone(),
         incarnation,
-        members: config
-            .members
-            .iter()
-            .map(|m| (MemberId(m.id), m.clone()))
-            .collect(),
-        primaries,
+        members: RwLock::new(
+            config
+                .members
+                .iter()
+                .map(|m| (MemberId(m.id), m.clone()))
+                .collect(),
+        ),
+        primaries: RwLock::new(primaries),
         links: config.data_plane.connections,
+        channels: config.data_plane.channels,
+        endpoint: std::sync::OnceLock::new(),
         heartbeat: Duration::from_millis(config.data_plane.heartbeat_interval_ms),
         driver,
         control,
@@ -291,7 +301,8 @@ impl Mesh {
     /// life is gone. The dialing side redials (with backoff), the accepting
     /// side waits for it.
     pub fn reset(&self, peer: MemberId) {
-        let Some(slots) = self.primaries.get(&peer) else {
+        let primaries = self.primaries.read().expect("poisoned");
+        let Some(slots) = primaries.get(&peer) else {
             return;
         };
         for slot in slots {
@@ -311,6 +322,134 @@ impl Mesh {
     /// How many parallel connections each pair keeps.
     pub fn links(&self) -> usize {
         self.links
+    }
+
+    /// The endpoint peers learnt at run time are dialled from.
+    pub fn set_endpoint(&self, endpoint: Endpoint) {
+        let _ = self.endpoint.set(endpoint);
+    }
+
+    /// This daemon.
+    pub fn me(&self) -> MemberId {
+        self.me
+    }
+
+    /// Whether `member` is known (configured or learnt).
+    pub fn knows(&self, member: MemberId) -> bool {
+        self.members.read().expect("poisoned").contains_key(&member)
+    }
+
+    /// Learns a member the configuration did not list (a node that joined
+    /// the group, or the group a joining node found): registers its links
+    /// and data queues, hands the queues to the driver, and dials it when
+    /// this daemon has the lower id. A known member is left as it is.
+    pub fn add_peer(self: &Arc<Self>, peer: MemberConfig) {
+        let id = MemberId(peer.id);
+        if id == self.me {
+            return;
+        }
+        {
+            let mut members = self.members.write().expect("poisoned");
+            if members.contains_key(&id) {
+                return;
+            }
+            members.insert(id, peer.clone());
+        }
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..self.links).map(|_| watch::channel(None)).unzip();
+        self.primaries.write().expect("poisoned").insert(id, txs);
+        let mut channels = Vec::new();
+        for k in 0..self.channels {
+            let (tx, rx) = mpsc::unbounded_channel();
+            channels.push(tx);
+            tokio::spawn(
+                WriterTask {
+                    peer: id,
+                    conn: rxs[k % rxs.len()].clone(),
+                    frames: rx,
+                }
+                .run(),
+            );
+        }
+        let driver = self.driver.clone();
+        tokio::spawn(async move {
+            let _ = driver
+                .send(Input::Peer {
+                    member: id,
+                    outbox: Outbox { channels },
+                })
+                .await;
+        });
+        info!(peer = %id, name = %peer.name, addr = %peer.addr, "new peer learnt from the group");
+        if self.me < id {
+            if let Some(endpoint) = self.endpoint.get() {
+                for link in 0..self.links {
+                    tokio::spawn(self.clone().dial(endpoint.clone(), peer.clone(), link));
+                }
+            }
+        }
+    }
+
+    /// `phalanxd --join ADDR`, one try: asks the member at `addr` (whose
+    /// name is not known yet: `client` accepts any node certificate of the
+    /// cluster CA) to enrol this daemon, and returns the members it knows.
+    pub async fn ask_to_join(
+        &self,
+        endpoint: &Endpoint,
+        client: quinn::ClientConfig,
+        addr: std::net::SocketAddr,
+    ) -> Result<Vec<(MemberId, String, String)>> {
+        let me = self
+            .members
+            .read()
+            .expect("poisoned")
+            .get(&self.me)
+            .cloned()
+            .context("this daemon is not in its own configuration")?;
+        let conn = endpoint
+            .connect_with(client, addr, "phalanx-join")
+            .context("starting the connection")?
+            .await
+            .context("TLS handshake")?;
+        let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
+        let hello = ControlMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            cluster: self.cluster.clone(),
+            member: self.me,
+            incarnation: self.incarnation,
+            link: JOIN_LINK,
+        };
+        send.write_all(&encode_control(&hello))
+            .await
+            .context("sending hello")?;
+        let answer = |msg: Result<Result<ControlMessage>, _>| -> Result<ControlMessage> {
+            match msg.context("no answer within 5 s")?? {
+                ControlMessage::Reject { code, detail } => {
+                    bail!("refused by {addr}: {code:?}: {detail}")
+                }
+                other => Ok(other),
+            }
+        };
+        match answer(
+            tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv, &self.limits)).await,
+        )? {
+            ControlMessage::Welcome { .. } => {}
+            other => bail!("unexpected answer to hello: {other:?}"),
+        }
+        let request = ControlMessage::JoinRequest {
+            name: me.name.clone(),
+            addr: me.addr.to_string(),
+        };
+        send.write_all(&encode_control(&request))
+            .await
+            .context("sending the join request")?;
+        let roster = match answer(
+            tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv, &self.limits)).await,
+        )? {
+            ControlMessage::JoinRoster { members } => members,
+            other => bail!("unexpected answer to the join request: {other:?}"),
+        };
+        conn.close(VarInt::from_u32(close::SHUTDOWN), b"join request answered");
+        Ok(roster)
     }
 
     /// Dials link `link` to `peer` until connected, keeps it, redials when it
@@ -396,6 +535,9 @@ impl Mesh {
                     }
                 };
                 match mesh.accept_hello(&conn).await {
+                    Ok((member, link)) if link == usize::from(JOIN_LINK) => {
+                        debug!(peer = %member, %remote, "join request answered");
+                    }
                     Ok((member, link)) => {
                         // The expected direction (the lower id dials us) makes
                         // this a primary link; any other is served read-only.
@@ -418,7 +560,32 @@ impl Mesh {
             .await
             .map_err(|_| "no hello within 5 s".to_string())?
             .map_err(|e| format!("no control stream: {e}"))?;
-        match self.check_hello(conn, &mut recv).await {
+        let checked = match self.check_hello(conn, &mut recv).await {
+            Ok((member, link)) if link == usize::from(JOIN_LINK) => {
+                let welcome = ControlMessage::Welcome {
+                    member: self.me,
+                    incarnation: self.incarnation,
+                    epoch: Epoch(1),
+                };
+                send.write_all(&encode_control(&welcome))
+                    .await
+                    .map_err(|e| format!("sending welcome: {e}"))?;
+                match self.answer_join(conn, &mut recv, member).await {
+                    Ok(roster) => {
+                        send.write_all(&encode_control(&roster))
+                            .await
+                            .map_err(|e| format!("sending the roster: {e}"))?;
+                        let _ = send.finish();
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+                        return Ok((member, link));
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            other => other,
+        };
+        match checked {
             Ok((member, link)) => {
                 let welcome = ControlMessage::Welcome {
                     member: self.me,
@@ -446,6 +613,70 @@ impl Mesh {
                 Err(detail)
             }
         }
+    }
+
+    /// A new node's `JoinRequest`: its certificate must name the name it
+    /// gives, and a known member id must keep its name. The request goes to
+    /// the control plane; the answer lists the members this daemon knows.
+    async fn answer_join(
+        &self,
+        conn: &Connection,
+        recv: &mut RecvStream,
+        member: MemberId,
+    ) -> Result<ControlMessage, (RejectCode, String)> {
+        let msg = tokio::time::timeout(HELLO_TIMEOUT, read_control(recv, &self.limits))
+            .await
+            .map_err(|_| {
+                (
+                    RejectCode::Malformed,
+                    "no join request within 5 s".to_string(),
+                )
+            })?
+            .map_err(|e| (RejectCode::Malformed, format!("bad join request: {e:#}")))?;
+        let ControlMessage::JoinRequest { name, addr } = msg else {
+            return Err((
+                RejectCode::Malformed,
+                "a join connection must carry a join request".into(),
+            ));
+        };
+        let certified = conn
+            .peer_identity()
+            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|chain| chain.first().map(|c| cert_names(c, &name)))
+            .unwrap_or(false);
+        if !certified {
+            return Err((
+                RejectCode::UnknownMember,
+                format!("the certificate is not for {name:?}"),
+            ));
+        }
+        if let Some(known) = self.members.read().expect("poisoned").get(&member) {
+            if known.name != name {
+                return Err((
+                    RejectCode::UnknownMember,
+                    format!("{member} is {:?} in this group, not {name:?}", known.name),
+                ));
+            }
+        }
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err((
+                RejectCode::Malformed,
+                format!("join address {addr:?} is not IP:PORT"),
+            ));
+        }
+        info!(%member, %name, %addr, "a new node asks to join");
+        let _ = self
+            .control
+            .send(ControlInput::JoinRequest { member, name, addr })
+            .await;
+        let members = self
+            .members
+            .read()
+            .expect("poisoned")
+            .values()
+            .map(|m| (MemberId(m.id), m.name.clone(), m.addr.to_string()))
+            .collect();
+        Ok(ControlMessage::JoinRoster { members })
     }
 
     async fn check_hello(
@@ -495,10 +726,14 @@ impl Mesh {
                 format!("cluster {cluster:?} is not {:?}", self.cluster),
             ));
         }
-        let Some(entry) = self.members.get(&member) else {
+        if link == JOIN_LINK {
+            // Checked with its request (see `answer_join`).
+            return Ok((member, usize::from(link)));
+        }
+        let Some(entry) = self.members.read().expect("poisoned").get(&member).cloned() else {
             return Err((
                 RejectCode::UnknownMember,
-                format!("{member} is not a member of this group"),
+                format!("{member} is not a member of this group (a new node starts with --join)"),
             ));
         };
         let certified = conn
@@ -527,12 +762,16 @@ impl Mesh {
     /// Reads frames from `conn`'s streams; a primary link also carries our
     /// frames to the peer and its loss takes the peer down.
     async fn serve(self: &Arc<Self>, conn: Connection, peer: MemberId, link: Option<usize>) {
-        if let Some(slots) = link.and_then(|_| self.primaries.get(&peer)) {
-            slots[link.expect("checked")].send_replace(Some(conn.clone()));
-            // The peer is up once every link is.
-            if slots.iter().all(|s| s.borrow().is_some()) {
-                let _ = self.driver.send(Input::PeerUp { member: peer }).await;
-            }
+        let up = link.is_some_and(|link| {
+            let primaries = self.primaries.read().expect("poisoned");
+            primaries.get(&peer).is_some_and(|slots| {
+                slots[link].send_replace(Some(conn.clone()));
+                // The peer is up once every link is.
+                slots.iter().all(|s| s.borrow().is_some())
+            })
+        });
+        if up {
+            let _ = self.driver.send(Input::PeerUp { member: peer }).await;
         }
         gauge!(m::CONNECTIONS).increment(1.0);
         let mesh = self.clone();
@@ -542,23 +781,28 @@ impl Mesh {
                     Ok(s) => s,
                     Err(e) => {
                         gauge!(m::CONNECTIONS).decrement(1.0);
-                        if let Some(link) = link {
-                            if let Some(tx) = mesh.primaries.get(&peer).map(|s| &s[link]) {
+                        let lost = link.is_some_and(|link| {
+                            let primaries = mesh.primaries.read().expect("poisoned");
+                            primaries.get(&peer).is_some_and(|slots| {
+                                let tx = &slots[link];
                                 let is_this = tx
                                     .borrow()
                                     .as_ref()
                                     .is_some_and(|c| c.stable_id() == conn.stable_id());
                                 if is_this {
                                     tx.send_replace(None);
-                                    let _ = mesh
-                                        .driver
-                                        .send(Input::PeerDown {
-                                            member: peer,
-                                            reason: e.to_string(),
-                                        })
-                                        .await;
                                 }
-                            }
+                                is_this
+                            })
+                        });
+                        if lost {
+                            let _ = mesh
+                                .driver
+                                .send(Input::PeerDown {
+                                    member: peer,
+                                    reason: e.to_string(),
+                                })
+                                .await;
                         }
                         return;
                     }

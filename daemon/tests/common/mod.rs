@@ -24,6 +24,17 @@ pub fn cluster(members: usize, data_plane: &str) -> LocalCluster {
 
 /// A fresh cluster with extra `[control]` lines too.
 pub fn cluster_with(members: usize, data_plane: &str, control: &str) -> LocalCluster {
+    cluster_formed(members, data_plane, control, false)
+}
+
+/// A fresh cluster; with `bootstrap`, formed as on real nodes (member 1
+/// `--bootstrap`, the others `--join` it).
+pub fn cluster_formed(
+    members: usize,
+    data_plane: &str,
+    control: &str,
+    bootstrap: bool,
+) -> LocalCluster {
     let dir: PathBuf = std::env::temp_dir().join(format!(
         "phalanx-test-{}-{}",
         std::process::id(),
@@ -43,6 +54,7 @@ pub fn cluster_with(members: usize, data_plane: &str, control: &str) -> LocalClu
         },
         control: control.to_string(),
         keep: std::env::var_os("PHALANX_KEEP_TEST_DIRS").is_some(),
+        bootstrap,
     })
     .expect("starting the local cluster")
 }
@@ -188,15 +200,26 @@ pub mod training {
                 };
                 {
                     let grads = shared.grads.lock().unwrap();
-                    let mut want = vec![0.0f32; DIM];
+                    // The sum starts from the first contributor's gradient,
+                    // not from +0.0: a lone -0.0 stays -0.0 (+0.0 + -0.0 is
+                    // +0.0), as it does in the daemon's reduction. The
+                    // gradients are multiples of 1/16, so the order of the
+                    // other additions does not matter.
+                    let mut want: Option<Vec<f32>> = None;
                     for m in &info.contributors {
                         let theirs = grads
                             .get(&(m.0, step))
                             .unwrap_or_else(|| panic!("no gradient of {m} for step {step}"));
-                        for (w, t) in want.iter_mut().zip(theirs) {
-                            *w += t;
+                        match want.as_mut() {
+                            None => want = Some(theirs.clone()),
+                            Some(w) => {
+                                for (w, t) in w.iter_mut().zip(theirs) {
+                                    *w += t;
+                                }
+                            }
                         }
                     }
+                    let want = want.expect("a result has contributors");
                     if !want
                         .iter()
                         .zip(&sum)
@@ -207,10 +230,16 @@ pub mod training {
                             .filter(|((_, st), _)| *st == step)
                             .map(|((m, _), g)| (*m, g[0]))
                             .collect();
+                        let at = want
+                            .iter()
+                            .zip(&sum)
+                            .position(|(a, b)| a.to_bits() != b.to_bits())
+                            .expect("a difference");
                         panic!(
                             "member {me} step {step} ({} in {}): the result is not the sum over its \
-                             contributors {:?}: result[0] {} want[0] {}; step's gradients[0]: {others:?}",
-                            info.op, info.epoch, info.contributors, sum[0], want[0]
+                             contributors {:?}: first difference at [{at}]: result {} want {}; \
+                             step's gradients[0]: {others:?}",
+                            info.op, info.epoch, info.contributors, sum[at], want[at]
                         );
                     }
                 }

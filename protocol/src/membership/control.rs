@@ -35,6 +35,10 @@ pub struct ControlConfig {
     pub max_inflight_msgs: usize,
     /// Applied entries kept in the log after a snapshot is taken.
     pub snapshot_every: u64,
+    /// When set, election timeouts are drawn from a generator seeded with
+    /// this instead of raft-rs's draw from the thread's RNG, so that a
+    /// simulator seed replays exactly. Daemons leave it unset.
+    pub election_seed: Option<u64>,
 }
 
 impl Default for ControlConfig {
@@ -46,6 +50,7 @@ impl Default for ControlConfig {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             snapshot_every: 1024,
+            election_seed: None,
         }
     }
 }
@@ -127,6 +132,9 @@ struct LogStore {
     conf_state: ConfState,
     snapshot: Snapshot,
     entries: Vec<Entry>,
+    /// The leader asked for a snapshot the stored one cannot serve (it
+    /// predates the follower's membership): take a fresh one.
+    wanted: std::sync::atomic::AtomicBool,
 }
 
 impl LogStore {
@@ -208,8 +216,20 @@ impl Storage for LogStore {
         Ok(self.snap_index() + self.entries.len() as u64)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        if self.snap_index() < request_index {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let cs = self.snapshot.get_metadata().get_conf_state();
+        let knows_to = cs
+            .voters
+            .iter()
+            .chain(&cs.learners)
+            .chain(&cs.voters_outgoing)
+            .any(|&id| id == to);
+        if self.snap_index() < request_index || !knows_to {
+            // A follower rejects a snapshot whose configuration leaves it
+            // out (a node that joined after it was taken); raft-rs asks
+            // again, and `process` takes a fresh one meanwhile.
+            self.wanted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -278,6 +298,12 @@ pub struct ControlNode {
     me: MemberId,
     raw: RawNode<LogStore>,
     group: GroupState,
+    /// The bootstrap snapshot, until the first `process` persists it.
+    unsaved_bootstrap: Option<Snapshot>,
+    /// See `ControlConfig::election_seed`.
+    election_rng: Option<crate::rng::SplitMix64>,
+    /// Followers whose snapshot this `process` call reported sent.
+    reported_snapshots: Vec<u64>,
     applied: u64,
     config: ControlConfig,
     next_tick: Time,
@@ -335,14 +361,18 @@ pub fn decode_message(bytes: &[u8], from: MemberId, me: MemberId) -> Result<Mess
 }
 
 impl ControlNode {
-    /// A node for `me`. `persisted` is what its store recovered (None on a
-    /// first start: the node then starts from `bootstrap` with `roles`, which
-    /// every daemon must be given identically).
+    /// A node for `me`. `persisted` is what its store recovered. On a first
+    /// start (nothing persisted) the node starts from `bootstrap`: a group
+    /// state with its roles, which every daemon that bootstraps together
+    /// must be given identically; it becomes the snapshot at index 1 and is
+    /// persisted by the first [`ControlNode::process`], so a restart never
+    /// depends on being given it again. Without `bootstrap` the node is
+    /// joining (`phalanxd --join`): it knows no configuration and waits for
+    /// the leader's snapshot.
     pub fn new(
         me: MemberId,
         config: ControlConfig,
-        bootstrap: GroupState,
-        roles: &Roles,
+        bootstrap: Option<(GroupState, &Roles)>,
         persisted: Option<Persisted>,
         now: Time,
     ) -> Result<ControlNode, String> {
@@ -351,16 +381,37 @@ impl ControlNode {
             Some(p) => (p.snapshot, Some(p.hard_state), p.entries),
             None => (Snapshot::default(), None, Vec::new()),
         };
-        let group = if snap.get_data().is_empty() {
-            // Never snapshotted: the log starts from the bootstrap state.
-            snap.mut_metadata().set_conf_state(conf_state(roles));
-            snap.set_data(bootstrap.encode().into());
-            bootstrap
-        } else {
-            GroupState::decode(snap.get_data()).map_err(|e| format!("stored snapshot: {e}"))?
+        let mut unsaved_bootstrap = None;
+        let group = match (snap.get_data().is_empty(), bootstrap) {
+            (false, _) => {
+                GroupState::decode(snap.get_data()).map_err(|e| format!("stored snapshot: {e}"))?
+            }
+            (true, Some((state, roles))) => {
+                // Index 1, term 1 (as raft-rs bootstraps): the first entry a
+                // node could lack is index 1, which is in no log, so the
+                // leader brings a node that joins later up to date with a
+                // snapshot rather than a log it cannot interpret.
+                let meta = snap.mut_metadata();
+                meta.index = 1;
+                meta.term = 1;
+                meta.set_conf_state(conf_state(roles));
+                snap.set_data(state.encode().into());
+                unsaved_bootstrap = Some(snap.clone());
+                state
+            }
+            (true, None) => GroupState {
+                members: Default::default(),
+                epoch: crate::Epoch(0),
+            },
         };
         store.apply_snapshot(snap);
-        if let Some(hs) = hard_state {
+        if let Some(mut hs) = hard_state {
+            // The snapshot is taken at the applied index, which a commit
+            // index learnt after the last hard-state write (raft-rs reports
+            // it in a light ready, not as a hard state) can exceed; what is
+            // in the snapshot is committed.
+            hs.commit = hs.commit.max(store.snap_index());
+            hs.term = hs.term.max(store.snapshot.get_metadata().term);
             store.hard_state = hs;
         }
         store.append(&entries);
@@ -380,17 +431,22 @@ impl ControlNode {
         let roles = roles_of(&store.conf_state);
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&cfg, store, &logger).map_err(|e| format!("raft: {e}"))?;
-        Ok(ControlNode {
+        let mut node = ControlNode {
             me,
             raw,
             group,
+            unsaved_bootstrap,
+            election_rng: config.election_seed.map(crate::rng::SplitMix64::new),
+            reported_snapshots: Vec::new(),
             applied,
             config,
             next_tick: now.after(config.tick),
             leader: None,
             term: 0,
             roles,
-        })
+        };
+        node.redraw_election_timeout();
+        Ok(node)
     }
 
     /// The group state as of the last applied entry.
@@ -434,6 +490,7 @@ impl ControlNode {
         let mut n = 0;
         while self.next_tick <= now && n < 3 {
             self.raw.tick();
+            self.redraw_election_timeout();
             self.next_tick = self.next_tick.after(self.config.tick);
             n += 1;
         }
@@ -444,7 +501,23 @@ impl ControlNode {
 
     /// A Raft message from a peer.
     pub fn step(&mut self, msg: Message) -> Result<(), String> {
-        self.raw.step(msg).map_err(|e| e.to_string())
+        let r = self.raw.step(msg).map_err(|e| e.to_string());
+        self.redraw_election_timeout();
+        r
+    }
+
+    /// With `election_seed`: replaces raft-rs's draw after every reset of
+    /// the election clock (a tick or a message may reset it), before the
+    /// next tick reads it.
+    fn redraw_election_timeout(&mut self) {
+        let Some(rng) = self.election_rng.as_mut() else {
+            return;
+        };
+        if self.raw.raft.election_elapsed == 0 {
+            let base = self.config.election_ticks;
+            let t = base + rng.below(base as u64) as usize;
+            self.raw.raft.set_randomized_election_timeout(t);
+        }
     }
 
     /// Proposes a group change; followers forward it to the leader.
@@ -477,6 +550,55 @@ impl ControlNode {
             .map_err(|e| ProposeError::Refused(e.to_string()))
     }
 
+    /// Proposes adding a new node as a learner, with its group record
+    /// (`Command::Enroll`) as the entry's context so both apply at one
+    /// index. Followers forward it to the leader; raft-rs drops it while
+    /// another configuration change is pending (the joiner asks again).
+    pub fn propose_enroll(
+        &mut self,
+        member: MemberId,
+        name: &str,
+        addr: &str,
+    ) -> Result<(), ProposeError> {
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            return Err(ProposeError::NoLeader);
+        }
+        if self.group.members.contains_key(&member)
+            || self.roles.voters.contains(&member)
+            || self.roles.learners.contains(&member)
+        {
+            return Err(ProposeError::Refused(format!("{member} is already known")));
+        }
+        let mut cc = ConfChangeV2::default();
+        let mut add = raft::eraftpb::ConfChangeSingle::default();
+        add.set_change_type(ConfChangeType::AddLearnerNode);
+        add.node_id = raft_id(member);
+        cc.set_changes(vec![add].into());
+        let cmd = Command::Enroll {
+            member,
+            name: name.to_string(),
+            addr: addr.to_string(),
+        };
+        self.raw
+            .propose_conf_change(cmd.encode(), cc)
+            .map_err(|e| ProposeError::Refused(e.to_string()))
+    }
+
+    /// Leader only: makes learner `member` a voter.
+    pub fn propose_promote(&mut self, member: MemberId) -> Result<(), ProposeError> {
+        if !self.is_leader() {
+            return Err(ProposeError::NoLeader);
+        }
+        let mut cc = ConfChangeV2::default();
+        let mut add = raft::eraftpb::ConfChangeSingle::default();
+        add.set_change_type(ConfChangeType::AddNode);
+        add.node_id = raft_id(member);
+        cc.set_changes(vec![add].into());
+        self.raw
+            .propose_conf_change(vec![], cc)
+            .map_err(|e| ProposeError::Refused(e.to_string()))
+    }
+
     /// Hands leadership to `to` (graceful shutdown of the leader).
     pub fn transfer_leader(&mut self, to: MemberId) {
         self.raw.transfer_leader(raft_id(to));
@@ -491,6 +613,12 @@ impl ControlNode {
     /// message is returned), applies committed entries, takes snapshots.
     pub fn process(&mut self, disk: &mut dyn Durable) -> Result<Output, String> {
         let mut out = Output::default();
+        if let Some(snap) = self.unsaved_bootstrap.take() {
+            disk.persist(&PersistBatch {
+                snapshot: Some(snap),
+                ..PersistBatch::default()
+            })?;
+        }
         while self.raw.has_ready() {
             let mut rd = self.raw.ready();
             if let Some(ss) = rd.ss() {
@@ -538,12 +666,41 @@ impl ControlNode {
             let mut light = self.raw.advance(rd);
             if let Some(commit) = light.commit_index() {
                 self.raw.mut_store().hard_state.commit = commit;
+                // Persisted too (a single voter commits only here): a
+                // restart then re-applies what this node had applied, and
+                // its epoch never goes back.
+                disk.persist(&PersistBatch {
+                    hard_state: Some(self.raw.store().hard_state.clone()),
+                    ..PersistBatch::default()
+                })?;
             }
             out.messages.extend(light.take_messages());
             self.apply_entries(light.take_committed_entries(), &mut out)?;
             self.raw.advance_apply();
+            // raft-rs waits for the application to say how a snapshot's
+            // sending went, and sends nothing else to that follower until
+            // then. The transport cannot know whether it arrived: report it
+            // sent; a lost one is sent again when the follower's next answer
+            // shows it still lacks it.
+            let snapshots: Vec<u64> = out
+                .messages
+                .iter()
+                .filter(|m| m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot)
+                .map(|m| m.to)
+                .filter(|to| !self.reported_snapshots.contains(to))
+                .collect();
+            for to in snapshots {
+                self.reported_snapshots.push(to);
+                self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+            }
         }
-        self.maybe_snapshot(disk)?;
+        self.reported_snapshots.clear();
+        let wanted = self
+            .raw
+            .store()
+            .wanted
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        self.maybe_snapshot(disk, wanted)?;
         Ok(out)
     }
 
@@ -568,6 +725,20 @@ impl ControlNode {
                     let cc = ConfChangeV2::parse_from_bytes(&entry.data)
                         .map_err(|e| format!("committed conf change: {e}"))?;
                     self.apply_conf_change(&cc, out)?;
+                    // An enrolment's group record rides in the context.
+                    if !entry.context.is_empty() {
+                        let applied = match Command::decode(&entry.context) {
+                            Ok(cmd @ Command::Enroll { .. }) => self.group.apply(&cmd),
+                            Ok(other) => {
+                                Applied::Ignored(format!("{other:?} as a conf change's context"))
+                            }
+                            Err(e) => Applied::Ignored(format!("undecodable context: {e}")),
+                        };
+                        out.events.push(Event::Applied {
+                            index: entry.index,
+                            applied,
+                        });
+                    }
                 }
                 EntryType::EntryConfChange => {
                     let cc = raft::eraftpb::ConfChange::parse_from_bytes(&entry.data)
@@ -596,10 +767,13 @@ impl ControlNode {
     }
 
     /// Compacts the log once `snapshot_every` entries were applied past the
-    /// last snapshot: the snapshot carries the group state and configuration.
-    fn maybe_snapshot(&mut self, disk: &mut dyn Durable) -> Result<(), String> {
+    /// last snapshot, or when the leader needs a newer snapshot than the
+    /// stored one (`wanted`): it carries the group state and configuration.
+    fn maybe_snapshot(&mut self, disk: &mut dyn Durable, wanted: bool) -> Result<(), String> {
         let store = self.raw.store();
-        if self.applied < store.snap_index() + self.config.snapshot_every {
+        let due = self.applied >= store.snap_index() + self.config.snapshot_every
+            || (wanted && self.applied > store.snap_index());
+        if !due {
             return Ok(());
         }
         let term = store
@@ -666,6 +840,12 @@ pub fn initial_roles(roster: &[MemberId], voters: usize) -> Roles {
 pub enum Proposal {
     /// A group command.
     Command(Command),
+    /// Make an active learner a voter while there are fewer voters than
+    /// configured (leader only; a group grown from `--bootstrap`).
+    Promote {
+        /// The learner.
+        member: MemberId,
+    },
     /// Swap a removed voter for an active learner (leader only).
     VoterSwap {
         /// The voter to demote.
@@ -683,15 +863,18 @@ pub enum Proposal {
 #[derive(Clone, Debug)]
 pub struct Housekeeper {
     retry: Duration,
+    voters: usize,
     last_admit: Option<Time>,
     last_swap: Option<Time>,
 }
 
 impl Housekeeper {
-    /// A policy that retries every `retry`.
-    pub fn new(retry: Duration) -> Housekeeper {
+    /// A policy that retries every `retry` and keeps `voters` voters
+    /// where enough members are active.
+    pub fn new(retry: Duration, voters: usize) -> Housekeeper {
         Housekeeper {
             retry,
+            voters,
             last_admit: None,
             last_swap: None,
         }
@@ -740,7 +923,9 @@ impl Housekeeper {
                 epoch: group.epoch,
                 reason: format!("restarted in life {}", incarnation.0),
             })
-        } else if !active && want_in {
+        } else if !active && want_in && record.is_some() {
+            // (A node that joined is admitted once it is enrolled and knows
+            // it: before that its state says nothing about the group.)
             Some(Command::Admit {
                 member: me,
                 incarnation,
@@ -762,12 +947,19 @@ impl Housekeeper {
                 .learners
                 .iter()
                 .find(|&&l| group.is_active(l) && !roles.voters.contains(&l));
-            if let (Some(&out_v), Some(&promote)) = (dead_voter, spare) {
-                self.last_swap = Some(now);
-                out.push(Proposal::VoterSwap {
-                    out: out_v,
-                    promote,
-                });
+            match (dead_voter, spare) {
+                (Some(&out_v), Some(&promote)) => {
+                    self.last_swap = Some(now);
+                    out.push(Proposal::VoterSwap {
+                        out: out_v,
+                        promote,
+                    });
+                }
+                (None, Some(&member)) if roles.voters.len() < self.voters => {
+                    self.last_swap = Some(now);
+                    out.push(Proposal::Promote { member });
+                }
+                _ => {}
             }
         }
         out
@@ -779,5 +971,6 @@ pub fn propose(node: &mut ControlNode, p: &Proposal) -> Result<(), ProposeError>
     match p {
         Proposal::Command(cmd) => node.propose(cmd),
         Proposal::VoterSwap { out, promote } => node.propose_voter_swap(*out, *promote),
+        Proposal::Promote { member } => node.propose_promote(*member),
     }
 }

@@ -35,6 +35,8 @@ impl fmt::Display for Status {
 /// One member as the group knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct MemberRecord {
+    /// The DNS name its certificate carries (peers check it on connect).
+    pub name: String,
     /// Where its daemon listens.
     pub addr: String,
     /// Active or removed.
@@ -62,6 +64,19 @@ pub enum Command {
         epoch: Epoch,
         /// Why, for logs and `phalanxctl members`.
         reason: String,
+    },
+    /// Record a new node (`phalanxd --join`): it is known from now on —
+    /// peers connect to it, Raft replicates to it as a learner — but stays
+    /// out of the ring until its trainer joins (`Admit`). Committed as the
+    /// context of the conf change that adds it as a learner, so the two
+    /// happen at one log index.
+    Enroll {
+        /// The member.
+        member: MemberId,
+        /// Its certificate's name.
+        name: String,
+        /// Its address.
+        addr: String,
     },
     /// Put a removed `member` back in the ring in life `incarnation` (or
     /// record the first life of a bootstrap member, or start a new epoch
@@ -96,6 +111,11 @@ pub enum Applied {
         /// Its life.
         incarnation: Incarnation,
     },
+    /// A new node is known (not in the ring yet).
+    Enrolled {
+        /// The member.
+        member: MemberId,
+    },
     /// Nothing changed, and why (a stale or repeated command).
     Ignored(String),
 }
@@ -119,16 +139,18 @@ pub struct GroupState {
 }
 
 impl GroupState {
-    /// The state every daemon starts from: the configured roster, all active,
-    /// epoch 1. All daemons must be given the same roster.
-    pub fn bootstrap(roster: impl IntoIterator<Item = (MemberId, String)>) -> GroupState {
+    /// The state every daemon starts from: the configured roster (id,
+    /// certificate name, address), all active, epoch 1. All daemons must be
+    /// given the same roster (or it is one node's: `phalanxd --bootstrap`).
+    pub fn bootstrap(roster: impl IntoIterator<Item = (MemberId, String, String)>) -> GroupState {
         GroupState {
             members: roster
                 .into_iter()
-                .map(|(id, addr)| {
+                .map(|(id, name, addr)| {
                     (
                         id,
                         MemberRecord {
+                            name,
                             addr,
                             status: Status::Active,
                             // A placeholder: each daemon records its first
@@ -199,11 +221,33 @@ impl GroupState {
                     change: Change::Removed(*member, reason.clone()),
                 }
             }
+            Command::Enroll { member, name, addr } => {
+                if self.members.contains_key(member) {
+                    return Applied::Ignored(format!("{member} is already known"));
+                }
+                self.members.insert(
+                    *member,
+                    MemberRecord {
+                        name: name.clone(),
+                        addr: addr.clone(),
+                        status: Status::Removed,
+                        incarnation: Incarnation(0),
+                        reason: "new node: enters the ring when its trainer joins".into(),
+                        since: self.epoch,
+                    },
+                );
+                Applied::Enrolled { member: *member }
+            }
             Command::Admit {
                 member,
                 incarnation,
                 addr,
             } => {
+                let name = self
+                    .members
+                    .get(member)
+                    .map(|r| r.name.clone())
+                    .unwrap_or_default();
                 if let Some(rec) = self.members.get_mut(member) {
                     if rec.status == Status::Active && rec.incarnation == Incarnation(0) {
                         rec.incarnation = *incarnation;
@@ -229,6 +273,7 @@ impl GroupState {
                 self.members.insert(
                     *member,
                     MemberRecord {
+                        name,
                         addr: addr.clone(),
                         status: Status::Active,
                         incarnation: *incarnation,
@@ -282,7 +327,13 @@ mod tests {
     use super::*;
 
     fn group(n: u32) -> GroupState {
-        GroupState::bootstrap((0..n).map(|i| (MemberId(i), format!("127.0.0.{}:1", 10 + i))))
+        GroupState::bootstrap((0..n).map(|i| {
+            (
+                MemberId(i),
+                format!("node{i}"),
+                format!("127.0.0.{}:1", 10 + i),
+            )
+        }))
     }
 
     fn remove(m: u32, e: u64) -> Command {
@@ -373,6 +424,47 @@ mod tests {
         g.apply(&remove(1, 4));
         assert!(matches!(g.apply(&admit(1)), Applied::Ignored(_)));
         assert_eq!(g.ring(), vec![MemberId(0), MemberId(2)]);
+    }
+
+    #[test]
+    fn an_enrolled_node_is_known_but_out_of_the_ring_until_admitted() {
+        let mut g = group(2);
+        let enroll = Command::Enroll {
+            member: MemberId(7),
+            name: "node7".into(),
+            addr: "127.0.0.17:1".into(),
+        };
+        assert_eq!(
+            g.apply(&enroll),
+            Applied::Enrolled {
+                member: MemberId(7)
+            }
+        );
+        assert_eq!(g.epoch, Epoch(1), "knowing a node is no new epoch");
+        assert_eq!(g.ring(), vec![MemberId(0), MemberId(1)]);
+        assert_eq!(g.members[&MemberId(7)].status, Status::Removed);
+        assert!(matches!(g.apply(&enroll), Applied::Ignored(_)));
+        // Its trainer joins: admitted in its first life, its name kept.
+        let admitted = g.apply(&Command::Admit {
+            member: MemberId(7),
+            incarnation: Incarnation(1),
+            addr: "127.0.0.17:1".into(),
+        });
+        assert!(
+            matches!(admitted, Applied::NewEpoch { ref ring, .. } if ring.len() == 3),
+            "{admitted:?}"
+        );
+        assert_eq!(g.members[&MemberId(7)].name, "node7");
+        // A known member cannot be enrolled again under another name.
+        assert!(matches!(
+            g.apply(&Command::Enroll {
+                member: MemberId(0),
+                name: "impostor".into(),
+                addr: "127.0.0.99:1".into(),
+            }),
+            Applied::Ignored(_)
+        ));
+        assert_eq!(g.members[&MemberId(0)].name, "node0");
     }
 
     #[test]

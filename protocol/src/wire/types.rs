@@ -141,6 +141,9 @@ impl fmt::Display for AbortReason {
     }
 }
 
+/// The hello `link` of a connection that only carries a `JoinRequest`.
+pub const JOIN_LINK: u16 = u16::MAX;
+
 /// Control messages between daemons. Tensor data never travels in these.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub enum ControlMessage {
@@ -207,6 +210,22 @@ pub enum ControlMessage {
     },
     /// What the sender holds of interrupted ops as it enters a new epoch.
     Recovery(crate::membership::RecoveryReport),
+    /// A new node (`phalanxd --join ADDR`) asks the member at ADDR to enrol
+    /// it, on a connection opened for that alone (its hello names link
+    /// [`JOIN_LINK`]); its certificate must name `name`.
+    JoinRequest {
+        /// The node's certificate name.
+        name: String,
+        /// Where it listens.
+        addr: String,
+    },
+    /// The answer to a `JoinRequest`: every member the answering daemon
+    /// knows (id, certificate name, address), itself included, so the new
+    /// node can connect to them while its enrolment commits.
+    JoinRoster {
+        /// The members.
+        members: Vec<(MemberId, String, String)>,
+    },
     /// The sender misses the receiver's recovery report for `epoch`: a
     /// member that has installed that epoch answers with its report (the
     /// first one may have been lost with a connection, or dropped while the
