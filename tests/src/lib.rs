@@ -5,6 +5,7 @@
 //! seed prints the command that replays it.
 #![deny(missing_docs)]
 
+pub mod cluster_sim;
 pub mod control_sim;
 pub mod invariants;
 pub mod scenario;

@@ -148,3 +148,51 @@ fn seeded_control_plane_scenarios() {
         assert!(total.role_changes > 0, "no scenario swapped a voter");
     }
 }
+
+/// The whole failure path at once: raft-rs control nodes, failure detectors,
+/// collective cores and trainers, with recovery as the driver does it, under
+/// crashes, pauses and partitions, then healed.
+#[test]
+fn seeded_cluster_scenarios() {
+    let count = env("PHALANX_CLUSTER_SEEDS", 200);
+    let start = env("PHALANX_SIM_SEED_START", 0);
+    let mut failures = Vec::new();
+    let mut total = phalanx_tests::cluster_sim::ClusterReport::default();
+    let mut no_survivors = 0;
+    for seed in start..start + count {
+        match phalanx_tests::cluster_sim::run_seed(seed) {
+            Ok(r) => {
+                total.completions += r.completions;
+                total.epochs += r.epochs;
+                total.reruns += r.reruns;
+                total.from_results += r.from_results;
+                total.stopped += r.stopped;
+                total.refused_frames += r.refused_frames;
+                no_survivors += u64::from(r.no_survivors);
+            }
+            Err(failure) => {
+                eprintln!("{failure}\n");
+                failures.push(seed);
+            }
+        }
+    }
+    println!("{count} cluster seeds from {start}: {total:?}, {no_survivors} without survivors");
+    assert!(
+        failures.is_empty(),
+        "failing seeds: {failures:?} (replay commands above)"
+    );
+    // Losing every trainer takes a quorum lost for longer than the recovery
+    // bound: rare in these schedules; a jump means recovery got weaker.
+    assert!(
+        no_survivors * 20 <= count,
+        "{no_survivors} of {count} runs ended with no trainer left"
+    );
+    if count >= 100 {
+        assert!(total.epochs > 0, "no scenario changed the epoch");
+        assert!(total.reruns > 0, "no scenario re-ran an interrupted op");
+        assert!(
+            total.from_results > 0,
+            "no scenario finished an op from a kept result"
+        );
+    }
+}

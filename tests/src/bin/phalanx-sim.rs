@@ -51,6 +51,15 @@ enum Command {
         #[arg(long)]
         seed: u64,
     },
+    /// Runs one seed of the whole failure path: raft-rs control nodes,
+    /// failure detectors and collective cores with trainers, under crashes,
+    /// pauses and partitions, then a heal; checks every step's result and
+    /// that the survivors end identical.
+    Cluster {
+        /// The scenario's seed.
+        #[arg(long)]
+        seed: u64,
+    },
     /// Runs many seeds and lists the failing ones.
     Sweep {
         /// How many seeds.
@@ -69,6 +78,20 @@ fn main() -> ExitCode {
             let scenario = phalanx_tests::control_sim::ControlScenario::from_seed(seed);
             println!("{scenario:?}");
             match phalanx_tests::control_sim::ControlSim::new(scenario).run() {
+                Ok(r) => {
+                    println!("ok: {r:?}");
+                    ExitCode::SUCCESS
+                }
+                Err(f) => {
+                    println!("{f}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Cluster { seed } => {
+            let scenario = phalanx_tests::cluster_sim::ClusterScenario::from_seed(seed);
+            println!("{scenario:?}");
+            match phalanx_tests::cluster_sim::ClusterSim::new(scenario).run() {
                 Ok(r) => {
                     println!("ok: {r:?}");
                     ExitCode::SUCCESS
