@@ -55,8 +55,9 @@ struct Cli {
     /// Log filter when RUST_LOG is unset.
     #[arg(long, default_value = "info")]
     log_level: String,
-    /// Start a new group of this daemon alone (first start only: the data
-    /// directory must hold no Raft log). Other daemons then `--join` it.
+    /// Start a new group of this daemon alone (it matters on a first start
+    /// only: once the data directory holds a Raft log the flag is ignored).
+    /// Other daemons then `--join` it.
     /// Without this flag or `--join`, every member listed in the config
     /// bootstraps one group together.
     #[arg(long, conflicts_with = "join")]
@@ -65,8 +66,8 @@ struct Cli {
     /// belongs to: it enrols this daemon as a learner and the group's
     /// state arrives from the Raft leader; this daemon's trainer then calls
     /// join() to enter the ring with the live trainers' state. The config
-    /// needs to list only this daemon. First start only (a restart finds
-    /// its group in the data directory).
+    /// needs to list only this daemon. It matters on a first start only (a
+    /// restart finds its group in the data directory).
     #[arg(long, value_name = "ADDR")]
     join: Option<SocketAddr>,
 }
