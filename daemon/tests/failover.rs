@@ -176,13 +176,6 @@ fn a_member_cut_off_gets_no_quorum_then_rejoins_after_the_heal() {
     training::wait_until("the healed member trains again", 60, || {
         shared.progress[4].load(Ordering::SeqCst) > healed_at
     });
-    shared.stop_soon(10);
-    let finished: Vec<(usize, Vec<f32>)> = trainers
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| (i, t.join().unwrap().expect("every trainer finishes")))
-        .collect();
-    training::assert_identical(&finished);
-    training::assert_one_history(&shared);
+    training::finish_all(&shared, trainers, 10);
     eprintln!("cut-off member got NoQuorum after {waited:?}");
 }

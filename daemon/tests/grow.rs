@@ -39,14 +39,7 @@ fn a_group_bootstrapped_by_one_node_grows_by_join_and_trains() {
             .iter()
             .all(|p| p.load(Ordering::SeqCst) >= 10)
     });
-    shared.stop_soon(10);
-    let finished: Vec<(usize, Vec<f32>)> = trainers
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| (i, t.join().unwrap().expect("every trainer finishes")))
-        .collect();
-    training::assert_identical(&finished);
-    training::assert_one_history(&shared);
+    training::finish_all(&shared, trainers, 10);
     let results = shared.results.lock().unwrap();
     let last = results.iter().rfind(|r| r.0 == 0).unwrap();
     assert_eq!(
@@ -93,14 +86,7 @@ fn a_new_node_joins_a_group_that_is_training() {
     training::wait_until("the new node trains", 120, || {
         shared.progress[3].load(Ordering::SeqCst) > joined_at + 5
     });
-    shared.stop_soon(10);
-    let finished: Vec<(usize, Vec<f32>)> = trainers
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| (i, t.join().unwrap().expect("every trainer finishes")))
-        .collect();
-    training::assert_identical(&finished);
-    training::assert_one_history(&shared);
+    training::finish_all(&shared, trainers, 10);
     let results = shared.results.lock().unwrap();
     let last = results.iter().rfind(|r| r.0 == 3).unwrap();
     assert_eq!(last.3.len(), 4, "the last steps combine all four: {last:?}");

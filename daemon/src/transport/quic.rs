@@ -405,22 +405,10 @@ impl Mesh {
             .get(&self.me)
             .cloned()
             .context("this daemon is not in its own configuration")?;
-        let conn = endpoint
+        let connecting = endpoint
             .connect_with(client, addr, "phalanx-join")
-            .context("starting the connection")?
-            .await
-            .context("TLS handshake")?;
-        let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
-        let hello = ControlMessage::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            cluster: self.cluster.clone(),
-            member: self.me,
-            incarnation: self.incarnation,
-            link: JOIN_LINK,
-        };
-        send.write_all(&encode_control(&hello))
-            .await
-            .context("sending hello")?;
+            .context("starting the connection")?;
+        let (conn, mut send, mut recv) = self.hello(connecting, JOIN_LINK).await?;
         let answer = |msg: Result<Result<ControlMessage>, _>| -> Result<ControlMessage> {
             match msg.context("no answer within 5 s")?? {
                 ControlMessage::Reject { code, detail } => {
@@ -482,28 +470,38 @@ impl Mesh {
         }
     }
 
+    /// Completes the handshake, opens the control stream and says hello.
+    async fn hello(
+        &self,
+        connecting: quinn::Connecting,
+        link: u16,
+    ) -> Result<(Connection, SendStream, RecvStream)> {
+        let conn = connecting.await.context("TLS handshake")?;
+        let (mut send, recv) = conn.open_bi().await.context("opening the control stream")?;
+        let hello = ControlMessage::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            cluster: self.cluster.clone(),
+            member: self.me,
+            incarnation: self.incarnation,
+            link,
+        };
+        send.write_all(&encode_control(&hello))
+            .await
+            .context("sending hello")?;
+        Ok((conn, send, recv))
+    }
+
     async fn connect_once(
         &self,
         endpoint: &Endpoint,
         peer: &MemberConfig,
         link: usize,
     ) -> Result<Connection> {
-        let conn = endpoint
+        let connecting = endpoint
             .connect(peer.addr, &peer.name)
-            .context("starting the connection")?
-            .await
-            .context("TLS handshake")?;
-        let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
-        let hello = ControlMessage::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            cluster: self.cluster.clone(),
-            member: self.me,
-            incarnation: self.incarnation,
-            link: u16::try_from(link).expect("links are few"),
-        };
-        send.write_all(&encode_control(&hello))
-            .await
-            .context("sending hello")?;
+            .context("starting the connection")?;
+        let link = u16::try_from(link).expect("links are few");
+        let (conn, send, mut recv) = self.hello(connecting, link).await?;
         let reply = tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv, &self.limits))
             .await
             .context("no answer to hello")??;

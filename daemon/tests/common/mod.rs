@@ -300,6 +300,25 @@ pub mod training {
         }
     }
 
+    /// Stops every trainer `margin` steps past the furthest one, waits for
+    /// them all to finish, and checks that they end bit-identical with one
+    /// history.
+    #[allow(dead_code)] // not every test file that includes this module needs it
+    pub fn finish_all(
+        shared: &Shared,
+        trainers: Vec<thread::JoinHandle<Result<Vec<f32>, ClientError>>>,
+        margin: u64,
+    ) {
+        shared.stop_soon(margin);
+        let finished: Vec<(usize, Vec<f32>)> = trainers
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (i, t.join().unwrap().expect("every trainer finishes")))
+            .collect();
+        assert_identical(&finished);
+        assert_one_history(shared);
+    }
+
     /// Asserts the states are bit-for-bit identical.
     pub fn assert_identical(states: &[(usize, Vec<f32>)]) {
         let (first_idx, first) = &states[0];

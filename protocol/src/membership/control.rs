@@ -537,16 +537,34 @@ impl ControlNode {
         if !self.is_leader() {
             return Err(ProposeError::NoLeader);
         }
+        self.propose_changes(
+            &[
+                (ConfChangeType::AddNode, in_),
+                (ConfChangeType::AddLearnerNode, out),
+            ],
+            Vec::new(),
+        )
+    }
+
+    /// One ConfChangeV2 of `changes`, with `context` on its entry.
+    fn propose_changes(
+        &mut self,
+        changes: &[(ConfChangeType, MemberId)],
+        context: Vec<u8>,
+    ) -> Result<(), ProposeError> {
         let mut cc = ConfChangeV2::default();
-        let mut add = raft::eraftpb::ConfChangeSingle::default();
-        add.set_change_type(ConfChangeType::AddNode);
-        add.node_id = raft_id(in_);
-        let mut demote = raft::eraftpb::ConfChangeSingle::default();
-        demote.set_change_type(ConfChangeType::AddLearnerNode);
-        demote.node_id = raft_id(out);
-        cc.set_changes(vec![add, demote].into());
+        let singles: Vec<raft::eraftpb::ConfChangeSingle> = changes
+            .iter()
+            .map(|&(kind, member)| {
+                let mut single = raft::eraftpb::ConfChangeSingle::default();
+                single.set_change_type(kind);
+                single.node_id = raft_id(member);
+                single
+            })
+            .collect();
+        cc.set_changes(singles.into());
         self.raw
-            .propose_conf_change(vec![], cc)
+            .propose_conf_change(context, cc)
             .map_err(|e| ProposeError::Refused(e.to_string()))
     }
 
@@ -569,19 +587,12 @@ impl ControlNode {
         {
             return Err(ProposeError::Refused(format!("{member} is already known")));
         }
-        let mut cc = ConfChangeV2::default();
-        let mut add = raft::eraftpb::ConfChangeSingle::default();
-        add.set_change_type(ConfChangeType::AddLearnerNode);
-        add.node_id = raft_id(member);
-        cc.set_changes(vec![add].into());
         let cmd = Command::Enroll {
             member,
             name: name.to_string(),
             addr: addr.to_string(),
         };
-        self.raw
-            .propose_conf_change(cmd.encode(), cc)
-            .map_err(|e| ProposeError::Refused(e.to_string()))
+        self.propose_changes(&[(ConfChangeType::AddLearnerNode, member)], cmd.encode())
     }
 
     /// Leader only: makes learner `member` a voter.
@@ -589,14 +600,7 @@ impl ControlNode {
         if !self.is_leader() {
             return Err(ProposeError::NoLeader);
         }
-        let mut cc = ConfChangeV2::default();
-        let mut add = raft::eraftpb::ConfChangeSingle::default();
-        add.set_change_type(ConfChangeType::AddNode);
-        add.node_id = raft_id(member);
-        cc.set_changes(vec![add].into());
-        self.raw
-            .propose_conf_change(vec![], cc)
-            .map_err(|e| ProposeError::Refused(e.to_string()))
+        self.propose_changes(&[(ConfChangeType::AddNode, member)], Vec::new())
     }
 
     /// Hands leadership to `to` (graceful shutdown of the leader).
