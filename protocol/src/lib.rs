@@ -39,6 +39,7 @@ mod ids;
 pub mod local;
 pub mod membership;
 pub mod rng;
+pub mod stragglers;
 pub mod wire;
 
 pub use ids::{Epoch, Incarnation, MemberId, OpId, Step, Time};
