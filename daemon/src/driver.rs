@@ -372,9 +372,9 @@ pub struct Driver {
     joined_at: BTreeMap<MemberId, Epoch>,
     /// Why this daemon is out of the ring (None: in it, or starting).
     removed: Option<String>,
-    /// Per stream, the epoch its members last agreed on the trainers' state
-    /// (its first completed op, or its last state hand-over): members
-    /// admitted later wait for the next hand-over and take no part before.
+    /// Per stream, the epoch of its last state hand-over (absent: the
+    /// bootstrap, epoch 1): members admitted later wait for the next
+    /// hand-over and take no part before.
     synced: HashMap<u64, Epoch>,
     /// This daemon's trainers joining, per stream.
     joins: HashMap<u64, JoinReq>,
@@ -795,10 +795,7 @@ impl Driver {
                 );
                 let _ = self.wiring.control.try_send(ControlInput::WantIn);
                 let stream = u64::from(stream);
-                if self.admitted
-                    && self.synced.contains_key(&stream)
-                    && !self.pending(stream).contains(&self.me())
-                {
+                if self.admitted && !self.pending(stream).contains(&self.me()) {
                     // The group counts this member's trainer as holding the
                     // stream's state, but it asks for it (its call failed
                     // after the group went on, say): no live trainer hands
@@ -1038,11 +1035,13 @@ impl Driver {
     /// Members admitted after `stream` last agreed on its state: they take
     /// part only from the next hand-over (`StateSync`) on. Every live member
     /// computes the same set: it depends on the epoch's records and on the
-    /// stream's agreed history only.
+    /// stream's agreed history only. Until a first hand-over, the group's
+    /// bootstrap (epoch 1) is that agreement: every member admitted later
+    /// came in through a trainer's `join()`, however early the stream's
+    /// first op ran (the epoch of that op says nothing about who holds
+    /// state: a joiner admitted before it is still waiting for state).
     fn pending(&self, stream: u64) -> Vec<MemberId> {
-        let Some(&synced) = self.synced.get(&stream) else {
-            return Vec::new();
-        };
+        let synced = self.synced.get(&stream).copied().unwrap_or(Epoch(1));
         self.ring
             .iter()
             .copied()
@@ -1462,8 +1461,6 @@ impl Driver {
                         if ctx.sync {
                             self.synced.insert(stream, epoch);
                             self.joins.remove(&stream);
-                        } else {
-                            self.synced.entry(stream).or_insert(epoch);
                         }
                         let waiting = ctx.waiting.take().unwrap_or_else(|| self.pending(stream));
                         // SAFETY: the op still owns its buffer here.

@@ -28,11 +28,24 @@ fn a_group_bootstrapped_by_one_node_grows_by_join_and_trains() {
     let _serial = common::one_at_a_time();
     let cluster = common::cluster_formed(3, fast_detection(), "", true);
     let shared = Shared::new(3);
-    // Member 1 formed the group and trains at once; the joined nodes'
-    // trainers enter the ring through join() and get member 1's state.
-    let trainers: Vec<_> = (0..3)
-        .map(|i| training::spawn(cluster.members[i].socket.clone(), i, i > 0, shared.clone()))
+    // The joined nodes' trainers enter the ring through join() before
+    // member 1's trainer issues its first step (the order a loaded machine
+    // once produced: a stream with no history and joiners already in the
+    // ring must still hand them the state); the other order is the next
+    // test's.
+    let joiners: Vec<_> = (1..3)
+        .map(|i| training::spawn(cluster.members[i].socket.clone(), i, true, shared.clone()))
         .collect();
+    training::wait_until("both joined nodes in the ring", 60, || {
+        cluster.metric(0, "phalanx_members{status=\"active\"}") == Some(3.0)
+    });
+    let mut trainers = vec![training::spawn(
+        cluster.members[0].socket.clone(),
+        0,
+        false,
+        shared.clone(),
+    )];
+    trainers.extend(joiners);
     training::wait_until("every trainer trains", 120, || {
         shared
             .progress
