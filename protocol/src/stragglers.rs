@@ -10,10 +10,18 @@
 //!   closes first).
 //! - [`decide_cut`]: given who is ready since when, either wait (and until
 //!   when) or close with the participants and, for everyone left out, why.
-//! - [`StepTimes`]: the recent arrival spreads the deadline is derived from.
+//! - [`StepTimes`]: the recent arrival offsets the deadline is derived from.
 //! - [`Attribution`]: per member, how often it was left out and by how much
-//!   it missed; demotes a member left out in `k` of the last `m` steps to a
-//!   non-contributing observer and readmits it once it keeps up again.
+//!   it missed; demotes a member that missed `k` of the last `m` steps (left
+//!   out and then late by more than a tolerance) to a non-contributing
+//!   observer and readmits it once it keeps up again.
+//! - [`Coordinator`]: the above for one stream, fed arrivals and the time,
+//!   returning the [`Announcement`] of each closed step.
+//!
+//! Not wired into the daemon yet (issue 5): the driver is to run a
+//! coordinator on the ring's lowest member, send it each member's
+//! readiness, announce each cut before the reduction, run the reduction
+//! among the participants and deliver its result to the members left out.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -227,7 +235,12 @@ pub fn decide_cut(
         // Nobody to close with: wait for the first arrival.
         return Cut::Wait { until: None };
     }
-    let backup = policy.backup as usize;
+    // Demoted members count against the backup allowance: at most `backup`
+    // members of the ring are missing from a step (otherwise a demoted
+    // straggler would let the policy cut a healthy member every step, and
+    // attribution would demote it in turn).
+    let demoted = ring.len() - expected.len();
+    let backup = (policy.backup as usize).saturating_sub(demoted);
     if backup > 0 && in_step.len() >= expected.len().saturating_sub(backup).max(1) {
         return close(
             CloseReason::Backup {
@@ -252,8 +265,10 @@ pub fn decide_cut(
     Cut::Wait { until: None }
 }
 
-/// Recent step spreads: from a step's opening (its first ready member) to
-/// its last expected member's readiness. The deadline is a quantile of them.
+/// Recent arrival offsets: how long after a step opened (its first ready
+/// member) each other member was ready. The deadline is a quantile of them
+/// with a 1.5× margin, so members that arrive as usual make it and a member
+/// far behind the usual does not.
 #[derive(Clone, Debug, Default)]
 pub struct StepTimes {
     spreads: VecDeque<Duration>,
@@ -269,8 +284,7 @@ impl StepTimes {
         }
     }
 
-    /// Records one step's spread (for a step cut early, the time until the
-    /// last member was ready, as far as the coordinator saw it).
+    /// Records one arrival offset.
     pub fn record(&mut self, spread: Duration) {
         if self.spreads.len() == self.keep {
             self.spreads.pop_front();
@@ -278,9 +292,9 @@ impl StepTimes {
         self.spreads.push_back(spread);
     }
 
-    /// The deadline `policy` asks for now: the quantile of the recorded
-    /// spreads, clamped to the floor and ceiling (the ceiling while nothing
-    /// is recorded yet).
+    /// The deadline `policy` asks for now: 1.5× the quantile of the
+    /// recorded offsets, clamped to the floor and ceiling (the ceiling while
+    /// nothing is recorded yet).
     pub fn deadline(&self, policy: &DeadlinePolicy) -> Duration {
         let floor = Duration::from_millis(u64::from(policy.floor_ms));
         let ceiling = Duration::from_millis(u64::from(policy.ceiling_ms));
@@ -293,7 +307,7 @@ impl StepTimes {
         // at or below it.
         let q = usize::from(policy.quantile_permille.min(1000));
         let rank = (q * sorted.len()).div_ceil(1000).max(1);
-        sorted[rank - 1].clamp(floor, ceiling)
+        (sorted[rank - 1] * 3 / 2).clamp(floor, ceiling)
     }
 }
 
@@ -316,24 +330,32 @@ pub enum Standing {
     },
 }
 
-/// Per member: which of the last `window` steps left it out, by how much it
-/// missed, and whether it is demoted.
+/// Per member: which of the last `window` steps it missed, by how much,
+/// and whether it is demoted. A step counts as *missed* only when the member
+/// was left out and then became ready more than `tolerance` after the close:
+/// under `backup = b` the last b arrivals are always left out, and a healthy
+/// member that was last by a hair must not pile up misses and be demoted.
 #[derive(Clone, Debug)]
 pub struct Attribution {
     window: usize,
     demote_after: usize,
     readmit_after: usize,
+    tolerance: Duration,
     members: BTreeMap<MemberId, MemberRecord>,
 }
 
 /// One member's record.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemberRecord {
-    /// Last `window` steps, newest last: left out?
+    /// Last `window` steps, newest last: missed?
     recent: VecDeque<bool>,
+    /// Left out of a step and not yet ready for it.
+    awaiting: bool,
     /// Steps left out, ever.
     pub left_out: u64,
-    /// Sum of how late it was when left out.
+    /// Steps missed by more than the tolerance, ever.
+    pub missed: u64,
+    /// Sum of how late it was for the steps it was left out of.
     pub missed_by: Duration,
     /// Consecutive steps it was ready in time while an observer.
     on_time: usize,
@@ -342,26 +364,32 @@ pub struct MemberRecord {
 }
 
 impl Attribution {
-    /// Demotes a member left out in `demote_after` of the last `window`
-    /// steps; readmits an observer that was ready in time in
-    /// `readmit_after` consecutive steps.
-    pub fn new(window: usize, demote_after: usize, readmit_after: usize) -> Attribution {
+    /// Demotes a member that missed `demote_after` of the last `window`
+    /// steps by more than `tolerance`; readmits an observer that was ready
+    /// in time in `readmit_after` consecutive steps.
+    pub fn new(
+        window: usize,
+        demote_after: usize,
+        readmit_after: usize,
+        tolerance: Duration,
+    ) -> Attribution {
         Attribution {
             window: window.max(1),
             demote_after: demote_after.clamp(1, window.max(1)),
             readmit_after: readmit_after.max(1),
+            tolerance,
             members: BTreeMap::new(),
         }
     }
 
-    /// One closed step: who was in it, who was left out, and when each
-    /// left-out member became ready (None: not yet) relative to the close.
-    /// `in_time` lists observers that were ready before the close (they
-    /// would have made the cut). Returns the standings that changed.
+    /// One closed step: who was in it, who was left out, and which
+    /// observers were ready before the close (they would have made the
+    /// cut). Returns the readmissions it causes; misses are judged when the
+    /// left-out members arrive ([`Attribution::late_arrival`]).
     pub fn record(
         &mut self,
         participants: &[MemberId],
-        left_out: &[(MemberId, Option<Duration>)],
+        left_out: &[MemberId],
         in_time_observers: &[MemberId],
     ) -> Vec<Standing> {
         let mut changes = Vec::new();
@@ -369,42 +397,59 @@ impl Attribution {
             let r = self.members.entry(m).or_default();
             push(&mut r.recent, false, self.window);
         }
-        for &(m, late) in left_out {
+        for &m in left_out {
             let r = self.members.entry(m).or_default();
-            if r.observer {
-                if in_time_observers.contains(&m) {
-                    r.on_time += 1;
-                    if r.on_time >= self.readmit_after {
-                        r.observer = false;
-                        r.on_time = 0;
-                        r.recent.clear();
-                        changes.push(Standing::Readmitted {
-                            member: m,
-                            reason: format!(
-                                "ready in time in {} consecutive steps",
-                                self.readmit_after
-                            ),
-                        });
-                    }
-                } else {
-                    r.on_time = 0;
-                }
+            if !r.observer {
+                r.left_out += 1;
+                r.awaiting = true;
                 continue;
             }
-            push(&mut r.recent, true, self.window);
-            r.left_out += 1;
-            r.missed_by += late.unwrap_or_default();
-            let count = r.recent.iter().filter(|&&x| x).count();
-            if count >= self.demote_after {
-                r.observer = true;
+            if in_time_observers.contains(&m) {
+                r.on_time += 1;
+                if r.on_time >= self.readmit_after {
+                    r.observer = false;
+                    r.on_time = 0;
+                    r.recent.clear();
+                    changes.push(Standing::Readmitted {
+                        member: m,
+                        reason: format!(
+                            "ready in time in {} consecutive steps",
+                            self.readmit_after
+                        ),
+                    });
+                }
+            } else {
                 r.on_time = 0;
-                changes.push(Standing::Demoted {
-                    member: m,
-                    reason: format!("left out in {count} of the last {} steps", r.recent.len()),
-                });
             }
         }
         changes
+    }
+
+    /// A member left out of a step became ready `by` after the step closed;
+    /// returns its demotion when this miss is one too many.
+    pub fn late_arrival(&mut self, member: MemberId, by: Duration) -> Vec<Standing> {
+        let Some(r) = self.members.get_mut(&member).filter(|r| r.awaiting) else {
+            return Vec::new();
+        };
+        r.awaiting = false;
+        r.missed_by += by;
+        let missed = by > self.tolerance;
+        r.missed += u64::from(missed);
+        push(&mut r.recent, missed, self.window);
+        let count = r.recent.iter().filter(|&&x| x).count();
+        if missed && !r.observer && count >= self.demote_after {
+            r.observer = true;
+            r.on_time = 0;
+            return vec![Standing::Demoted {
+                member,
+                reason: format!(
+                    "missed {count} of the last {} steps (last by {} ms)",
+                    r.recent.len(),
+                    by.as_millis()
+                ),
+            }];
+        }
+        Vec::new()
     }
 
     /// The demoted members.
@@ -424,6 +469,170 @@ impl Attribution {
     /// Forgets a member (it left the ring).
     pub fn forget(&mut self, member: MemberId) {
         self.members.remove(&member);
+    }
+}
+
+/// A closed step, as the coordinator announces it to every member before
+/// the reduction runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announcement {
+    /// The step.
+    pub step: u64,
+    /// Who contributes (ascending).
+    pub participants: Vec<MemberId>,
+    /// Everyone else in the ring, and why.
+    pub left_out: Vec<(MemberId, LeftOut)>,
+    /// Why it closed when it did.
+    pub reason: CloseReason,
+    /// Demotions and readmissions this step caused (they apply from the
+    /// next step on).
+    pub standings: Vec<Standing>,
+}
+
+#[derive(Clone, Debug)]
+struct OpenStep {
+    opened: Time,
+    ready: BTreeMap<MemberId, Time>,
+    closed: Option<Time>,
+}
+
+/// How many closed steps the coordinator remembers for late arrivals.
+const REMEMBERED_STEPS: usize = 64;
+
+/// The step coordinator of one stream: it hears when each member is ready
+/// for a step, closes the step as the policy says, keeps the arrival times
+/// the deadline comes from, and attributes who was left out. Pure: the
+/// caller passes the time and the epoch's ring, and sends the
+/// announcements.
+#[derive(Clone, Debug)]
+pub struct Coordinator {
+    policy: QuorumPolicy,
+    times: StepTimes,
+    attribution: Attribution,
+    steps: BTreeMap<u64, OpenStep>,
+    /// Demotions judged on late arrivals, announced with the next step.
+    pending: Vec<Standing>,
+}
+
+impl Coordinator {
+    /// A coordinator with `policy` and the demotion rule of `attribution`.
+    pub fn new(policy: QuorumPolicy, attribution: Attribution) -> Coordinator {
+        Coordinator {
+            policy,
+            times: StepTimes::new(256),
+            attribution,
+            steps: BTreeMap::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// A new policy (from the next decision on).
+    pub fn set_policy(&mut self, policy: QuorumPolicy) {
+        self.policy = policy;
+    }
+
+    /// The attribution so far.
+    pub fn attribution(&self) -> &Attribution {
+        &self.attribution
+    }
+
+    fn deadline(&self) -> Option<Duration> {
+        self.policy.deadline.map(|d| self.times.deadline(&d))
+    }
+
+    /// `member` is ready for `step` at `now`; returns the announcement when
+    /// this closes the step.
+    pub fn ready(
+        &mut self,
+        step: u64,
+        member: MemberId,
+        now: Time,
+        ring: &[MemberId],
+    ) -> Option<Announcement> {
+        let s = self.steps.entry(step).or_insert_with(|| OpenStep {
+            opened: now,
+            ready: BTreeMap::new(),
+            closed: None,
+        });
+        if s.ready.contains_key(&member) {
+            return None;
+        }
+        s.ready.insert(member, now);
+        let offset = now.since(s.opened);
+        let closed = s.closed;
+        if s.ready.len() > 1 {
+            self.times.record(offset);
+        }
+        if let Some(closed) = closed {
+            let changes = self.attribution.late_arrival(member, now.since(closed));
+            self.pending.extend(changes);
+            return None;
+        }
+        self.decide(step, now, ring)
+    }
+
+    /// Closes the steps whose deadline passed.
+    pub fn poll(&mut self, now: Time, ring: &[MemberId]) -> Vec<Announcement> {
+        let open: Vec<u64> = self
+            .steps
+            .iter()
+            .filter(|(_, s)| s.closed.is_none())
+            .map(|(&k, _)| k)
+            .collect();
+        open.into_iter()
+            .filter_map(|step| self.decide(step, now, ring))
+            .collect()
+    }
+
+    /// When the earliest open step's deadline passes.
+    pub fn next_deadline(&self) -> Option<Time> {
+        let length = self.deadline()?;
+        self.steps
+            .values()
+            .filter(|s| s.closed.is_none())
+            .map(|s| s.opened.after(length))
+            .min()
+    }
+
+    fn decide(&mut self, step: u64, now: Time, ring: &[MemberId]) -> Option<Announcement> {
+        let deadline = self.deadline();
+        let observers = self.attribution.observers();
+        let s = self.steps.get_mut(&step)?;
+        let Cut::Close {
+            participants,
+            left_out,
+            reason,
+        } = decide_cut(
+            &self.policy,
+            ring,
+            &observers,
+            &s.ready,
+            s.opened,
+            now,
+            deadline,
+        )
+        else {
+            return None;
+        };
+        s.closed = Some(now);
+        let in_time: Vec<MemberId> = observers
+            .iter()
+            .copied()
+            .filter(|m| s.ready.contains_key(m))
+            .collect();
+        let out: Vec<MemberId> = left_out.iter().map(|&(m, _)| m).collect();
+        let mut standings = std::mem::take(&mut self.pending);
+        standings.extend(self.attribution.record(&participants, &out, &in_time));
+        while self.steps.len() > REMEMBERED_STEPS {
+            self.steps.pop_first();
+        }
+        Some(Announcement {
+            step,
+            participants,
+            left_out,
+            reason,
+            standings,
+        })
     }
 }
 
@@ -596,10 +805,10 @@ mod tests {
         for ms in [30, 10, 50, 40, 20, 60, 90, 70, 80, 100] {
             t.record(Duration::from_millis(ms));
         }
-        assert_eq!(t.deadline(&p), Duration::from_millis(90));
+        assert_eq!(t.deadline(&p), Duration::from_millis(135), "1.5 × p90");
         // Old spreads age out.
         for _ in 0..10 {
-            t.record(Duration::from_millis(5));
+            t.record(Duration::from_millis(2));
         }
         assert_eq!(t.deadline(&p), Duration::from_millis(20), "floor");
         t.record(Duration::from_secs(9));
@@ -611,38 +820,156 @@ mod tests {
     }
 
     #[test]
-    fn a_member_left_out_too_often_is_demoted_then_readmitted_when_it_keeps_up() {
-        let mut a = Attribution::new(10, 3, 2);
+    fn a_member_that_misses_too_often_is_demoted_then_readmitted_when_it_keeps_up() {
+        let mut a = Attribution::new(10, 3, 2, Duration::from_millis(2));
         let all = m(&[0, 1, 2]);
         let others = m(&[0, 1]);
         let slow = MemberId(2);
+        let ms = Duration::from_millis;
         assert!(a.record(&all, &[], &[]).is_empty());
-        assert!(a
-            .record(&others, &[(slow, Some(Duration::from_millis(5)))], &[])
-            .is_empty());
-        assert!(a.record(&others, &[(slow, None)], &[]).is_empty());
-        let changes = a.record(&others, &[(slow, Some(Duration::from_millis(7)))], &[]);
+        // Left out but last by a hair: not a miss.
+        for _ in 0..5 {
+            assert!(a.record(&others, &[slow], &[]).is_empty());
+            assert!(a.late_arrival(slow, ms(1)).is_empty());
+        }
+        assert!(a.observers().is_empty());
+        // Missed by far, three times.
+        a.record(&others, &[slow], &[]);
+        assert!(a.late_arrival(slow, ms(5)).is_empty());
+        a.record(&others, &[slow], &[]);
+        assert!(a.late_arrival(slow, ms(7)).is_empty());
+        a.record(&others, &[slow], &[]);
+        let changes = a.late_arrival(slow, ms(9));
         assert!(
             matches!(&changes[..], [Standing::Demoted { member, .. }] if *member == slow),
             "{changes:?}"
         );
+        assert!(
+            a.late_arrival(slow, ms(9)).is_empty(),
+            "one arrival per step"
+        );
         assert_eq!(a.observers(), vec![slow]);
         let r = a.get(slow).unwrap();
-        assert_eq!(r.left_out, 3);
-        assert_eq!(r.missed_by, Duration::from_millis(12));
+        assert_eq!((r.left_out, r.missed), (8, 3));
+        assert_eq!(r.missed_by, ms(26));
         // As an observer: late once (no change), then in time twice.
-        assert!(a.record(&others, &[(slow, None)], &[]).is_empty());
-        assert!(a
-            .record(&others, &[(slow, Some(Duration::ZERO))], &[slow])
-            .is_empty());
-        let back = a.record(&others, &[(slow, Some(Duration::ZERO))], &[slow]);
+        assert!(a.record(&others, &[slow], &[]).is_empty());
+        assert!(a.record(&others, &[slow], &[slow]).is_empty());
+        let back = a.record(&others, &[slow], &[slow]);
         assert!(
             matches!(&back[..], [Standing::Readmitted { member, .. }] if *member == slow),
             "{back:?}"
         );
         assert!(a.observers().is_empty());
         // Readmitted with a clean window: one miss does not demote again.
-        assert!(a.record(&others, &[(slow, None)], &[]).is_empty());
+        a.record(&others, &[slow], &[]);
+        assert!(a.late_arrival(slow, ms(50)).is_empty());
+    }
+
+    /// Four members, one three times slower: arrivals at 10 ms for the
+    /// healthy ones and `slow_ms` for member 3 after each step opens.
+    fn run_steps(
+        c: &mut Coordinator,
+        ring: &[MemberId],
+        first: u64,
+        steps: u64,
+        slow_ms: u64,
+    ) -> Vec<Announcement> {
+        let mut out = Vec::new();
+        for step in first..first + steps {
+            let base = step * 1000;
+            let mut arrivals: Vec<(MemberId, u64)> = ring
+                .iter()
+                .map(|&m| (m, if m == MemberId(3) { slow_ms } else { 10 }))
+                .collect();
+            arrivals.sort_by_key(|&(m, t)| (t, m));
+            // Member 0 opens the step at its start.
+            out.extend(c.ready(step, MemberId(0), at(base), ring));
+            for (m, t) in arrivals.into_iter().filter(|&(m, _)| m != MemberId(0)) {
+                let now = at(base + t);
+                // The caller's timer fires at the deadline.
+                if let Some(due) = c.next_deadline().filter(|&d| d <= now) {
+                    out.extend(c.poll(due, ring));
+                }
+                out.extend(c.ready(step, m, now, ring));
+            }
+            out.extend(c.poll(at(base + 999), ring));
+        }
+        out
+    }
+
+    #[test]
+    fn backup_cuts_the_slow_member_then_demotes_and_readmits_it() {
+        let ring = m(&[0, 1, 2, 3]);
+        let mut c = Coordinator::new(
+            QuorumPolicy {
+                backup: 1,
+                ..QuorumPolicy::SYNC
+            },
+            Attribution::new(10, 3, 2, Duration::from_millis(5)),
+        );
+        let slow = run_steps(&mut c, &ring, 0, 6, 30);
+        assert_eq!(slow.len(), 6, "every step closes once");
+        for a in &slow {
+            assert_eq!(a.participants, m(&[0, 1, 2]), "{a:?}");
+        }
+        assert_eq!(slow[0].left_out, vec![(MemberId(3), LeftOut::Backup)]);
+        // Its third miss is judged when it arrives (20 ms late) and
+        // announced with the next step; from then on it only observes, and
+        // the backup allowance it uses up is not spent on a healthy member.
+        assert!(matches!(
+            &slow[3].standings[..],
+            [Standing::Demoted { member, .. }] if *member == MemberId(3)
+        ));
+        assert_eq!(slow[3].left_out, vec![(MemberId(3), LeftOut::Observer)]);
+        assert_eq!(slow[3].reason, CloseReason::AllReady);
+        let record = c.attribution().get(MemberId(3)).unwrap();
+        assert_eq!(record.missed, 3);
+        assert_eq!(record.missed_by, Duration::from_millis(60));
+        // It keeps up again: ready before the close in two steps.
+        let fast = run_steps(&mut c, &ring, 6, 3, 5);
+        assert!(fast
+            .iter()
+            .any(|a| a.standings.iter().any(
+                |s| matches!(s, Standing::Readmitted { member, .. } if *member == MemberId(3))
+            )));
+        // A contributor again. Backup workers now leave out whoever is last,
+        // by a hair: that is no miss, and nobody is demoted for it.
+        let last = fast.last().unwrap();
+        assert!(last.participants.contains(&MemberId(3)), "{last:?}");
+        assert_eq!(last.participants.len(), 3);
+        assert!(c.attribution().observers().is_empty());
+        let run = run_steps(&mut c, &ring, 9, 20, 5);
+        assert!(run.iter().all(|a| a.standings.is_empty()), "{run:?}");
+    }
+
+    #[test]
+    fn a_deadline_learnt_from_arrivals_cuts_the_slow_member() {
+        let ring = m(&[0, 1, 2, 3]);
+        let mut c = Coordinator::new(
+            QuorumPolicy {
+                deadline: Some(DeadlinePolicy {
+                    quantile_permille: 500,
+                    floor_ms: 1,
+                    ceiling_ms: 500,
+                }),
+                ..QuorumPolicy::SYNC
+            },
+            Attribution::new(100, 100, 2, Duration::from_millis(5)),
+        );
+        // The deadline is learnt from the arrivals as they come: 1.5 × the
+        // median offset (10 ms), 15 ms, already in the first step.
+        let steps = run_steps(&mut c, &ring, 0, 6, 30);
+        assert_eq!(steps.len(), 6);
+        for a in &steps {
+            assert_eq!(a.participants, m(&[0, 1, 2]), "{a:?}");
+            assert_eq!(a.left_out, vec![(MemberId(3), LeftOut::Deadline)]);
+            assert!(
+                matches!(a.reason, CloseReason::Deadline { after } if after == Duration::from_millis(15)),
+                "{a:?}"
+            );
+        }
+        assert_eq!(c.next_deadline(), None, "nothing open");
     }
 
     #[test]
