@@ -558,9 +558,21 @@ impl ControlTask {
         let state = (group.epoch, admitted);
         if self.last_sent != Some(state) {
             self.last_sent = Some(state);
-            let removed = record
-                .filter(|r| r.status == Status::Removed)
-                .map(|r| format!("removed in {}: {}", r.since, r.reason));
+            let removed = record.filter(|r| r.status == Status::Removed).map(|r| {
+                if r.incarnation.0 == 0 {
+                    // Enrolled by `--join`, never in the ring yet.
+                    "this node is enrolled in the group but not in its ring yet; \
+                         the trainer must call join() to enter it with the group's state"
+                        .to_string()
+                } else {
+                    format!(
+                        "this member was removed from the group (removed in {}: {}) and \
+                             the group went on without it; the trainer must call join() to come \
+                             back with the group's state",
+                        r.since, r.reason
+                    )
+                }
+            });
             let input = Input::Group {
                 epoch: group.epoch,
                 ring: group.ring(),

@@ -150,7 +150,8 @@ pub enum Input {
         ring: Vec<MemberId>,
         /// Whether this daemon, in its current life, is in the ring.
         admitted: bool,
-        /// Why this daemon is out of the ring, when it was removed.
+        /// What the trainer is told while this daemon is out of the ring
+        /// (removed, or enrolled by `--join` and not admitted yet).
         removed: Option<String>,
         /// The epoch each ring member was (last) admitted in.
         joined_at: BTreeMap<MemberId, Epoch>,
@@ -924,12 +925,7 @@ impl Driver {
         self.down.retain(|m, _| ring.contains(m));
         self.ring = ring;
         self.admitted = admitted;
-        self.removed = removed.map(|why| {
-            format!(
-                "this member was removed from the group ({why}) and the group went on without it; \
-                 the trainer must call join() to come back with the group's state"
-            )
-        });
+        self.removed = removed;
         self.core.set_epoch(now, epoch);
         self.execute();
         if let Some(why) = self.removed.clone() {
