@@ -344,11 +344,7 @@ impl ClusterSim {
     }
 
     fn fail(&self, what: String) -> ClusterFailure {
-        ClusterFailure {
-            scenario: Box::new(self.sc.clone()),
-            what,
-            at: Duration::from_micros(self.now.0),
-        }
+        self_fail(&self.sc, self.now, what)
     }
 
     fn send(&mut self, from: usize, to: usize, p: Packet) {

@@ -558,59 +558,35 @@ impl Mesh {
             .await
             .map_err(|_| "no hello within 5 s".to_string())?
             .map_err(|e| format!("no control stream: {e}"))?;
-        let checked = match self.check_hello(conn, &mut recv).await {
-            Ok((member, link)) if link == usize::from(JOIN_LINK) => {
-                let welcome = ControlMessage::Welcome {
-                    member: self.me,
-                    incarnation: self.incarnation,
-                    epoch: Epoch(1),
-                };
-                send.write_all(&encode_control(&welcome))
-                    .await
-                    .map_err(|e| format!("sending welcome: {e}"))?;
-                match self.answer_join(conn, &mut recv, member).await {
-                    Ok(roster) => {
-                        send.write_all(&encode_control(&roster))
-                            .await
-                            .map_err(|e| format!("sending the roster: {e}"))?;
-                        let _ = send.finish();
-                        let _ =
-                            tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-                        return Ok((member, link));
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            other => other,
+        let (member, link) = match self.check_hello(conn, &mut recv).await {
+            Ok(checked) => checked,
+            Err((code, detail)) => return Err(reject(send, code, detail).await),
         };
-        match checked {
-            Ok((member, link)) => {
-                let welcome = ControlMessage::Welcome {
-                    member: self.me,
-                    incarnation: self.incarnation,
-                    epoch: Epoch(1),
-                };
-                send.write_all(&encode_control(&welcome))
-                    .await
-                    .map_err(|e| format!("sending welcome: {e}"))?;
-                // Only the expected direction's link 0 carries Raft: a second
-                // connection claiming the same member must not take it over.
-                let carries = link == 0 && member < self.me;
-                self.spawn_control(conn.clone(), send, recv, member, carries);
-                Ok((member, link))
-            }
-            Err((code, detail)) => {
-                // Tell the peer why before closing, so its logs say it too.
-                let reject = ControlMessage::Reject {
-                    code,
-                    detail: detail.clone(),
-                };
-                let _ = send.write_all(&encode_control(&reject)).await;
-                let _ = send.finish();
-                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-                Err(detail)
-            }
+        let welcome = ControlMessage::Welcome {
+            member: self.me,
+            incarnation: self.incarnation,
+            epoch: Epoch(1),
+        };
+        send.write_all(&encode_control(&welcome))
+            .await
+            .map_err(|e| format!("sending welcome: {e}"))?;
+        if link == usize::from(JOIN_LINK) {
+            let roster = match self.answer_join(conn, &mut recv, member).await {
+                Ok(roster) => roster,
+                Err((code, detail)) => return Err(reject(send, code, detail).await),
+            };
+            send.write_all(&encode_control(&roster))
+                .await
+                .map_err(|e| format!("sending the roster: {e}"))?;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+            return Ok((member, link));
         }
+        // Only the expected direction's link 0 carries Raft: a second
+        // connection claiming the same member must not take it over.
+        let carries = link == 0 && member < self.me;
+        self.spawn_control(conn.clone(), send, recv, member, carries);
+        Ok((member, link))
     }
 
     /// A new node's `JoinRequest`: its certificate must name the name it
@@ -881,6 +857,19 @@ impl Mesh {
             }
         }
     }
+}
+
+/// Tells the peer why it is refused before closing, so its logs say it
+/// too; returns the reason.
+async fn reject(mut send: SendStream, code: RejectCode, detail: String) -> String {
+    let msg = ControlMessage::Reject {
+        code,
+        detail: detail.clone(),
+    };
+    let _ = send.write_all(&encode_control(&msg)).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    detail
 }
 
 /// Reads one control message from a stream.

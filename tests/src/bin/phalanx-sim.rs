@@ -71,36 +71,32 @@ enum Command {
     },
 }
 
+/// Prints one simulator run's report or failure (with its replay line).
+fn outcome<R: std::fmt::Debug, F: std::fmt::Display>(run: Result<R, F>) -> ExitCode {
+    match run {
+        Ok(r) => {
+            println!("ok: {r:?}");
+            ExitCode::SUCCESS
+        }
+        Err(f) => {
+            println!("{f}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Demo { members, len } => demo(members, len),
         Command::Control { seed } => {
             let scenario = phalanx_tests::control_sim::ControlScenario::from_seed(seed);
             println!("{scenario:?}");
-            match phalanx_tests::control_sim::ControlSim::new(scenario).run() {
-                Ok(r) => {
-                    println!("ok: {r:?}");
-                    ExitCode::SUCCESS
-                }
-                Err(f) => {
-                    println!("{f}");
-                    ExitCode::FAILURE
-                }
-            }
+            outcome(phalanx_tests::control_sim::ControlSim::new(scenario).run())
         }
         Command::Cluster { seed } => {
             let scenario = phalanx_tests::cluster_sim::ClusterScenario::from_seed(seed);
             println!("{scenario:?}");
-            match phalanx_tests::cluster_sim::ClusterSim::new(scenario).run() {
-                Ok(r) => {
-                    println!("ok: {r:?}");
-                    ExitCode::SUCCESS
-                }
-                Err(f) => {
-                    println!("{f}");
-                    ExitCode::FAILURE
-                }
-            }
+            outcome(phalanx_tests::cluster_sim::ClusterSim::new(scenario).run())
         }
         Command::Run { seed, trace } => {
             let scenario = Scenario::from_seed(seed);
