@@ -576,6 +576,7 @@ impl Driver {
             }
             self.judge_peers();
             self.report_progress();
+            self.ask_reports();
             self.execute();
             self.expire_parked();
         }
@@ -631,7 +632,6 @@ impl Driver {
     /// Sends this daemon's progress to the ring every few heartbeats, and
     /// suspects members whose trainers are behind an op waited on too long.
     fn report_progress(&mut self) {
-        self.ask_reports();
         if Instant::now() >= self.next_progress {
             self.next_progress = Instant::now() + self.heartbeat_interval * 5;
             let streams: Vec<(u32, u64)> = self.issued.iter().map(|(&s, &q)| (s, q)).collect();
