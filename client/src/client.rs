@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 use half::{bf16, f16};
 use phalanx_protocol::local::{
     decode_local, encode_local, local_limits, LocalErrorCode, LocalKind, LocalRequest,
-    LocalResponse,
+    LocalResponse, StepMeta,
 };
 use phalanx_protocol::wire::{DType, EnvelopeHeader, ReduceOp, ENVELOPE_LEN, PROTOCOL_VERSION};
 use phalanx_protocol::{Epoch, MemberId, OpId};
@@ -47,6 +47,33 @@ pub struct OpInfo {
     /// Members that (re)joined the group and wait for the trainers' state on
     /// this stream: call [`Client::admit`] at the next step boundary.
     pub waiting: Vec<MemberId>,
+    /// The step's quorum (all-reduce under a quorum policy): who was left
+    /// out and why, sample counts, whether this member is behind or a
+    /// demoted observer.
+    pub meta: StepMeta,
+}
+
+impl OpInfo {
+    fn from_done(resp: LocalResponse) -> Result<OpInfo, ClientError> {
+        match resp {
+            LocalResponse::Done {
+                op,
+                epoch,
+                contributors,
+                waiting,
+                meta,
+            } => Ok(OpInfo {
+                op,
+                epoch,
+                contributors,
+                waiting,
+                meta,
+            }),
+            other => Err(ClientError::Protocol(format!(
+                "expected Done, got {other:?}"
+            ))),
+        }
+    }
 }
 
 /// Why a call failed.
@@ -282,6 +309,7 @@ impl Client {
         kind: LocalKind,
         dtype: DType,
         len: usize,
+        samples: Option<u64>,
     ) -> Result<OpInfo, ClientError> {
         let req = LocalRequest::Collective {
             buffer: self.arena.id,
@@ -289,23 +317,9 @@ impl Client {
             kind,
             dtype,
             len: len as u64,
+            samples,
         };
-        match self.call(&req, None)? {
-            LocalResponse::Done {
-                op,
-                epoch,
-                contributors,
-                waiting,
-            } => Ok(OpInfo {
-                op,
-                epoch,
-                contributors,
-                waiting,
-            }),
-            other => Err(ClientError::Protocol(format!(
-                "expected Done, got {other:?}"
-            ))),
-        }
+        OpInfo::from_done(self.call(&req, None)?)
     }
 
     fn stage<T: Element>(&mut self, offset: usize, data: &[T]) {
@@ -343,7 +357,7 @@ impl Client {
                 "{len} elements exceed the staging area; size it with staging() first"
             )));
         }
-        self.collective(LocalKind::AllReduce(op), T::DTYPE, len)
+        self.collective(LocalKind::AllReduce(op), T::DTYPE, len, None)
     }
 
     /// Reduces `data` with every member's, in place.
@@ -354,7 +368,32 @@ impl Client {
     ) -> Result<OpInfo, ClientError> {
         self.ensure_arena(std::mem::size_of_val(data))?;
         self.stage(0, data);
-        let info = self.collective(LocalKind::AllReduce(op), T::DTYPE, data.len())?;
+        let info = self.collective(LocalKind::AllReduce(op), T::DTYPE, data.len(), None)?;
+        self.unstage(0, data);
+        Ok(info)
+    }
+
+    /// Averages `data` (a gradient computed from `samples` samples) with
+    /// every contributing member's, weighted by their sample counts, in
+    /// place. Every member of a stream calls this (or every member plain
+    /// [`Client::all_reduce`]) for a step. The result's
+    /// [`OpInfo::meta`] names the contributors' counts and, under a quorum
+    /// policy, who was left out; a member that is
+    /// [`StepMeta::behind`] may skip computing the next steps' gradients
+    /// (their results are already decided) and pass any `data`.
+    pub fn all_reduce_weighted<T: Element>(
+        &mut self,
+        data: &mut [T],
+        samples: u64,
+    ) -> Result<OpInfo, ClientError> {
+        self.ensure_arena(std::mem::size_of_val(data))?;
+        self.stage(0, data);
+        let info = self.collective(
+            LocalKind::AllReduce(ReduceOp::Mean),
+            T::DTYPE,
+            data.len(),
+            Some(samples),
+        )?;
         self.unstage(0, data);
         Ok(info)
     }
@@ -389,7 +428,7 @@ impl Client {
                 self.stage(offset, t);
                 offset += std::mem::size_of_val(&**t);
             }
-            infos.push(self.collective(LocalKind::AllReduce(op), T::DTYPE, bytes / size)?);
+            infos.push(self.collective(LocalKind::AllReduce(op), T::DTYPE, bytes / size, None)?);
             let mut offset = 0;
             for t in tensors[start..end].iter_mut() {
                 self.unstage(offset, t);
@@ -408,7 +447,7 @@ impl Client {
     ) -> Result<OpInfo, ClientError> {
         self.ensure_arena(std::mem::size_of_val(data))?;
         self.stage(0, data);
-        let info = self.collective(LocalKind::Broadcast(root), T::DTYPE, data.len())?;
+        let info = self.collective(LocalKind::Broadcast(root), T::DTYPE, data.len(), None)?;
         self.unstage(0, data);
         Ok(info)
     }
@@ -422,7 +461,7 @@ impl Client {
     pub fn admit<T: Element>(&mut self, state: &mut [T]) -> Result<OpInfo, ClientError> {
         self.ensure_arena(std::mem::size_of_val(state))?;
         self.stage(0, state);
-        let info = self.collective(LocalKind::StateSync, T::DTYPE, state.len())?;
+        let info = self.collective(LocalKind::StateSync, T::DTYPE, state.len(), None)?;
         self.unstage(0, state);
         Ok(info)
     }
@@ -442,24 +481,7 @@ impl Client {
             dtype: T::DTYPE,
             len: state.len() as u64,
         };
-        let info = match self.call(&req, None)? {
-            LocalResponse::Done {
-                op,
-                epoch,
-                contributors,
-                waiting,
-            } => OpInfo {
-                op,
-                epoch,
-                contributors,
-                waiting,
-            },
-            other => {
-                return Err(ClientError::Protocol(format!(
-                    "expected Done, got {other:?}"
-                )))
-            }
-        };
+        let info = OpInfo::from_done(self.call(&req, None)?)?;
         self.unstage(0, state);
         Ok(info)
     }
@@ -475,7 +497,7 @@ impl Client {
         let block = std::mem::size_of_val(input);
         self.ensure_arena(block * n)?;
         self.stage(me * block, input);
-        let info = self.collective(LocalKind::AllGather, T::DTYPE, input.len())?;
+        let info = self.collective(LocalKind::AllGather, T::DTYPE, input.len(), None)?;
         let mut out = vec![T::zeroed(); input.len() * n];
         self.unstage(0, &mut out);
         Ok((out, info))
@@ -490,7 +512,7 @@ impl Client {
     ) -> Result<(Vec<T>, OpInfo), ClientError> {
         self.ensure_arena(std::mem::size_of_val(data))?;
         self.stage(0, data);
-        let info = self.collective(LocalKind::ReduceScatter(op), T::DTYPE, data.len())?;
+        let info = self.collective(LocalKind::ReduceScatter(op), T::DTYPE, data.len(), None)?;
         let n = self.members.len();
         let me = self
             .members
@@ -505,7 +527,7 @@ impl Client {
 
     /// Returns once every member has entered the barrier.
     pub fn barrier(&mut self) -> Result<OpInfo, ClientError> {
-        self.collective(LocalKind::Barrier, DType::F32, 0)
+        self.collective(LocalKind::Barrier, DType::F32, 0, None)
     }
 }
 

@@ -448,16 +448,58 @@ pub const KILL: rustix::process::Signal = rustix::process::Signal::KILL;
 
 /// `GET path` from a daemon's HTTP endpoint; the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    http_request(addr, "GET", path, "")
+}
+
+/// Proposes `policy` through the daemon at `metrics` and waits (up to 10
+/// s, retrying while the group has no leader) until that daemon applied it.
+pub fn set_policy(
+    metrics: SocketAddr,
+    policy: phalanx_protocol::stragglers::QuorumPolicy,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let want = format!("{policy} (");
+    loop {
+        let proposed = http_post(metrics, "/policy", &policy.to_string());
+        for _ in 0..20 {
+            if http_get(metrics, "/policy")?.starts_with(&want) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if Instant::now() > deadline {
+            proposed?;
+            bail!("the policy {policy} was proposed but not applied within 10 s");
+        }
+    }
+}
+
+/// `POST path` with `body` to a daemon's HTTP endpoint; the answer's body.
+pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> Result<String> {
+    http_request(addr, "POST", path, body)
+}
+
+fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)
         .with_context(|| format!("connecting to {addr} (is phalanxd running with metrics on?)"))?;
     // One write: the server reads the request in one go and answers.
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     match out.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
-        Some((head, _)) => bail!("{addr}{path}: {}", head.lines().next().unwrap_or("")),
+        Some((head, body)) => bail!(
+            "{addr}{path}: {}: {}",
+            head.lines().next().unwrap_or(""),
+            body.trim()
+        ),
         None => bail!("{addr}{path}: malformed response"),
     }
 }

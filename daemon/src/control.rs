@@ -61,6 +61,14 @@ pub enum ControlInput {
         /// Where it listens.
         addr: String,
     },
+    /// `phalanxctl policy`: propose closing steps by `policy`; the answer
+    /// says whether Raft took the proposal (it applies once committed).
+    SetPolicy {
+        /// The rule.
+        policy: phalanx_protocol::stragglers::QuorumPolicy,
+        /// Whether it was proposed, or why not.
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Sends control messages to peers over their control streams. A message to
@@ -410,6 +418,20 @@ impl ControlTask {
                 self.suspects.remove(&member);
             }
             ControlInput::WantIn => self.want_in = true,
+            ControlInput::SetPolicy { policy, reply } => {
+                let result = if let Err(why) = policy.validate() {
+                    Err(why)
+                } else {
+                    match self.node.propose(&Command::SetPolicy { policy }) {
+                        Ok(()) => {
+                            info!(%policy, "proposed a new quorum policy");
+                            Ok(())
+                        }
+                        Err(e) => Err(format!("not proposed: {e} (try again shortly)")),
+                    }
+                };
+                let _ = reply.send(result);
+            }
             ControlInput::JoinRequest { member, name, addr } => {
                 match self.node.propose_enroll(member, &name, &addr) {
                     Ok(()) => {
@@ -493,6 +515,9 @@ impl ControlTask {
                                 histogram!(m::EPOCH_COMMIT_SECONDS)
                                     .record(first.elapsed().as_secs_f64());
                             }
+                        }
+                        Change::Policy(policy) => {
+                            info!(%epoch, %policy, index, "quorum policy changed: new epoch");
                         }
                         Change::Admitted(member, life) => {
                             info!(%epoch, %member, life = life.0, ?ring, index, "member admitted: new epoch");
@@ -584,6 +609,7 @@ impl ControlTask {
                     .filter(|(_, r)| r.status == Status::Active)
                     .map(|(&m, r)| (m, r.since))
                     .collect(),
+                policy: group.policy,
             };
             let _ = self.driver.send(input).await;
         }

@@ -14,6 +14,8 @@
 //! A parked op with no new epoch within `recovery_timeout` fails with
 //! [`OpError::NoQuorum`].
 
+mod steps;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,11 +24,12 @@ use bytes::Bytes;
 use metrics::{counter, gauge, histogram};
 use phalanx_compute::{apply_action, element_range, ComputeEngine};
 use phalanx_protocol::collective::{Action, Algorithm, Collectives, Kind, OpSpec};
-use phalanx_protocol::local::LocalKind;
+use phalanx_protocol::local::{LocalKind, StepMeta};
 use phalanx_protocol::membership::{
     judge_progress, state_checksum, Decision, DetectorConfig, FailureDetector, KeptResult, Plan,
     Recovery, RecoveryReport,
 };
+use phalanx_protocol::stragglers::{Coordinator, QuorumPolicy, StragglerRecord};
 use phalanx_protocol::wire::ControlMessage;
 use phalanx_protocol::wire::{
     encode_frame_header, AbortReason, DType, FrameHeader, ENVELOPE_LEN, FRAME_HEADER_LEN,
@@ -74,6 +77,8 @@ pub struct OpRequest {
     pub len: usize,
     /// The working buffer.
     pub region: Region,
+    /// All-reduce: the samples the input was computed from, if given.
+    pub samples: Option<u64>,
 }
 
 /// A completed collective.
@@ -87,6 +92,8 @@ pub struct OpDone {
     pub contributors: Vec<MemberId>,
     /// Members waiting for the trainers' state on this stream.
     pub waiting: Vec<MemberId>,
+    /// The step's quorum (cut-path all-reduce only).
+    pub meta: StepMeta,
 }
 
 /// Why a collective failed.
@@ -155,6 +162,15 @@ pub enum Input {
         removed: Option<String>,
         /// The epoch each ring member was (last) admitted in.
         joined_at: BTreeMap<MemberId, Epoch>,
+        /// How the epoch's steps close.
+        policy: QuorumPolicy,
+    },
+    /// `StepReady` or `StepCut` from a peer.
+    Step {
+        /// The peer.
+        from: MemberId,
+        /// The message.
+        msg: ControlMessage,
     },
     /// A trainer joins on `stream`: state goes into `region`.
     Join {
@@ -278,6 +294,17 @@ struct OpCtx {
     sync: bool,
     /// A joiner's hand-over: the checksum the received state must have.
     expect_checksum: Option<u64>,
+    /// All-reduce: the trainer's sample count.
+    samples: Option<u64>,
+    /// Closes by the quorum policy (see `steps`).
+    cut_path: bool,
+    /// The step's cut, once announced.
+    cut: Option<steps::CutMeta>,
+    /// Run by the daemon for a trainer that has not submitted the step.
+    standin: bool,
+    /// What the core runs, when not `kind` (a cut mean runs as a sum of
+    /// scaled inputs).
+    core_kind: Option<Kind>,
 }
 
 struct Parked {
@@ -340,6 +367,8 @@ pub struct Wiring {
     pub peers: ControlSender,
     /// The mesh, to drop the links to a suspected peer.
     pub mesh: Option<Arc<crate::transport::quic::Mesh>>,
+    /// Where the step coordinator's attribution goes (`phalanxctl members`).
+    pub stragglers: Option<watch::Sender<Vec<StragglerRecord>>>,
 }
 
 /// The driver's state.
@@ -403,6 +432,27 @@ pub struct Driver {
     /// first admission of this daemon's life.
     grace_until: Option<Instant>,
     ever_admitted: bool,
+    /// The epoch's quorum policy.
+    policy: QuorumPolicy,
+    /// Cut-path ops submitted here that wait for their step's cut.
+    cutting: HashMap<OpId, OpCtx>,
+    /// Per stream, the step coordinator (used while this member is the
+    /// lowest of the stream's step ring).
+    coordinators: HashMap<u64, Coordinator>,
+    /// Open steps this member coordinates.
+    step_info: HashMap<OpId, steps::StepInfo>,
+    /// Step messages for an epoch this daemon has not entered yet.
+    early_steps: Vec<(MemberId, ControlMessage)>,
+    /// Results of steps run for the trainer before it asked (stood in for).
+    delivered: BTreeMap<OpId, (Vec<u8>, OpDone)>,
+    /// Trainer calls waiting for a stand-in's result.
+    late: HashMap<OpId, Waiting>,
+    /// Per stream, the last step whose cut was announced.
+    closed_upto: HashMap<u64, u64>,
+    /// The coordinator's attribution as last announced.
+    records: Vec<StragglerRecord>,
+    /// Per stream, this trainer's last late input (`late=fold`).
+    folded: HashMap<u64, Vec<u8>>,
 }
 
 /// How long after its first admission a daemon waits before it judges
@@ -477,6 +527,16 @@ impl Driver {
             next_progress: Instant::now(),
             grace_until: None,
             ever_admitted: false,
+            policy: QuorumPolicy::SYNC,
+            cutting: HashMap::new(),
+            coordinators: HashMap::new(),
+            step_info: HashMap::new(),
+            early_steps: Vec::new(),
+            delivered: BTreeMap::new(),
+            late: HashMap::new(),
+            closed_upto: HashMap::new(),
+            records: Vec::new(),
+            folded: HashMap::new(),
         }
     }
 
@@ -543,6 +603,7 @@ impl Driver {
                 self.recovery
                     .as_ref()
                     .map(|_| self.time_at(self.asked_reports + self.heartbeat_interval * 2)),
+                self.coordinator_deadline(),
             ]
             .into_iter()
             .flatten()
@@ -577,13 +638,17 @@ impl Driver {
             self.judge_peers();
             self.report_progress();
             self.ask_reports();
+            self.poll_coordinators();
             self.execute();
             self.expire_parked();
         }
-        for (_, ctx) in self.ops.drain() {
+        for (_, ctx) in self.ops.drain().chain(self.cutting.drain()) {
             if let Some(reply) = ctx.reply {
                 let _ = reply.send(Err(OpError::ShuttingDown));
             }
+        }
+        for (_, w) in self.late.drain() {
+            let _ = w.reply.send(Err(OpError::ShuttingDown));
         }
         for (_, p) in std::mem::take(&mut self.parked) {
             if let Some(reply) = p.ctx.reply {
@@ -653,6 +718,7 @@ impl Driver {
         let waiting: Vec<(OpId, Vec<MemberId>, Time)> = self
             .ops
             .values()
+            .chain(self.cutting.values())
             .filter(|ctx| ctx.reply.is_some())
             .map(|ctx| (ctx.op, ctx.members.clone(), self.time_at(ctx.started)))
             .collect();
@@ -779,10 +845,16 @@ impl Driver {
                 admitted,
                 removed,
                 joined_at,
+                policy,
             } => {
                 self.joined_at = joined_at;
+                if policy != self.policy && epoch > self.epoch {
+                    info!(%epoch, from = %self.policy, to = %policy, "quorum policy changed");
+                    self.policy = policy;
+                }
                 self.install(epoch, ring, admitted, removed);
             }
+            Input::Step { from, msg } => self.on_step(from, msg),
             Input::Join {
                 stream,
                 dtype,
@@ -928,14 +1000,20 @@ impl Driver {
         self.removed = removed;
         self.core.set_epoch(now, epoch);
         self.execute();
+        self.new_epoch_steps();
         if let Some(why) = self.removed.clone() {
             warn!(%epoch, reason = %why, "out of the ring: failing this member's ops");
             for (_, p) in std::mem::take(&mut self.parked) {
                 fail(p.ctx, OpError::NoQuorum(why.clone()));
             }
-            for w in self.waiting.drain(..) {
+            for w in self
+                .waiting
+                .drain(..)
+                .chain(self.late.drain().map(|(_, w)| w))
+            {
                 let _ = w.reply.send(Err(OpError::NoQuorum(why.clone())));
             }
+            self.delivered.clear();
             // Results kept from before do not belong to the group's history
             // any more: a rejoin starts from the live trainers' state.
             self.retained.clear();
@@ -1026,6 +1104,7 @@ impl Driver {
             self.submit(w.req, w.reply, w.since);
         }
         self.try_joins();
+        self.replay_early_steps();
     }
 
     /// Members admitted after `stream` last agreed on its state: they take
@@ -1088,6 +1167,11 @@ impl Driver {
                 members: self.ring.clone(),
                 sync: true,
                 expect_checksum: Some(jp.checksum),
+                samples: None,
+                cut_path: false,
+                cut: None,
+                standin: false,
+                core_kind: None,
             };
             self.start(ctx);
         }
@@ -1097,6 +1181,8 @@ impl Driver {
     fn resume(&mut self, mut ctx: OpCtx, plan: &Plan) {
         let me = self.me();
         match plan {
+            Plan::Rerun { members } if members.contains(&me) && ctx.cut_path => self.recut(ctx),
+            Plan::Rerun { .. } if ctx.standin => self.recut(ctx),
             Plan::Rerun { members } if members.contains(&me) => {
                 if let Kind::Broadcast { root } = kind_of(ctx.kind).0 {
                     if !members.contains(&root) {
@@ -1159,6 +1245,11 @@ impl Driver {
             members,
             sync: false,
             expect_checksum: None,
+            samples: None,
+            cut_path: false,
+            cut: None,
+            standin: false,
+            core_kind: None,
         };
         self.start(ctx);
     }
@@ -1176,6 +1267,9 @@ impl Driver {
         if !self.admitted || self.recovery.is_some() {
             self.waiting.push(Waiting { req, reply, since });
             return;
+        }
+        if self.takes_cut_path(&req) {
+            return self.submit_cut(Waiting { req, reply, since });
         }
         let stream = stream_of(req.op);
         let pending = self.pending(stream);
@@ -1239,6 +1333,11 @@ impl Driver {
             members,
             sync,
             expect_checksum: None,
+            samples: None,
+            cut_path: false,
+            cut: None,
+            standin: false,
+            core_kind: None,
         };
         // A member that is down or suspected is not waited for here: it
         // may be reconnecting (its frames wait in its queue), and if it is
@@ -1253,7 +1352,7 @@ impl Driver {
             op: ctx.op,
             epoch: self.epoch,
             step: Step(seq_of(ctx.op)),
-            kind: kind_of(ctx.kind).0,
+            kind: ctx.core_kind.unwrap_or(kind_of(ctx.kind).0),
             algorithm: Algorithm::Auto,
             dtype: ctx.dtype,
             len: ctx.len,
@@ -1306,7 +1405,7 @@ impl Driver {
     }
 
     fn park(&mut self, ctx: OpCtx, reason: String) {
-        if ctx.reply.is_none() {
+        if ctx.reply.is_none() && !ctx.standin {
             return; // the daemon's own forwarding op: the next recovery redoes it
         }
         debug!(op = %ctx.op, %reason, "op parked until the next epoch");
@@ -1445,6 +1544,40 @@ impl Driver {
                     contributors,
                 } => {
                     if let Some(mut ctx) = self.ops.remove(&op) {
+                        if ctx.standin {
+                            let contributors = ctx.contributors.take().unwrap_or_else(|| {
+                                steps_contributors(&ctx.cut).unwrap_or(contributors)
+                            });
+                            let waiting = ctx
+                                .waiting
+                                .take()
+                                .unwrap_or_else(|| self.pending(stream_of(op)));
+                            // SAFETY: the op still owns its buffer here.
+                            let output = unsafe { ctx.buf.bytes_mut() }.to_vec();
+                            self.retained.insert(
+                                stream_of(op),
+                                Retained {
+                                    op,
+                                    contributors: contributors.clone(),
+                                    waiting: waiting.clone(),
+                                    dtype: ctx.dtype,
+                                    len: ctx.len,
+                                    output: output.clone(),
+                                },
+                            );
+                            let meta = self.step_meta(op, &ctx.cut);
+                            self.keep_for_trainer(
+                                output,
+                                OpDone {
+                                    op,
+                                    epoch,
+                                    contributors,
+                                    waiting,
+                                    meta,
+                                },
+                            );
+                            continue;
+                        }
                         let Some(reply) = ctx.reply.take() else {
                             debug!(%op, "kept result forwarded");
                             continue;
@@ -1452,7 +1585,11 @@ impl Driver {
                         histogram!(m::OP_SECONDS, "kind" => ctx.kind_name)
                             .record(ctx.started.elapsed().as_secs_f64());
                         counter!(m::OPS, "outcome" => "completed").increment(1);
-                        let contributors = ctx.contributors.take().unwrap_or(contributors);
+                        let contributors = ctx
+                            .contributors
+                            .take()
+                            .or_else(|| steps_contributors(&ctx.cut))
+                            .unwrap_or(contributors);
                         let stream = stream_of(op);
                         if ctx.sync {
                             self.synced.insert(stream, epoch);
@@ -1483,11 +1620,13 @@ impl Driver {
                                 output,
                             },
                         );
+                        let meta = self.step_meta(op, &ctx.cut);
                         let _ = reply.send(Ok(OpDone {
                             op,
                             epoch,
                             contributors,
                             waiting,
+                            meta,
                         }));
                     }
                 }
@@ -1527,6 +1666,12 @@ fn fail(ctx: OpCtx, err: OpError) {
     if let Some(reply) = ctx.reply {
         let _ = reply.send(Err(err));
     }
+}
+
+/// A cut step's contributors.
+fn steps_contributors(cut: &Option<steps::CutMeta>) -> Option<Vec<MemberId>> {
+    cut.as_ref()
+        .map(|c| c.participants.iter().map(|(m, _)| *m).collect())
 }
 
 fn plan_name(plan: &Plan) -> &'static str {

@@ -171,11 +171,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         peers.clone(),
         driver_tx.clone(),
     )?;
+    let (stragglers_tx, stragglers_rx) = watch::channel(Vec::new());
     let metrics_task = match metrics_listener {
         Some(listener) => Some(tokio::spawn(metrics::serve(
             listener,
             metrics::handle()?,
-            view.clone(),
+            metrics::Views {
+                group: view.clone(),
+                stragglers: stragglers_rx,
+                control: control_tx.clone(),
+            },
         ))),
         None => None,
     };
@@ -201,6 +206,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             control: control_tx,
             peers,
             mesh: Some(mesh.clone()),
+            stragglers: Some(stragglers_tx),
         },
         config.detector(),
         std::time::Duration::from_millis(config.control.recovery_timeout_ms),

@@ -176,6 +176,7 @@ fn done_response(done: crate::driver::OpDone) -> LocalResponse {
         epoch: done.epoch,
         contributors: done.contributors,
         waiting: done.waiting,
+        meta: done.meta,
     }
 }
 
@@ -299,6 +300,7 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                         LocalKind::StateSync,
                         dtype,
                         len,
+                        None,
                     )
                     .map(|req| (stream, req))
                 }) {
@@ -334,8 +336,22 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                 kind,
                 dtype,
                 len,
+                samples,
             } => match claim.next_op().and_then(|op| {
-                collective(ctx, &buffers, op, buffer, offset_bytes, kind, dtype, len)
+                if samples.is_some() && !matches!(kind, LocalKind::AllReduce(_)) {
+                    return Err("sample counts are for all-reduce only".into());
+                }
+                collective(
+                    ctx,
+                    &buffers,
+                    op,
+                    buffer,
+                    offset_bytes,
+                    kind,
+                    dtype,
+                    len,
+                    samples,
+                )
             }) {
                 Err(message) => error(LocalErrorCode::BadRequest, message),
                 Ok(req) => {
@@ -456,6 +472,7 @@ fn collective(
     kind: LocalKind,
     dtype: phalanx_protocol::wire::DType,
     len: u64,
+    samples: Option<u64>,
 ) -> Result<OpRequest, String> {
     let map = buffers
         .get(&buffer)
@@ -498,5 +515,6 @@ fn collective(
             offset: offset_bytes as usize,
             len: bytes as usize,
         },
+        samples,
     })
 }

@@ -46,6 +46,18 @@ pub const RAFT_TERM: &str = "phalanx_raft_term";
 pub const RAFT_LEADER: &str = "phalanx_raft_leader";
 /// Members of the group, labelled by status.
 pub const MEMBERS: &str = "phalanx_members";
+/// Counter: steps closed by the quorum policy, by `reason` (`all_ready`,
+/// `backup`, `deadline`).
+pub const STEPS_CLOSED: &str = "phalanx_steps_closed_total";
+/// Gauge per `member`: steps it was left out of (as the step coordinator
+/// counts; labels are the group's members, so bounded).
+pub const STRAGGLER_LEFT_OUT: &str = "phalanx_straggler_left_out_steps";
+/// Gauge per `member`: of those, steps it missed by more than the tolerance.
+pub const STRAGGLER_MISSED: &str = "phalanx_straggler_missed_steps";
+/// Gauge per `member`: how late it was in total for the steps it missed, s.
+pub const STRAGGLER_MISSED_SECONDS: &str = "phalanx_straggler_missed_seconds";
+/// Gauge per `member`: 1 while it is a demoted observer.
+pub const STRAGGLER_OBSERVER: &str = "phalanx_straggler_observer";
 
 /// Explicit latency buckets: 50 µs to 60 s.
 const OP_BUCKETS: [f64; 16] = [
@@ -77,13 +89,50 @@ pub fn handle() -> Result<PrometheusHandle> {
         .clone())
 }
 
-/// Serves `GET /metrics` (Prometheus text) and `GET /members` (the group as
-/// `phalanxctl members` prints it) on `listener` until the task is dropped.
-pub async fn serve(
-    listener: TcpListener,
-    handle: PrometheusHandle,
-    view: tokio::sync::watch::Receiver<crate::control::GroupView>,
-) {
+/// What the endpoint shows and where a policy change goes.
+#[derive(Debug)]
+pub struct Views {
+    /// The group.
+    pub group: tokio::sync::watch::Receiver<crate::control::GroupView>,
+    /// The step coordinator's attribution, as last announced.
+    pub stragglers:
+        tokio::sync::watch::Receiver<Vec<phalanx_protocol::stragglers::StragglerRecord>>,
+    /// The control task (`POST /policy`).
+    pub control: tokio::sync::mpsc::Sender<crate::control::ControlInput>,
+}
+
+/// The straggler table under `phalanxctl members`.
+fn render_stragglers(records: &[phalanx_protocol::stragglers::StragglerRecord]) -> String {
+    if records.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\nstragglers (as the step coordinator counts)\n{:<8} {:>9} {:>7} {:>10} standing\n",
+        "member", "left out", "missed", "missed by"
+    );
+    for r in records {
+        out += &format!(
+            "{:<8} {:>9} {:>7} {:>8} ms {}\n",
+            r.member.to_string(),
+            r.left_out,
+            r.missed,
+            r.missed_by_ms,
+            if r.observer {
+                "observer"
+            } else {
+                "contributor"
+            }
+        );
+    }
+    out
+}
+
+/// Serves `GET /metrics` (Prometheus text), `GET /members` (the group as
+/// `phalanxctl members` prints it), `GET /policy` (the quorum policy) and
+/// `POST /policy` (body: a policy, as `phalanxctl policy` sends it) on
+/// `listener` until the task is dropped. Bind it to a trusted address: it
+/// changes how the group closes steps.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, views: Views) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "metrics endpoint listening");
     }
@@ -92,7 +141,14 @@ pub async fn serve(
             continue;
         };
         let handle = handle.clone();
-        let members = view.borrow().render();
+        let (members, policy) = {
+            let g = views.group.borrow();
+            (
+                g.render() + &render_stragglers(&views.stragglers.borrow()),
+                format!("{} (epoch {})\n", g.group.policy, g.group.epoch),
+            )
+        };
+        let control = views.control.clone();
         tokio::spawn(async move {
             let mut req = [0u8; 1024];
             let n = match stream.read(&mut req).await {
@@ -104,10 +160,16 @@ pub async fn serve(
                 ("200 OK", handle.render())
             } else if line.starts_with("GET /members") {
                 ("200 OK", members)
+            } else if line.starts_with("GET /policy") {
+                ("200 OK", policy)
+            } else if line.starts_with("POST /policy") {
+                let text = line.split_once("\r\n\r\n").map_or("", |(_, b)| b.trim());
+                set_policy(&control, text).await
             } else {
                 (
                     "404 Not Found",
-                    "only GET /metrics and GET /members are served\n".to_string(),
+                    "only GET /metrics, GET /members, GET /policy and POST /policy are served\n"
+                        .to_string(),
                 )
             };
             debug!(%peer, status, "metrics request");
@@ -117,6 +179,30 @@ pub async fn serve(
             );
             let _ = stream.write_all(resp.as_bytes()).await;
         });
+    }
+}
+
+/// Parses and proposes a policy; the HTTP status and body.
+async fn set_policy(
+    control: &tokio::sync::mpsc::Sender<crate::control::ControlInput>,
+    text: &str,
+) -> (&'static str, String) {
+    let policy: phalanx_protocol::stragglers::QuorumPolicy = match text.parse() {
+        Ok(p) => p,
+        Err(e) => return ("400 Bad Request", format!("bad policy `{text}`: {e}\n")),
+    };
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    if control
+        .send(crate::control::ControlInput::SetPolicy { policy, reply })
+        .await
+        .is_err()
+    {
+        return ("503 Service Unavailable", "the daemon is stopping\n".into());
+    }
+    match rx.await {
+        Ok(Ok(())) => ("200 OK", format!("proposed {policy}\n")),
+        Ok(Err(e)) => ("503 Service Unavailable", format!("{e}\n")),
+        Err(_) => ("503 Service Unavailable", "the daemon is stopping\n".into()),
     }
 }
 

@@ -82,7 +82,30 @@ pub enum LocalRequest {
         dtype: DType,
         /// Elements per member (all-gather: per block).
         len: u64,
+        /// All-reduce only: the samples this member's input was computed
+        /// from. Given by every member of a stream (or by none), a `Mean`
+        /// is weighted by them; steps closed by the quorum policy report
+        /// them in [`StepMeta::samples`].
+        samples: Option<u64>,
     },
+}
+
+/// What a result says about the step's quorum (all-reduce under the
+/// group's quorum policy; empty for every other op).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
+pub struct StepMeta {
+    /// Members of the step's ring whose input is not in the result, and
+    /// why (late for backup workers or the deadline, or demoted).
+    pub left_out: Vec<(MemberId, String)>,
+    /// The contributors' sample counts, where their trainers gave them.
+    pub samples: Vec<(MemberId, u64)>,
+    /// Later steps of this stream that already closed without this member
+    /// (it is that far behind): its trainer may skip computing their
+    /// gradients and only collect their results.
+    pub behind: u64,
+    /// This member is a demoted observer: its inputs are not used until it
+    /// keeps up again.
+    pub observer: bool,
 }
 
 /// Why the daemon refused a request.
@@ -136,6 +159,8 @@ pub enum LocalResponse {
         /// Members admitted to the group that wait for the trainers' state
         /// on this stream (issue `StateSync` at the next step boundary).
         waiting: Vec<MemberId>,
+        /// The step's quorum.
+        meta: StepMeta,
     },
     /// A request failed; the connection stays usable unless the code says otherwise.
     Error {
@@ -207,6 +232,7 @@ mod tests {
                 kind: LocalKind::Broadcast(MemberId(3)),
                 dtype: DType::BF16,
                 len: 99,
+                samples: Some(32),
             },
         ];
         for r in reqs {
@@ -215,6 +241,24 @@ mod tests {
             let back: LocalRequest = decode_local(&env, &bytes[ENVELOPE_LEN..]).unwrap();
             assert_eq!(back, r);
         }
+        let done = LocalResponse::Done {
+            op: OpId(5),
+            epoch: Epoch(3),
+            contributors: vec![MemberId(1), MemberId(2)],
+            waiting: vec![],
+            meta: StepMeta {
+                left_out: vec![(MemberId(3), "missed the deadline".into())],
+                samples: vec![(MemberId(1), 64), (MemberId(2), 32)],
+                behind: 2,
+                observer: true,
+            },
+        };
+        let bytes = encode_local(&done);
+        let env = EnvelopeHeader::decode(&bytes, &local_limits()).unwrap();
+        assert_eq!(
+            decode_local::<LocalResponse>(&env, &bytes[ENVELOPE_LEN..]).unwrap(),
+            done
+        );
         let resp = LocalResponse::Error {
             code: LocalErrorCode::BadRequest,
             message: "x".into(),

@@ -18,10 +18,9 @@
 //! - [`Coordinator`]: the above for one stream, fed arrivals and the time,
 //!   returning the [`Announcement`] of each closed step.
 //!
-//! Not wired into the daemon yet (issue 5): the driver is to run a
-//! coordinator on the ring's lowest member, send it each member's
-//! readiness, announce each cut before the reduction, run the reduction
-//! among the participants and deliver its result to the members left out.
+//! The daemon's driver runs a coordinator per stream on the lowest member
+//! of the step's ring, sends it each member's readiness and announces each
+//! cut to every member before the reduction runs.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -107,7 +106,7 @@ impl fmt::Display for QuorumPolicy {
         }
         if let Some(d) = &self.deadline {
             parts.push(format!(
-                "deadline=p{}[{}..{} ms]",
+                "deadline=p{} floor_ms={} ceiling_ms={}",
                 f64::from(d.quantile_permille) / 10.0,
                 d.floor_ms,
                 d.ceiling_ms
@@ -117,6 +116,79 @@ impl fmt::Display for QuorumPolicy {
             parts.push("late=fold".into());
         }
         f.write_str(&parts.join(" "))
+    }
+}
+
+/// The deadline's floor and ceiling when a policy names only its quantile.
+pub const DEFAULT_DEADLINE: DeadlinePolicy = DeadlinePolicy {
+    quantile_permille: 950,
+    floor_ms: 5,
+    ceiling_ms: 10_000,
+};
+
+impl std::str::FromStr for QuorumPolicy {
+    type Err = String;
+
+    /// Reads what `Display` writes: `sync`, or space-separated
+    /// `backup=B`, `deadline=pQ` (a percentile, `p95` or `p99.9`),
+    /// `floor_ms=F`, `ceiling_ms=C` and `late=drop|fold`.
+    fn from_str(text: &str) -> Result<QuorumPolicy, String> {
+        let mut policy = QuorumPolicy::SYNC;
+        let mut deadline: Option<DeadlinePolicy> = None;
+        let mut bounds: Vec<(&str, u32)> = Vec::new();
+        for token in text.split_whitespace() {
+            if token == "sync" {
+                continue;
+            }
+            let (key, value) = token
+                .split_once('=')
+                .ok_or_else(|| format!("`{token}`: expected key=value (or `sync`)"))?;
+            let number = |v: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("`{token}`: `{v}` is not a whole number"))
+            };
+            match key {
+                "backup" => policy.backup = number(value)?,
+                "deadline" => {
+                    let q = value
+                        .strip_prefix('p')
+                        .and_then(|q| q.parse::<f64>().ok())
+                        .filter(|q| *q > 0.0 && *q <= 100.0)
+                        .ok_or_else(|| {
+                            format!("`{token}`: the deadline is a percentile, like p95 or p99.9")
+                        })?;
+                    deadline = Some(DeadlinePolicy {
+                        quantile_permille: (q * 10.0).round() as u16,
+                        ..DEFAULT_DEADLINE
+                    });
+                }
+                "floor_ms" | "ceiling_ms" => bounds.push((key, number(value)?)),
+                "late" => {
+                    policy.late = match value {
+                        "drop" => LatePolicy::Drop,
+                        "fold" => LatePolicy::FoldIntoNext,
+                        _ => return Err(format!("`{token}`: late is `drop` or `fold`")),
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "`{token}`: unknown key (backup, deadline, floor_ms, ceiling_ms, late)"
+                    ))
+                }
+            }
+        }
+        for (key, v) in bounds {
+            let d = deadline
+                .as_mut()
+                .ok_or_else(|| format!("{key} needs a deadline=pQ"))?;
+            match key {
+                "floor_ms" => d.floor_ms = v,
+                _ => d.ceiling_ms = v,
+            }
+        }
+        policy.deadline = deadline;
+        policy.validate()?;
+        Ok(policy)
     }
 }
 
@@ -140,7 +212,7 @@ pub enum CloseReason {
 }
 
 /// Why a member is not in a step.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Encode, Decode)]
 pub enum LeftOut {
     /// Not ready when the backup count was reached.
     Backup,
@@ -148,6 +220,20 @@ pub enum LeftOut {
     Deadline,
     /// A demoted observer: it receives results, contributes nothing.
     Observer,
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::AllReady => f.write_str("every member ready"),
+            CloseReason::Backup { ready, expected } => {
+                write!(f, "backup workers: {ready} of {expected} ready")
+            }
+            CloseReason::Deadline { after } => {
+                write!(f, "deadline passed after {} ms", after.as_millis())
+            }
+        }
+    }
 }
 
 impl fmt::Display for LeftOut {
@@ -218,7 +304,7 @@ pub fn decide_cut(
                 if observers.contains(&m) && expected.len() < ring.len() {
                     (m, LeftOut::Observer)
                 } else {
-                    (m, why.clone())
+                    (m, why)
                 }
             })
             .collect();
@@ -405,33 +491,49 @@ impl Attribution {
                 continue;
             }
             if in_time_observers.contains(&m) {
-                r.on_time += 1;
-                if r.on_time >= self.readmit_after {
-                    r.observer = false;
-                    r.on_time = 0;
-                    r.recent.clear();
-                    changes.push(Standing::Readmitted {
-                        member: m,
-                        reason: format!(
-                            "ready in time in {} consecutive steps",
-                            self.readmit_after
-                        ),
-                    });
-                }
+                changes.extend(self.on_time(m));
             } else {
-                r.on_time = 0;
+                // Judged when it arrives: within the tolerance it kept up.
+                r.awaiting = true;
             }
         }
         changes
     }
 
+    /// An observer was ready in time for a step; readmits it after enough.
+    fn on_time(&mut self, member: MemberId) -> Vec<Standing> {
+        let readmit_after = self.readmit_after;
+        let Some(r) = self.members.get_mut(&member) else {
+            return Vec::new();
+        };
+        r.on_time += 1;
+        if r.on_time < readmit_after {
+            return Vec::new();
+        }
+        r.observer = false;
+        r.on_time = 0;
+        r.recent.clear();
+        vec![Standing::Readmitted {
+            member,
+            reason: format!("ready in time in {readmit_after} consecutive steps"),
+        }]
+    }
+
     /// A member left out of a step became ready `by` after the step closed;
     /// returns its demotion when this miss is one too many.
     pub fn late_arrival(&mut self, member: MemberId, by: Duration) -> Vec<Standing> {
+        let tolerance = self.tolerance;
         let Some(r) = self.members.get_mut(&member).filter(|r| r.awaiting) else {
             return Vec::new();
         };
         r.awaiting = false;
+        if r.observer {
+            if by <= tolerance {
+                return self.on_time(member);
+            }
+            r.on_time = 0;
+            return Vec::new();
+        }
         r.missed_by += by;
         let missed = by > self.tolerance;
         r.missed += u64::from(missed);
@@ -469,6 +571,42 @@ impl Attribution {
     /// Forgets a member (it left the ring).
     pub fn forget(&mut self, member: MemberId) {
         self.members.remove(&member);
+    }
+
+    /// Every member's record.
+    pub fn records(&self) -> impl Iterator<Item = (MemberId, &MemberRecord)> {
+        self.members.iter().map(|(&m, r)| (m, r))
+    }
+}
+
+/// One member's attribution as the coordinator announces it with each
+/// step (for metrics and `phalanxctl members` at every daemon).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct StragglerRecord {
+    /// The member.
+    pub member: MemberId,
+    /// Steps it was left out of.
+    pub left_out: u64,
+    /// Of those, steps it missed by more than the tolerance.
+    pub missed: u64,
+    /// How late it was in total for the steps it was left out of, ms.
+    pub missed_by_ms: u64,
+    /// Demoted to observer.
+    pub observer: bool,
+}
+
+impl Attribution {
+    /// Every member's record in wire form.
+    pub fn snapshot(&self) -> Vec<StragglerRecord> {
+        self.records()
+            .map(|(member, r)| StragglerRecord {
+                member,
+                left_out: r.left_out,
+                missed: r.missed,
+                missed_by_ms: r.missed_by.as_millis() as u64,
+                observer: r.observer,
+            })
+            .collect()
     }
 }
 
@@ -529,6 +667,27 @@ impl Coordinator {
     /// A new policy (from the next decision on).
     pub fn set_policy(&mut self, policy: QuorumPolicy) {
         self.policy = policy;
+    }
+
+    /// A new epoch with `ring`: steps of the old one are forgotten (the
+    /// interrupted ones are decided again from fresh arrivals), and so are
+    /// members that left; the others keep their records and standing.
+    pub fn new_epoch(&mut self, ring: &[MemberId]) {
+        self.steps.clear();
+        let gone: Vec<MemberId> = self
+            .attribution
+            .records()
+            .map(|(m, _)| m)
+            .filter(|m| !ring.contains(m))
+            .collect();
+        for m in gone {
+            self.attribution.forget(m);
+        }
+        self.pending.retain(|s| match s {
+            Standing::Demoted { member, .. } | Standing::Readmitted { member, .. } => {
+                ring.contains(member)
+            }
+        });
     }
 
     /// The attribution so far.
@@ -984,7 +1143,33 @@ mod tests {
             }),
             late: LatePolicy::FoldIntoNext,
         };
-        assert_eq!(p.to_string(), "backup=1 deadline=p95[5..500 ms] late=fold");
+        assert_eq!(
+            p.to_string(),
+            "backup=1 deadline=p95 floor_ms=5 ceiling_ms=500 late=fold"
+        );
+        assert_eq!(p.to_string().parse::<QuorumPolicy>(), Ok(p));
+        assert_eq!("sync".parse::<QuorumPolicy>(), Ok(QuorumPolicy::SYNC));
+        assert_eq!(
+            "deadline=p99.9".parse::<QuorumPolicy>().map(|p| p.deadline),
+            Ok(Some(DeadlinePolicy {
+                quantile_permille: 999,
+                ..DEFAULT_DEADLINE
+            }))
+        );
+        for bad in [
+            "backup",
+            "backup=x",
+            "deadline=95",
+            "floor_ms=3",
+            "late=maybe",
+            "speed=2",
+        ] {
+            assert!(bad.parse::<QuorumPolicy>().is_err(), "{bad}");
+        }
+        assert!("deadline=p90 floor_ms=9 ceiling_ms=3"
+            .parse::<QuorumPolicy>()
+            .unwrap_err()
+            .contains("above its ceiling"));
         assert!(p.validate().is_ok());
         let bad = QuorumPolicy {
             deadline: Some(DeadlinePolicy {

@@ -25,6 +25,24 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics: std::net::SocketAddr,
     },
+    /// Shows or sets how the group closes each all-reduce step (the quorum
+    /// policy, replicated through Raft; a change starts a new epoch at
+    /// every member). Without a policy: prints the current one.
+    ///
+    /// POLICY: `sync` (wait for every member), or any of `backup=B` (close
+    /// with the first n-B ready members), `deadline=pQ` (close when a
+    /// deadline passes: 1.5x the Q-th percentile of recent arrival offsets,
+    /// clamped to `floor_ms=F` and `ceiling_ms=C`, default 5 and 10000),
+    /// `late=drop|fold` (late gradients are dropped, or folded into that
+    /// member's next step). Example: `phalanxctl policy backup=1
+    /// deadline=p95 ceiling_ms=500`.
+    Policy {
+        /// The daemon's metrics endpoint (any member's).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics: std::net::SocketAddr,
+        /// The new policy (words as above).
+        policy: Vec<String>,
+    },
     /// Cluster identity: the CA and node certificates for mutual TLS.
     Certs {
         #[command(subcommand)]
@@ -94,6 +112,18 @@ fn real_main() -> Result<()> {
                 "{}",
                 phalanx_daemon::cluster::http_get(metrics, "/members")?
             );
+        }
+        Command::Policy { metrics, policy } => {
+            if policy.is_empty() {
+                print!("{}", phalanx_daemon::cluster::http_get(metrics, "/policy")?);
+            } else {
+                let text = policy.join(" ");
+                let wanted: phalanx_protocol::stragglers::QuorumPolicy = text
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("bad policy `{text}`: {e}"))?;
+                phalanx_daemon::cluster::set_policy(metrics, wanted)?;
+                print!("{}", phalanx_daemon::cluster::http_get(metrics, "/policy")?);
+            }
         }
         Command::Certs {
             command: CertsCommand::Init { dir },

@@ -1002,6 +1002,11 @@ impl Mesh {
                     Ok(ControlMessage::Recovery(report)) => {
                         let _ = driver.send(Input::Recovery { from: peer, report }).await;
                     }
+                    Ok(
+                        msg @ (ControlMessage::StepReady { .. } | ControlMessage::StepCut { .. }),
+                    ) => {
+                        let _ = driver.send(Input::Step { from: peer, msg }).await;
+                    }
                     Ok(ControlMessage::RecoveryAsk { epoch }) => {
                         let _ = driver.send(Input::RecoveryAsk { from: peer, epoch }).await;
                     }

@@ -402,6 +402,7 @@ impl ControlNode {
             (true, None) => GroupState {
                 members: Default::default(),
                 epoch: crate::Epoch(0),
+                policy: crate::stragglers::QuorumPolicy::SYNC,
             },
         };
         store.apply_snapshot(snap);

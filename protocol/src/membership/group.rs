@@ -12,6 +12,7 @@ use std::fmt;
 
 use bincode::{Decode, Encode};
 
+use crate::stragglers::QuorumPolicy;
 use crate::{Epoch, Incarnation, MemberId};
 
 /// A member's standing in the group.
@@ -89,6 +90,13 @@ pub enum Command {
         /// Its address.
         addr: String,
     },
+    /// Close steps by `policy` from the next epoch on (`phalanxctl
+    /// policy`). A new epoch, so every member switches at the same op
+    /// boundary: ops in flight are finished by the recovery exchange.
+    SetPolicy {
+        /// The rule.
+        policy: QuorumPolicy,
+    },
 }
 
 /// What applying a command changed.
@@ -127,6 +135,8 @@ pub enum Change {
     Removed(MemberId, String),
     /// The member joined the ring.
     Admitted(MemberId, Incarnation),
+    /// Steps close by a new rule.
+    Policy(QuorumPolicy),
 }
 
 /// The replicated state.
@@ -136,6 +146,8 @@ pub struct GroupState {
     pub members: BTreeMap<MemberId, MemberRecord>,
     /// The current epoch.
     pub epoch: Epoch,
+    /// How steps close (the default: synchronous).
+    pub policy: QuorumPolicy,
 }
 
 impl GroupState {
@@ -163,6 +175,7 @@ impl GroupState {
                 })
                 .collect(),
             epoch: Epoch(1),
+            policy: QuorumPolicy::SYNC,
         }
     }
 
@@ -285,6 +298,21 @@ impl GroupState {
                     epoch: self.epoch,
                     ring: self.ring(),
                     change: Change::Admitted(*member, *incarnation),
+                }
+            }
+            Command::SetPolicy { policy } => {
+                if let Err(why) = policy.validate() {
+                    return Applied::Ignored(format!("policy {policy}: {why}"));
+                }
+                if *policy == self.policy {
+                    return Applied::Ignored(format!("the policy is already {policy}"));
+                }
+                self.epoch = self.epoch.next();
+                self.policy = *policy;
+                Applied::NewEpoch {
+                    epoch: self.epoch,
+                    ring: self.ring(),
+                    change: Change::Policy(*policy),
                 }
             }
         }
@@ -465,6 +493,40 @@ mod tests {
             Applied::Ignored(_)
         ));
         assert_eq!(g.members[&MemberId(0)].name, "node0");
+    }
+
+    #[test]
+    fn a_policy_change_is_a_new_epoch_with_the_same_ring() {
+        let mut g = group(3);
+        let policy: QuorumPolicy = "backup=1".parse().unwrap();
+        let applied = g.apply(&Command::SetPolicy { policy });
+        assert_eq!(
+            applied,
+            Applied::NewEpoch {
+                epoch: Epoch(2),
+                ring: g.ring(),
+                change: Change::Policy(policy),
+            }
+        );
+        assert_eq!(g.policy, policy);
+        assert!(matches!(
+            g.apply(&Command::SetPolicy { policy }),
+            Applied::Ignored(_)
+        ));
+        let bad = QuorumPolicy {
+            deadline: Some(crate::stragglers::DeadlinePolicy {
+                quantile_permille: 0,
+                floor_ms: 1,
+                ceiling_ms: 2,
+            }),
+            ..QuorumPolicy::SYNC
+        };
+        assert!(matches!(
+            g.apply(&Command::SetPolicy { policy: bad }),
+            Applied::Ignored(_)
+        ));
+        assert_eq!(g.epoch, Epoch(2));
+        assert_eq!(GroupState::decode(&g.encode()).unwrap(), g);
     }
 
     #[test]

@@ -240,6 +240,51 @@ pub enum ControlMessage {
         /// (stream, last issued op seq).
         streams: Vec<(u32, u64)>,
     },
+    /// To the step's coordinator (the lowest member of the step's ring):
+    /// the sender's trainer submitted all-reduce `op` (a step that closes by
+    /// the group's quorum policy). Every member of the step sends one.
+    StepReady {
+        /// The op (its seq is the step).
+        op: OpId,
+        /// The epoch it was submitted in.
+        epoch: Epoch,
+        /// The reduction.
+        reduce: ReduceOp,
+        /// Element type.
+        dtype: DType,
+        /// Elements.
+        len: u64,
+        /// The samples the sender's gradient was computed from, if its
+        /// trainer said (the mean is then weighted by them).
+        samples: Option<u64>,
+    },
+    /// From the step's coordinator to every member of the step's ring,
+    /// before the reduction runs: who contributes to `op`, who is left out
+    /// and why. Every member then runs the reduction over the whole ring,
+    /// the members left out with a neutral input, so every replica gets the
+    /// same result.
+    StepCut {
+        /// The op.
+        op: OpId,
+        /// Its epoch.
+        epoch: Epoch,
+        /// The reduction (as the members submitted it).
+        reduce: ReduceOp,
+        /// Element type.
+        dtype: DType,
+        /// Elements.
+        len: u64,
+        /// The contributors, ascending, with their sample counts.
+        participants: Vec<(MemberId, Option<u64>)>,
+        /// The members left out, and why.
+        left_out: Vec<(MemberId, crate::stragglers::LeftOut)>,
+        /// Why the step closed when it did.
+        reason: String,
+        /// Demotions (`true`) and readmissions this step caused, with why.
+        changes: Vec<(MemberId, bool, String)>,
+        /// The coordinator's attribution, per member.
+        records: Vec<crate::stragglers::StragglerRecord>,
+    },
     /// To a joining member: the live trainers started handing over their
     /// state on `stream` as op `op` (a broadcast from `root` of `len`
     /// elements of `dtype` in `epoch`); the joiner runs it too.
