@@ -4,6 +4,7 @@
 mod allreduce;
 mod failover;
 mod kernels;
+mod straggler;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -101,6 +102,39 @@ enum Command {
         #[arg(long)]
         phalanxd: Option<PathBuf>,
     },
+    /// Stragglers: real `phalanxd` processes, one trainer per member that
+    /// computes (sleeps) a fixed time per step and all-reduces; one member
+    /// computes SLOW times longer. Four runs (fresh cluster each): all
+    /// healthy, then the slow member under sync, backup=1 and a deadline.
+    /// Prints the healthy members' step-time p50/p99 and the ratios to the
+    /// healthy run (JSON summary: sync_p50_over_healthy,
+    /// backup_p50_over_healthy, deadline_p50_over_healthy).
+    Straggler {
+        /// Members (the last one is slow).
+        #[arg(long, default_value_t = 4)]
+        members: usize,
+        /// How many times slower the slow member computes.
+        #[arg(long, default_value_t = 3.0)]
+        slow: f64,
+        /// Steps per run.
+        #[arg(long, default_value_t = 200)]
+        steps: usize,
+        /// A healthy member's compute time per step, ms.
+        #[arg(long, default_value_t = 20)]
+        compute_ms: u64,
+        /// f32 elements per all-reduce.
+        #[arg(long, default_value_t = 65536)]
+        elems: usize,
+        /// The deadline run's policy.
+        #[arg(long, default_value = "deadline=p50 floor_ms=5 ceiling_ms=1000")]
+        deadline: String,
+        /// Write the figures and the summary as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The phalanxd binary (default: next to this one).
+        #[arg(long)]
+        phalanxd: Option<PathBuf>,
+    },
 }
 
 /// The `q` quantile of ascending `sorted` (nearest rank).
@@ -172,6 +206,33 @@ fn main() -> ExitCode {
                     members,
                     trials: trials.max(1),
                     elems,
+                    phalanxd,
+                },
+                json.as_deref(),
+            )
+        })(),
+        Command::Straggler {
+            members,
+            slow,
+            steps,
+            compute_ms,
+            elems,
+            deadline,
+            json,
+            phalanxd,
+        } => (|| {
+            let phalanxd = match phalanxd {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name("phalanxd"),
+            };
+            straggler::run(
+                &straggler::Options {
+                    members,
+                    slow,
+                    steps,
+                    compute_ms,
+                    elems,
+                    deadline,
                     phalanxd,
                 },
                 json.as_deref(),
