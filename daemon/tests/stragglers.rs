@@ -44,6 +44,9 @@ struct Seen {
 
 #[derive(Debug)]
 struct Shared {
+    /// Trainers give sample counts (8 x their member id) and take the
+    /// weighted mean instead of the sum.
+    weighted: bool,
     /// Per member index: ms of "compute" per step.
     compute_ms: Vec<AtomicU64>,
     progress: Vec<AtomicU64>,
@@ -53,6 +56,7 @@ struct Shared {
 impl Shared {
     fn new(compute_ms: &[u64]) -> Arc<Shared> {
         Arc::new(Shared {
+            weighted: false,
             compute_ms: compute_ms.iter().map(|&c| AtomicU64::new(c)).collect(),
             progress: compute_ms.iter().map(|_| AtomicU64::new(0)).collect(),
             seen: Mutex::new(Vec::new()),
@@ -98,6 +102,23 @@ fn spawn(
                 ));
                 gradient(me, step, &w)
             };
+            if shared.weighted {
+                let info = c.all_reduce_weighted(&mut buf, 8 * u64::from(me))?;
+                check_weighted(me, step, &w, &buf, &info);
+                for (wj, s) in w.iter_mut().zip(&buf) {
+                    *wj -= LR * s;
+                }
+                shared.seen.lock().unwrap().push(Seen {
+                    idx,
+                    step,
+                    contributors: info.contributors,
+                    left_out: info.meta.left_out,
+                    skipped,
+                });
+                skip = skip.max(info.meta.behind);
+                shared.progress[idx].store(step + 1, Ordering::SeqCst);
+                continue;
+            }
             let info = c.all_reduce(&mut buf, ReduceOp::Sum)?;
             let mut want: Option<Vec<f32>> = None;
             for m in &info.contributors {
@@ -137,6 +158,28 @@ fn spawn(
         }
         Ok(w)
     })
+}
+
+/// The result of a weighted mean is the contributors' gradients weighted by
+/// the sample counts the result names (each contributor's, 8 x its id).
+fn check_weighted(me: u32, step: u64, w: &[f32], got: &[f32], info: &phalanx_client::OpInfo) {
+    let samples = &info.meta.samples;
+    let named: Vec<MemberId> = samples.iter().map(|(m, _)| *m).collect();
+    assert_eq!(named, info.contributors, "m{me} step {step}: sample counts");
+    assert!(samples.iter().all(|(m, s)| *s == 8 * u64::from(m.0)));
+    let total: u64 = samples.iter().map(|(_, s)| s).sum();
+    let mut want = vec![0.0f64; w.len()];
+    for (m, s) in samples {
+        for (acc, g) in want.iter_mut().zip(gradient(m.0, step, w)) {
+            *acc += f64::from(g) * *s as f64 / total as f64;
+        }
+    }
+    for (j, (a, b)) in want.iter().zip(got).enumerate() {
+        assert!(
+            (a - f64::from(*b)).abs() <= 1e-4 * a.abs().max(1.0),
+            "m{me} step {step} [{j}]: weighted mean {b}, want {a} ({samples:?})"
+        );
+    }
 }
 
 fn start(members: usize, policy: &str, suspect: bool) -> LocalCluster {
@@ -243,6 +286,30 @@ fn backup_workers_leave_a_3x_slow_member_out_and_demote_it() {
         metrics.contains("phalanx_straggler_left_out_steps{member=\"m4\"}"),
         "no attribution in the metrics"
     );
+}
+
+#[test]
+fn the_mean_is_weighted_by_the_contributors_sample_counts() {
+    let _serial = common::one_at_a_time();
+    // Sync (every member, through the coordinator: the weights need the
+    // contributors' counts), then backup=1 with a slow member.
+    for (policy, slow) in [("sync", 5), ("backup=1", 30)] {
+        let cluster = start(3, policy, false);
+        let mut shared = Shared::new(&[5, 5, slow]);
+        Arc::get_mut(&mut shared).unwrap().weighted = true;
+        let trainers = run_all(&cluster, 40, &shared);
+        finish(trainers);
+        let seen = shared.seen();
+        let partial = seen
+            .iter()
+            .filter(|s| s.idx == 0 && s.contributors.len() < 3)
+            .count();
+        if policy == "sync" {
+            assert_eq!(partial, 0, "sync steps have every member");
+        } else {
+            assert!(partial > 10, "backup=1 left out the slow member {partial} times");
+        }
+    }
 }
 
 #[test]
