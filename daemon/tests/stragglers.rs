@@ -307,7 +307,10 @@ fn the_mean_is_weighted_by_the_contributors_sample_counts() {
         if policy == "sync" {
             assert_eq!(partial, 0, "sync steps have every member");
         } else {
-            assert!(partial > 10, "backup=1 left out the slow member {partial} times");
+            assert!(
+                partial > 10,
+                "backup=1 left out the slow member {partial} times"
+            );
         }
     }
 }

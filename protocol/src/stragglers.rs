@@ -629,7 +629,10 @@ pub struct Announcement {
 
 #[derive(Clone, Debug)]
 struct OpenStep {
-    opened: Time,
+    /// The first contributing member's arrival (observers do not start a
+    /// step's clock: one ready first would close it at a deadline with
+    /// nobody in it).
+    opened: Option<Time>,
     ready: BTreeMap<MemberId, Time>,
     closed: Option<Time>,
 }
@@ -708,8 +711,11 @@ impl Coordinator {
         now: Time,
         ring: &[MemberId],
     ) -> Option<Announcement> {
+        let is_observer = |m: &MemberId| self.attribution.get(*m).is_some_and(|r| r.observer);
+        // With every member demoted, the observers carry the step.
+        let observer = is_observer(&member) && ring.iter().any(|m| !is_observer(m));
         let s = self.steps.entry(step).or_insert_with(|| OpenStep {
-            opened: now,
+            opened: None,
             ready: BTreeMap::new(),
             closed: None,
         });
@@ -717,10 +723,13 @@ impl Coordinator {
             return None;
         }
         s.ready.insert(member, now);
-        let offset = now.since(s.opened);
         let closed = s.closed;
-        if s.ready.len() > 1 {
-            self.times.record(offset);
+        match s.opened {
+            // The deadline comes from the members that contribute: a
+            // demoted straggler's arrivals would stretch it to its pace.
+            Some(opened) if !observer => self.times.record(now.since(opened)),
+            None if !observer => s.opened = Some(now),
+            _ => {}
         }
         if let Some(closed) = closed {
             let changes = self.attribution.late_arrival(member, now.since(closed));
@@ -749,7 +758,7 @@ impl Coordinator {
         self.steps
             .values()
             .filter(|s| s.closed.is_none())
-            .map(|s| s.opened.after(length))
+            .filter_map(|s| s.opened.map(|o| o.after(length)))
             .min()
     }
 
@@ -757,6 +766,7 @@ impl Coordinator {
         let deadline = self.deadline();
         let observers = self.attribution.observers();
         let s = self.steps.get_mut(&step)?;
+        let opened = s.opened?;
         let Cut::Close {
             participants,
             left_out,
@@ -766,7 +776,7 @@ impl Coordinator {
             ring,
             &observers,
             &s.ready,
-            s.opened,
+            opened,
             now,
             deadline,
         )

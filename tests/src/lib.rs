@@ -10,4 +10,5 @@ pub mod control_sim;
 pub mod invariants;
 pub mod scenario;
 pub mod sim;
+pub mod steps_sim;
 pub mod tensor;

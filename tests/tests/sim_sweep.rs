@@ -196,3 +196,36 @@ fn seeded_cluster_scenarios() {
         );
     }
 }
+
+#[test]
+fn straggler_scenarios() {
+    let count = env("PHALANX_STEPS_SEEDS", 100);
+    let start = env("PHALANX_SIM_SEED_START", 0);
+    let mut failures = Vec::new();
+    let mut total = phalanx_tests::steps_sim::StepsReport::default();
+    for seed in start..start + count {
+        match phalanx_tests::steps_sim::run_seed(seed) {
+            Ok(r) => {
+                total.results += r.results;
+                total.partial_steps += r.partial_steps;
+                total.stand_ins += r.stand_ins;
+                total.skipped += r.skipped;
+                total.demotions += r.demotions;
+                total.readmissions += r.readmissions;
+            }
+            Err(failure) => {
+                eprintln!("{failure}\n");
+                failures.push(seed);
+            }
+        }
+    }
+    println!("{count} straggler seeds from {start}: {total:?}");
+    assert!(
+        failures.is_empty(),
+        "failing seeds: {failures:?} (replay commands above)"
+    );
+    if count >= 50 {
+        assert!(total.readmissions > 0, "no scenario readmitted a member");
+        assert!(total.stand_ins > 0, "no daemon stood in for a late trainer");
+    }
+}

@@ -78,9 +78,13 @@ pub(super) struct CutMsg {
 }
 
 /// The neutral element of `reduce` for `dtype`, as `len` elements of bytes.
+/// For a sum it is -0.0, not +0.0: `-0.0 + x` is `x` for every `x`, while
+/// `+0.0 + -0.0` is `+0.0`, and a step's result must be exactly the sum over
+/// its contributors.
 fn neutral(reduce: ReduceOp, dtype: DType, len: usize) -> Vec<u8> {
     let one: &[u8] = match (reduce, dtype) {
-        (ReduceOp::Sum | ReduceOp::Mean, _) => return vec![0; len * dtype.size_bytes()],
+        (ReduceOp::Sum | ReduceOp::Mean, DType::F32) => &(-0.0f32).to_le_bytes(),
+        (ReduceOp::Sum | ReduceOp::Mean, DType::BF16 | DType::F16) => &[0x00, 0x80],
         (ReduceOp::Max, DType::F32) => &f32::NEG_INFINITY.to_le_bytes(),
         (ReduceOp::Min, DType::F32) => &f32::INFINITY.to_le_bytes(),
         (ReduceOp::Max, DType::BF16) => &[0x80, 0xff],

@@ -60,6 +60,15 @@ enum Command {
         #[arg(long)]
         seed: u64,
     },
+    /// Runs one straggler seed: trainers of which some compute 3x slower
+    /// (one may recover), steps closed by a backup/deadline policy through
+    /// the step coordinator, the daemons' cut path; checks every result,
+    /// that nothing deadlocks, that replicas end identical, and demotion.
+    Steps {
+        /// The scenario's seed.
+        #[arg(long)]
+        seed: u64,
+    },
     /// Runs many seeds and lists the failing ones.
     Sweep {
         /// How many seeds.
@@ -97,6 +106,11 @@ fn main() -> ExitCode {
             let scenario = phalanx_tests::cluster_sim::ClusterScenario::from_seed(seed);
             println!("{scenario:?}");
             outcome(phalanx_tests::cluster_sim::ClusterSim::new(scenario).run())
+        }
+        Command::Steps { seed } => {
+            let scenario = phalanx_tests::steps_sim::StepsScenario::from_seed(seed);
+            println!("{scenario:?}");
+            outcome(phalanx_tests::steps_sim::StepsSim::new(scenario).run())
         }
         Command::Run { seed, trace } => {
             let scenario = Scenario::from_seed(seed);
