@@ -451,8 +451,10 @@ pub struct Driver {
     closed_upto: HashMap<u64, u64>,
     /// The coordinator's attribution as last announced.
     records: Vec<StragglerRecord>,
-    /// Per stream, this trainer's last late input (`late=fold`).
-    folded: HashMap<u64, Vec<u8>>,
+    /// Per stream, this trainer's last late input and its step
+    /// (`late=fold`: added to its input of the next step, if it contributes
+    /// to that one).
+    folded: HashMap<u64, (u64, Vec<u8>)>,
 }
 
 /// How long after its first admission a daemon waits before it judges

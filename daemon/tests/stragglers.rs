@@ -47,6 +47,10 @@ struct Shared {
     /// Trainers give sample counts (8 x their member id) and take the
     /// weighted mean instead of the sum.
     weighted: bool,
+    /// The policy folds late inputs into the member's next step.
+    fold: bool,
+    /// Every input a trainer passed: (member id, step).
+    inputs: Mutex<std::collections::HashMap<(u32, u64), Vec<f32>>>,
     /// Per member index: ms of "compute" per step.
     compute_ms: Vec<AtomicU64>,
     progress: Vec<AtomicU64>,
@@ -57,6 +61,8 @@ impl Shared {
     fn new(compute_ms: &[u64]) -> Arc<Shared> {
         Arc::new(Shared {
             weighted: false,
+            fold: false,
+            inputs: Mutex::new(Default::default()),
             compute_ms: compute_ms.iter().map(|&c| AtomicU64::new(c)).collect(),
             progress: compute_ms.iter().map(|_| AtomicU64::new(0)).collect(),
             seen: Mutex::new(Vec::new()),
@@ -91,6 +97,7 @@ fn spawn(
         let me = c.member().0;
         let mut w = vec![0.0f32; DIM];
         let mut skip = 0u64;
+        let mut last_contributors: Vec<MemberId> = Vec::new();
         for step in 0..steps {
             let skipped = skip > 0;
             let mut buf = if skipped {
@@ -119,10 +126,21 @@ fn spawn(
                 shared.progress[idx].store(step + 1, Ordering::SeqCst);
                 continue;
             }
+            shared
+                .inputs
+                .lock()
+                .unwrap()
+                .insert((me, step), buf.clone());
             let info = c.all_reduce(&mut buf, ReduceOp::Sum)?;
             let mut want: Option<Vec<f32>> = None;
             for m in &info.contributors {
-                let g = gradient(m.0, step, &w);
+                let mut g = gradient(m.0, step, &w);
+                if shared.fold && step > 0 && !last_contributors.contains(m) {
+                    // Its input to the step before, which closed without it.
+                    let inputs = shared.inputs.lock().unwrap();
+                    let stale = &inputs[&(m.0, step - 1)];
+                    g.iter_mut().zip(stale).for_each(|(a, b)| *a += b);
+                }
                 match want.as_mut() {
                     None => want = Some(g),
                     Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
@@ -147,6 +165,7 @@ fn spawn(
                 *wj -= LR * s / k;
             }
             skip = skip.max(info.meta.behind);
+            last_contributors = info.contributors.clone();
             shared.seen.lock().unwrap().push(Seen {
                 idx,
                 step,
@@ -313,6 +332,30 @@ fn the_mean_is_weighted_by_the_contributors_sample_counts() {
             );
         }
     }
+}
+
+#[test]
+fn late_inputs_fold_into_the_next_step() {
+    let _serial = common::one_at_a_time();
+    // Backup=1 over three members: the last one ready each step is left
+    // out, and with late=fold its input joins its next step (if it
+    // contributes to that one); the trainers check every result for that.
+    let cluster = start(3, "backup=1 late=fold", false);
+    let mut shared = Shared::new(&[10, 10, 10]);
+    Arc::get_mut(&mut shared).unwrap().fold = true;
+    let trainers = run_all(&cluster, 60, &shared);
+    finish(trainers);
+    let seen = shared.seen();
+    let mine: Vec<&Seen> = seen.iter().filter(|s| s.idx == 0).collect();
+    let folds = mine
+        .windows(2)
+        .filter(|w| {
+            w[1].contributors
+                .iter()
+                .any(|m| !w[0].contributors.contains(m))
+        })
+        .count();
+    assert!(folds > 5, "only {folds} steps folded a late input");
 }
 
 #[test]

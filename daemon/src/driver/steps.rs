@@ -118,12 +118,21 @@ impl Driver {
         let op = w.req.op;
         // A rerun plan for it is moot: the step is cut again.
         self.plans.remove(&op);
+        let standing_in = self.ops.get(&op).is_some_and(|c| c.standin)
+            || self.parked.get(&op).is_some_and(|p| p.ctx.standin);
+        if standing_in || self.delivered.contains_key(&op) {
+            // Late: the step closed without this input.
+            if self.policy.late == LatePolicy::FoldIntoNext {
+                let mut buf = Buf::Shared(w.req.region.clone());
+                // SAFETY: the request owns its region until it is answered.
+                let input = unsafe { buf.bytes_mut() }.to_vec();
+                self.folded.insert(stream_of(op), (seq_of(op), input));
+            }
+        }
         if let Some((output, mut done)) = self.delivered.remove(&op) {
             self.send_ready(&w.req, false);
             return self.serve_kept(w, output, &mut done);
         }
-        let standing_in = self.ops.get(&op).is_some_and(|c| c.standin)
-            || self.parked.get(&op).is_some_and(|p| p.ctx.standin);
         if standing_in {
             self.send_ready(&w.req, false);
             debug!(%op, "the step closed without this member; its result is on the way");
@@ -487,7 +496,12 @@ impl Driver {
                     if self.policy.late == LatePolicy::FoldIntoNext
                         && matches!(cut.reduce, ReduceOp::Sum | ReduceOp::Mean)
                     {
-                        if let Some(stale) = self.folded.remove(&stream) {
+                        // Staleness 1: only the step right before this one.
+                        if let Some((_, stale)) = self
+                            .folded
+                            .remove(&stream)
+                            .filter(|(at, _)| at + 1 == seq_of(op))
+                        {
                             if stale.len() == bytes.len() {
                                 let _ = phalanx_compute::reduce_bytes(
                                     self.engine.as_ref(),
@@ -514,7 +528,7 @@ impl Driver {
                     }
                 } else {
                     if self.policy.late == LatePolicy::FoldIntoNext {
-                        self.folded.insert(stream, ctx.input.clone());
+                        self.folded.insert(stream, (seq_of(op), ctx.input.clone()));
                     }
                     bytes.copy_from_slice(&neutral(cut.reduce, ctx.dtype, ctx.len));
                 }
