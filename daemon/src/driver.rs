@@ -397,7 +397,10 @@ pub struct Driver {
     early_reports: BTreeMap<MemberId, RecoveryReport>,
     /// Plans for ops this daemon's trainer has not submitted yet.
     plans: HashMap<OpId, Plan>,
-    retained: HashMap<u64, Retained>,
+    /// Per stream, the last completed ops' results, oldest first: the
+    /// newest always, older ones while a ring member's trainer may still be
+    /// waiting for them (a member left out of steps can lag several behind).
+    retained: HashMap<u64, std::collections::VecDeque<Retained>>,
     /// The epoch each ring member was last admitted in.
     joined_at: BTreeMap<MemberId, Epoch>,
     /// Why this daemon is out of the ring (None: in it, or starting).
@@ -1040,6 +1043,7 @@ impl Driver {
             completed: self
                 .retained
                 .values()
+                .flatten()
                 .map(|r| KeptResult {
                     op: r.op,
                     contributors: r.contributors.clone(),
@@ -1183,9 +1187,18 @@ impl Driver {
     fn resume(&mut self, mut ctx: OpCtx, plan: &Plan) {
         let me = self.me();
         match plan {
-            Plan::Rerun { members } if members.contains(&me) && ctx.cut_path => self.recut(ctx),
             Plan::Rerun { .. } if ctx.standin => self.recut(ctx),
+            Plan::Rerun { members }
+                if members.contains(&me) && self.cut_applies(ctx.kind, ctx.samples) =>
+            {
+                self.recut(ctx)
+            }
             Plan::Rerun { members } if members.contains(&me) => {
+                // Run directly, as every member does under this epoch's
+                // policy (a cut step of a `sync` epoch runs plain again).
+                ctx.cut_path = false;
+                ctx.cut = None;
+                ctx.core_kind = None;
                 if let Kind::Broadcast { root } = kind_of(ctx.kind).0 {
                     if !members.contains(&root) {
                         return fail(ctx, OpError::Aborted(AbortReason::MemberDown(root)));
@@ -1207,10 +1220,29 @@ impl Driver {
                 waiting,
             } if members.contains(&me) => {
                 ctx.kind = LocalKind::Broadcast(*holder);
+                // (A cut step's reduction is over: the kept result stands.)
+                ctx.core_kind = None;
                 ctx.members = members.clone();
                 ctx.contributors = Some(contributors.clone());
                 ctx.waiting = Some(waiting.clone());
                 self.start(ctx);
+            }
+            _ if ctx.standin => {
+                // A step this daemon ran for its lagging trainer, whose
+                // result nobody holds any more: the trainer cannot catch
+                // up, so this member leaves the ring and its trainer,
+                // told so, rejoins with the group's state.
+                warn!(op = %ctx.op, "the result of a step this member's trainer still needs is gone: leaving the ring to rejoin");
+                if let Some(w) = self.late.remove(&ctx.op) {
+                    self.waiting.push(w);
+                }
+                self.suspect(
+                    self.me(),
+                    format!(
+                        "its trainer is behind step {}, whose result the group no longer holds",
+                        ctx.op
+                    ),
+                );
             }
             Plan::Superseded { later } => fail(
                 ctx,
@@ -1228,7 +1260,11 @@ impl Driver {
 
     /// Takes part in broadcasting a result this daemon kept.
     fn forward_result(&mut self, op: OpId, holder: MemberId, members: Vec<MemberId>) {
-        let Some(kept) = self.retained.get(&stream_of(op)).filter(|r| r.op == op) else {
+        let Some(kept) = self
+            .retained
+            .get(&stream_of(op))
+            .and_then(|k| k.iter().find(|r| r.op == op))
+        else {
             warn!(%op, "asked to forward a result this daemon no longer holds");
             return;
         };
@@ -1270,7 +1306,9 @@ impl Driver {
             self.waiting.push(Waiting { req, reply, since });
             return;
         }
-        if self.takes_cut_path(&req) {
+        // A step this daemon stood in for is served from that, whatever the
+        // epoch's policy is now.
+        if self.takes_cut_path(&req) || self.stood_in(req.op) {
             return self.submit_cut(Waiting { req, reply, since });
         }
         let stream = stream_of(req.op);
@@ -1556,7 +1594,7 @@ impl Driver {
                                 .unwrap_or_else(|| self.pending(stream_of(op)));
                             // SAFETY: the op still owns its buffer here.
                             let output = unsafe { ctx.buf.bytes_mut() }.to_vec();
-                            self.retained.insert(
+                            self.keep_result(
                                 stream_of(op),
                                 Retained {
                                     op,
@@ -1611,7 +1649,7 @@ impl Driver {
                             }
                             info!(%op, bytes = output.len(), "received state verified");
                         }
-                        self.retained.insert(
+                        self.keep_result(
                             stream_of(op),
                             Retained {
                                 op,
@@ -1661,6 +1699,37 @@ impl Driver {
         }
         gauge!(m::OPS_IN_FLIGHT).set(self.ops.len() as f64);
         gauge!(m::OPS_PARKED).set(self.parked.len() as f64);
+    }
+}
+
+/// Results kept per stream at most (older ones are dropped even if a
+/// member still lags that far: it then rejoins with the group's state).
+const KEPT_RESULTS: usize = 16;
+
+impl Driver {
+    /// Keeps a completed op's result for the recovery exchange; drops the
+    /// ones every ring member's trainer has moved past (by their progress
+    /// reports: a trainer that issued op `s` has the results before it).
+    fn keep_result(&mut self, stream: u64, r: Retained) {
+        let members: Vec<MemberId> = self.ring.clone();
+        let me = self.me();
+        let issued = |m: &MemberId| -> u64 {
+            if *m == me {
+                return self.issued.get(&(stream as u32)).copied().unwrap_or(0);
+            }
+            self.peer_progress
+                .get(m)
+                .and_then(|p| p.get(&(stream as u32)))
+                .copied()
+                .unwrap_or(0)
+        };
+        let oldest_needed = members.iter().map(issued).min().unwrap_or(0);
+        let kept = self.retained.entry(stream).or_default();
+        kept.retain(|k| k.op != r.op);
+        kept.push_back(r);
+        while kept.len() > 1 && (kept.len() > KEPT_RESULTS || seq_of(kept[0].op) < oldest_needed) {
+            kept.pop_front();
+        }
     }
 }
 

@@ -335,6 +335,43 @@ fn the_mean_is_weighted_by_the_contributors_sample_counts() {
 }
 
 #[test]
+fn the_policy_changes_while_the_group_trains() {
+    let _serial = common::one_at_a_time();
+    let cluster = start(4, "sync", false);
+    let shared = Shared::new(&[15, 15, 15, 45]);
+    let trainers = run_all(&cluster, 150, &shared);
+    training_wait("sync steps", 120, || shared.min_step(&[0, 1, 2, 3]) >= 15);
+    let metrics = cluster.members[1].metrics;
+    set_policy(metrics, "backup=1".parse().unwrap()).expect("backup=1");
+    training_wait("steps under backup=1", 120, || {
+        shared.min_step(&[0, 1, 2]) >= 80
+    });
+    set_policy(metrics, "sync".parse().unwrap()).expect("back to sync");
+    let back_at = shared.min_step(&[0, 1, 2, 3]);
+    finish(trainers);
+    let seen = shared.seen();
+    for step in 0..150 {
+        let views: std::collections::BTreeSet<Vec<MemberId>> = seen
+            .iter()
+            .filter(|s| s.step == step)
+            .map(|s| s.contributors.clone())
+            .collect();
+        assert_eq!(views.len(), 1, "step {step}: {views:?}");
+    }
+    let mine: Vec<&Seen> = seen.iter().filter(|s| s.idx == 0).collect();
+    assert!(
+        mine.iter().any(|s| s.contributors.len() == 3),
+        "backup=1 never closed a step without the slow member"
+    );
+    assert!(
+        mine.iter()
+            .filter(|s| s.step > back_at + 5)
+            .all(|s| s.contributors.len() == 4),
+        "after the switch back to sync every step has every member"
+    );
+}
+
+#[test]
 fn late_inputs_fold_into_the_next_step() {
     let _serial = common::one_at_a_time();
     // Backup=1 over three members: the last one ready each step is left

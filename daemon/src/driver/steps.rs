@@ -98,8 +98,23 @@ fn neutral(reduce: ReduceOp, dtype: DType, len: usize) -> Vec<u8> {
 impl Driver {
     /// Whether a trainer's op closes by the quorum policy.
     pub(super) fn takes_cut_path(&self, req: &OpRequest) -> bool {
-        matches!(req.kind, LocalKind::AllReduce(_))
-            && (!self.policy.is_sync() || req.samples.is_some())
+        self.cut_applies(req.kind, req.samples)
+    }
+
+    /// The rule behind [`Driver::takes_cut_path`]. It depends only on the
+    /// epoch's policy and the request, so every member routes an op the
+    /// same way — a first run, a re-run after an epoch change, or a late
+    /// submission of a re-run alike.
+    pub(super) fn cut_applies(&self, kind: LocalKind, samples: Option<u64>) -> bool {
+        matches!(kind, LocalKind::AllReduce(_)) && (!self.policy.is_sync() || samples.is_some())
+    }
+
+    /// Whether this daemon ran (or runs) `op` for its trainer, which has
+    /// not asked for it yet.
+    pub(super) fn stood_in(&self, op: OpId) -> bool {
+        self.delivered.contains_key(&op)
+            || self.ops.get(&op).is_some_and(|c| c.standin)
+            || self.parked.get(&op).is_some_and(|p| p.ctx.standin)
     }
 
     /// The members of `stream`'s steps: the ring less those waiting for
@@ -120,7 +135,7 @@ impl Driver {
         self.plans.remove(&op);
         let standing_in = self.ops.get(&op).is_some_and(|c| c.standin)
             || self.parked.get(&op).is_some_and(|p| p.ctx.standin);
-        if standing_in || self.delivered.contains_key(&op) {
+        if self.stood_in(op) {
             // Late: the step closed without this input.
             if self.policy.late == LatePolicy::FoldIntoNext {
                 let mut buf = Buf::Shared(w.req.region.clone());
