@@ -118,10 +118,11 @@ impl GroupView {
     /// A table for operators.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "epoch {}  term {}  leader {}\n{:<8} {:<22} {:<8} {:<8} {:<6} {:<7} reason\n",
+            "epoch {}  term {}  leader {}  policy {}\n{:<8} {:<22} {:<8} {:<8} {:<6} {:<7} reason\n",
             self.group.epoch,
             self.term,
             self.leader.map_or("none".to_string(), |l| l.to_string()),
+            self.group.policy,
             "member",
             "address",
             "status",

@@ -305,6 +305,17 @@ fn backup_workers_leave_a_3x_slow_member_out_and_demote_it() {
         metrics.contains("phalanx_straggler_left_out_steps{member=\"m4\"}"),
         "no attribution in the metrics"
     );
+    // What `phalanxctl members` prints.
+    let members =
+        phalanx_daemon::cluster::http_get(cluster.members[1].metrics, "/members").unwrap();
+    assert!(members.contains("policy backup=1"), "{members}");
+    let m4 = members
+        .lines()
+        .skip_while(|l| !l.starts_with("stragglers"))
+        .find(|l| l.starts_with("m4 "))
+        .unwrap_or_else(|| panic!("no straggler line for m4:\n{members}"));
+    let left_out: u64 = m4.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(left_out > 60, "m4 left out of {left_out} steps: {m4}");
 }
 
 #[test]

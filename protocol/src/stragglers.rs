@@ -485,8 +485,10 @@ impl Attribution {
         }
         for &m in left_out {
             let r = self.members.entry(m).or_default();
+            // Observers count too: operators see every step a member was
+            // not in.
+            r.left_out += 1;
             if !r.observer {
-                r.left_out += 1;
                 r.awaiting = true;
                 continue;
             }

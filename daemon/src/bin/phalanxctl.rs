@@ -120,7 +120,7 @@ fn real_main() -> Result<()> {
                 let text = policy.join(" ");
                 let wanted: phalanx_protocol::stragglers::QuorumPolicy = text
                     .parse()
-                    .map_err(|e| anyhow::anyhow!("bad policy `{text}`: {e}"))?;
+                    .map_err(|e| anyhow::anyhow!("bad policy: {e}"))?;
                 phalanx_daemon::cluster::set_policy(metrics, wanted)?;
                 print!("{}", phalanx_daemon::cluster::http_get(metrics, "/policy")?);
             }
