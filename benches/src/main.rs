@@ -137,6 +137,14 @@ enum Command {
     },
 }
 
+/// The phalanxd binary: the one given, or the one next to this binary.
+fn phalanxd_or_sibling(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(p) => Ok(p),
+        None => Ok(std::env::current_exe()?.with_file_name("phalanxd")),
+    }
+}
+
 /// The `q` quantile of ascending `sorted` (nearest rank).
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
@@ -173,10 +181,7 @@ fn main() -> ExitCode {
             if members.contains(&0) {
                 anyhow::bail!("--members must be positive");
             }
-            let phalanxd = match phalanxd {
-                Some(p) => p,
-                None => std::env::current_exe()?.with_file_name("phalanxd"),
-            };
+            let phalanxd = phalanxd_or_sibling(phalanxd)?;
             let o = allreduce::Options {
                 members,
                 sizes,
@@ -197,10 +202,7 @@ fn main() -> ExitCode {
             json,
             phalanxd,
         } => (|| {
-            let phalanxd = match phalanxd {
-                Some(p) => p,
-                None => std::env::current_exe()?.with_file_name("phalanxd"),
-            };
+            let phalanxd = phalanxd_or_sibling(phalanxd)?;
             failover::run(
                 &failover::Options {
                     members,
@@ -221,10 +223,7 @@ fn main() -> ExitCode {
             json,
             phalanxd,
         } => (|| {
-            let phalanxd = match phalanxd {
-                Some(p) => p,
-                None => std::env::current_exe()?.with_file_name("phalanxd"),
-            };
+            let phalanxd = phalanxd_or_sibling(phalanxd)?;
             straggler::run(
                 &straggler::Options {
                     members,

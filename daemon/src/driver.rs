@@ -1584,47 +1584,15 @@ impl Driver {
                     contributors,
                 } => {
                     if let Some(mut ctx) = self.ops.remove(&op) {
-                        if ctx.standin {
-                            let contributors = ctx.contributors.take().unwrap_or_else(|| {
-                                steps_contributors(&ctx.cut).unwrap_or(contributors)
-                            });
-                            let waiting = ctx
-                                .waiting
-                                .take()
-                                .unwrap_or_else(|| self.pending(stream_of(op)));
-                            // SAFETY: the op still owns its buffer here.
-                            let output = unsafe { ctx.buf.bytes_mut() }.to_vec();
-                            self.keep_result(
-                                stream_of(op),
-                                Retained {
-                                    op,
-                                    contributors: contributors.clone(),
-                                    waiting: waiting.clone(),
-                                    dtype: ctx.dtype,
-                                    len: ctx.len,
-                                    output: output.clone(),
-                                },
-                            );
-                            let meta = self.step_meta(op, &ctx.cut);
-                            self.keep_for_trainer(
-                                output,
-                                OpDone {
-                                    op,
-                                    epoch,
-                                    contributors,
-                                    waiting,
-                                    meta,
-                                },
-                            );
-                            continue;
-                        }
-                        let Some(reply) = ctx.reply.take() else {
+                        if ctx.reply.is_none() && !ctx.standin {
                             debug!(%op, "kept result forwarded");
                             continue;
-                        };
-                        histogram!(m::OP_SECONDS, "kind" => ctx.kind_name)
-                            .record(ctx.started.elapsed().as_secs_f64());
-                        counter!(m::OPS, "outcome" => "completed").increment(1);
+                        }
+                        if ctx.reply.is_some() {
+                            histogram!(m::OP_SECONDS, "kind" => ctx.kind_name)
+                                .record(ctx.started.elapsed().as_secs_f64());
+                            counter!(m::OPS, "outcome" => "completed").increment(1);
+                        }
                         let contributors = ctx
                             .contributors
                             .take()
@@ -1642,15 +1610,19 @@ impl Driver {
                             let got = state_checksum(&output);
                             if got != want {
                                 warn!(%op, want, got, "received state fails its checksum");
-                                let _ = reply.send(Err(OpError::Rejected(format!(
-                                    "the state received fails its checksum ({got:#x}, the root sent {want:#x}); join again"
-                                ))));
+                                if let Some(reply) = ctx.reply.take() {
+                                    let _ = reply.send(Err(OpError::Rejected(format!(
+                                        "the state received fails its checksum ({got:#x}, the root sent {want:#x}); join again"
+                                    ))));
+                                }
                                 continue;
                             }
                             info!(%op, bytes = output.len(), "received state verified");
                         }
+                        // A stand-in's result also waits for its trainer.
+                        let for_trainer = ctx.standin.then(|| output.clone());
                         self.keep_result(
-                            stream_of(op),
+                            stream,
                             Retained {
                                 op,
                                 contributors: contributors.clone(),
@@ -1660,14 +1632,20 @@ impl Driver {
                                 output,
                             },
                         );
-                        let meta = self.step_meta(op, &ctx.cut);
-                        let _ = reply.send(Ok(OpDone {
+                        let done = OpDone {
                             op,
                             epoch,
                             contributors,
                             waiting,
-                            meta,
-                        }));
+                            meta: self.step_meta(op, &ctx.cut),
+                        };
+                        match (ctx.reply.take(), for_trainer) {
+                            (Some(reply), _) => {
+                                let _ = reply.send(Ok(done));
+                            }
+                            (None, Some(output)) => self.keep_for_trainer(output, done),
+                            (None, None) => {}
+                        }
                     }
                 }
                 Action::Aborted { op, reason, .. } => {

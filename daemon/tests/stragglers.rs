@@ -248,6 +248,19 @@ fn assert_identical(states: &[Vec<f32>]) {
     }
 }
 
+/// Every member saw each of the first `steps` steps with the same
+/// contributors.
+fn assert_one_history(seen: &[Seen], steps: u64) {
+    for step in 0..steps {
+        let views: std::collections::BTreeSet<&Vec<MemberId>> = seen
+            .iter()
+            .filter(|s| s.step == step)
+            .map(|s| &s.contributors)
+            .collect();
+        assert_eq!(views.len(), 1, "step {step}: {views:?}");
+    }
+}
+
 /// Steps (as member index `idx` saw them) that `m` contributed to.
 fn contributed(seen: &[Seen], idx: usize, m: u32) -> Vec<u64> {
     seen.iter()
@@ -287,15 +300,7 @@ fn backup_workers_leave_a_3x_slow_member_out_and_demote_it() {
         skipped > 20,
         "the slow trainer skipped only {skipped} steps"
     );
-    // Every member saw every step with the same contributors.
-    for step in 0..120 {
-        let views: std::collections::BTreeSet<Vec<MemberId>> = seen
-            .iter()
-            .filter(|s| s.step == step)
-            .map(|s| s.contributors.clone())
-            .collect();
-        assert_eq!(views.len(), 1, "step {step}: {views:?}");
-    }
+    assert_one_history(&seen, 120);
     let metrics = cluster.metrics(0).unwrap();
     assert!(
         metrics.contains("phalanx_steps_closed_total{reason=\"backup\"}"),
@@ -361,14 +366,7 @@ fn the_policy_changes_while_the_group_trains() {
     let back_at = shared.min_step(&[0, 1, 2, 3]);
     finish(trainers);
     let seen = shared.seen();
-    for step in 0..150 {
-        let views: std::collections::BTreeSet<Vec<MemberId>> = seen
-            .iter()
-            .filter(|s| s.step == step)
-            .map(|s| s.contributors.clone())
-            .collect();
-        assert_eq!(views.len(), 1, "step {step}: {views:?}");
-    }
+    assert_one_history(&seen, 150);
     let mine: Vec<&Seen> = seen.iter().filter(|s| s.idx == 0).collect();
     assert!(
         mine.iter().any(|s| s.contributors.len() == 3),

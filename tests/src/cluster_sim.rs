@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt;
 use std::time::Duration;
 
+use crate::tensor::{f32_bytes, f32s, step_gradient};
 use phalanx_compute::{apply_action, element_range, ScalarEngine};
 use phalanx_protocol::collective::{Action, Algorithm, Collectives, Config, Kind, OpSpec};
 use phalanx_protocol::membership::control::{
@@ -247,26 +248,6 @@ impl fmt::Debug for ClusterSim {
             .field("now", &self.now)
             .finish()
     }
-}
-
-fn gradient(member: u32, step: u64, w: &[f32]) -> Vec<f32> {
-    w.iter()
-        .enumerate()
-        .map(|(j, &wj)| {
-            let x = ((member as u64 * 7 + step * 13 + j as u64 * 3) % 11) as f32 - 5.0;
-            (((wj * x - 1.0) * x * 16.0).round() / 16.0).clamp(-1000.0, 1000.0)
-        })
-        .collect()
-}
-
-fn to_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn to_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }
 
 impl ClusterSim {
@@ -744,14 +725,14 @@ impl ClusterSim {
         {
             return Ok(());
         }
-        let g = gradient(n.id.0, n.step, &n.params);
+        let g = step_gradient(n.id.0, n.step, &n.params);
         self.grads.insert((n.id.0, n.step), g.clone());
         let op = OpId(n.step + 1);
         let members = match n.plans.remove(&op) {
             Some(Plan::Rerun { members }) => members,
             _ => n.ring.clone(),
         };
-        let input = to_bytes(&g);
+        let input = f32_bytes(&g);
         let run = Run {
             buf: input.clone(),
             input,
@@ -834,7 +815,7 @@ impl ClusterSim {
                 Some(w) => w.iter_mut().zip(g).for_each(|(w, g)| *w += g),
             }
         }
-        let got = to_f32(&run.buf);
+        let got = f32s(&run.buf);
         let want = want.unwrap_or_default();
         if got.len() != want.len()
             || got

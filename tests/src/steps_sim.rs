@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 use std::time::Duration;
 
+use crate::tensor::{f32_bytes, f32s, step_gradient};
 use phalanx_compute::{apply_action, element_range, ScalarEngine};
 use phalanx_protocol::collective::{Action, Algorithm, Collectives, Config, Kind, OpSpec};
 use phalanx_protocol::rng::SplitMix64;
@@ -247,26 +248,6 @@ pub struct StepsSim {
     engine: ScalarEngine,
 }
 
-fn gradient(member: u32, step: u64, w: &[f32]) -> Vec<f32> {
-    w.iter()
-        .enumerate()
-        .map(|(j, &wj)| {
-            let x = ((member as u64 * 7 + step * 13 + j as u64 * 3) % 11) as f32 - 5.0;
-            (((wj * x - 1.0) * x * 16.0).round() / 16.0).clamp(-1000.0, 1000.0)
-        })
-        .collect()
-}
-
-fn to_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn to_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect()
-}
-
 fn id(m: usize) -> MemberId {
     MemberId(m as u32 + 1)
 }
@@ -398,7 +379,7 @@ impl StepsSim {
             self.report.skipped += 1;
             vec![0.0; DIM]
         } else {
-            gradient(id(m).0, step, &n.w)
+            step_gradient(id(m).0, step, &n.w)
         };
         if let Some((buf, participants)) = n.delivered.remove(&op) {
             self.ready(m, op)?;
@@ -486,8 +467,8 @@ impl StepsSim {
         n.closed_upto = n.closed_upto.max(op.0);
         let contributes = participants.contains(&me);
         let (buf, standin) = match n.cutting.remove(&op) {
-            Some(grad) if contributes => (to_bytes(&grad), false),
-            Some(_) => (to_bytes(&[-0.0; DIM]), false),
+            Some(grad) if contributes => (f32_bytes(&grad), false),
+            Some(_) => (f32_bytes(&[-0.0; DIM]), false),
             None if contributes => {
                 return Err(self.fail(format!(
                     "m{} is named a contributor of {op} but never was ready",
@@ -496,7 +477,7 @@ impl StepsSim {
             }
             None => {
                 self.report.stand_ins += 1;
-                (to_bytes(&[-0.0; DIM]), true)
+                (f32_bytes(&[-0.0; DIM]), true)
             }
         };
         if left.iter().chain(&participants).count() != self.sc.members {
@@ -581,10 +562,10 @@ impl StepsSim {
         if step != n.step {
             return Err(self.fail(format!("m{} got {op} while at step {}", m + 1, n.step)));
         }
-        let got = to_f32(&buf);
+        let got = f32s(&buf);
         let mut want: Option<Vec<f32>> = None;
         for c in &participants {
-            let g = gradient(c.0, step, &n.w);
+            let g = step_gradient(c.0, step, &n.w);
             match want.as_mut() {
                 None => want = Some(g),
                 Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),

@@ -48,6 +48,31 @@ pub fn to_f64(dtype: DType, bytes: &[u8]) -> Vec<f64> {
         .collect()
 }
 
+/// A simulated trainer's gradient of `member` at `step` for parameters `w`:
+/// multiples of 1/16 of moderate size, so sums are exact in any order and a
+/// result can be checked bit for bit against the contributors it names.
+pub fn step_gradient(member: u32, step: u64, w: &[f32]) -> Vec<f32> {
+    w.iter()
+        .enumerate()
+        .map(|(j, &wj)| {
+            let x = ((member as u64 * 7 + step * 13 + j as u64 * 3) % 11) as f32 - 5.0;
+            (((wj * x - 1.0) * x * 16.0).round() / 16.0).clamp(-1000.0, 1000.0)
+        })
+        .collect()
+}
+
+/// f32s as little-endian bytes.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Little-endian bytes as f32s.
+pub fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

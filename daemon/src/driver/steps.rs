@@ -143,22 +143,28 @@ impl Driver {
                 let input = unsafe { buf.bytes_mut() }.to_vec();
                 self.folded.insert(stream_of(op), (seq_of(op), input));
             }
+            // For attribution: how late this member was.
+            debug!(%op, "late for the step: telling the coordinator");
+            let r = &w.req;
+            self.send_ready(op, r.kind, r.dtype, r.len, r.samples);
         }
         if let Some((output, mut done)) = self.delivered.remove(&op) {
-            self.send_ready(&w.req, false);
             return self.serve_kept(w, output, &mut done);
         }
         if standing_in {
-            self.send_ready(&w.req, false);
             debug!(%op, "the step closed without this member; its result is on the way");
             self.late.insert(op, w);
             return;
         }
         let Waiting { req, reply, since } = w;
         let members = self.step_ring(stream_of(op));
-        let LocalKind::AllReduce(_) = req.kind else {
-            unreachable!("cut path is for all-reduce")
-        };
+        if !matches!(req.kind, LocalKind::AllReduce(_)) {
+            let _ = reply.send(Err(OpError::Rejected(
+                "the group ran this op as an all-reduce; this trainer issued another collective"
+                    .into(),
+            )));
+            return;
+        }
         let need = req.len * req.dtype.size_bytes();
         if req.region.len != need {
             let _ = reply.send(Err(OpError::Rejected(format!(
@@ -167,10 +173,6 @@ impl Driver {
             ))));
             return;
         }
-        let ready = OpRequest {
-            region: req.region.clone(),
-            ..req
-        };
         let mut buf = Buf::Shared(req.region);
         // SAFETY: this op owns the region from now until it ends.
         let input = unsafe { buf.bytes_mut() }.to_vec();
@@ -198,30 +200,34 @@ impl Driver {
         // In the map before the readiness goes out: at the coordinator, this
         // member's own readiness may close the step at once.
         self.cutting.insert(op, ctx);
-        self.send_ready(&ready, true);
+        self.send_ready(op, req.kind, req.dtype, req.len, req.samples);
     }
 
     /// Sends this member's readiness to the step's coordinator (itself
     /// included). `now_ready`: false for a late arrival, which only counts
     /// for attribution.
-    fn send_ready(&mut self, req: &OpRequest, now_ready: bool) {
-        let LocalKind::AllReduce(reduce) = req.kind else {
+    fn send_ready(
+        &mut self,
+        op: OpId,
+        kind: LocalKind,
+        dtype: DType,
+        len: usize,
+        samples: Option<u64>,
+    ) {
+        let LocalKind::AllReduce(reduce) = kind else {
             return;
         };
-        let members = self.step_ring(stream_of(req.op));
+        let members = self.step_ring(stream_of(op));
         let Some(&coordinator) = members.first() else {
             return;
         };
-        if !now_ready {
-            debug!(op = %req.op, "late for the step: telling the coordinator for attribution");
-        }
         let msg = ControlMessage::StepReady {
-            op: req.op,
+            op,
             epoch: self.epoch,
             reduce,
-            dtype: req.dtype,
-            len: req.len as u64,
-            samples: req.samples,
+            dtype,
+            len: len as u64,
+            samples,
         };
         if coordinator == self.me() {
             self.on_step(self.me(), msg);
@@ -247,30 +253,16 @@ impl Driver {
         if ctx.input.len() == bytes.len() {
             bytes.copy_from_slice(&ctx.input);
         }
-        let LocalKind::AllReduce(reduce) = ctx.kind else {
-            return fail(ctx, OpError::Rejected("not an all-reduce".into()));
-        };
         ctx.cut = None;
         ctx.core_kind = None;
         ctx.members = self.step_ring(stream_of(ctx.op));
         let Some(&coordinator) = ctx.members.first() else {
             return fail(ctx, OpError::NoQuorum("no member to close the step".into()));
         };
-        let msg = ControlMessage::StepReady {
-            op: ctx.op,
-            epoch: self.epoch,
-            reduce,
-            dtype: ctx.dtype,
-            len: ctx.len as u64,
-            samples: ctx.samples,
-        };
         info!(op = %ctx.op, %coordinator, "deciding an interrupted step again in the new epoch");
-        self.cutting.insert(ctx.op, ctx);
-        if coordinator == self.me() {
-            self.on_step(self.me(), msg);
-        } else {
-            self.wiring.peers.send(coordinator, msg);
-        }
+        let (op, kind, dtype, len, samples) = (ctx.op, ctx.kind, ctx.dtype, ctx.len, ctx.samples);
+        self.cutting.insert(op, ctx);
+        self.send_ready(op, kind, dtype, len, samples);
     }
 
     /// `StepReady` or `StepCut` from `from` (or from this daemon).
