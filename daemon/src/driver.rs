@@ -1027,6 +1027,12 @@ impl Driver {
         self.plans.clear();
         self.recovery = None;
         self.report = None;
+        if !admitted && !self.joins.is_empty() {
+            // Out of the ring again (removed just after its admission, say,
+            // while it was still starting up) with a trainer waiting in
+            // join(): ask to be readmitted again.
+            let _ = self.wiring.control.try_send(ControlInput::WantIn);
+        }
         if !admitted {
             // Out of the ring (removed, or restarted and not yet readmitted):
             // parked ops wait for the epoch that readmits this daemon.
