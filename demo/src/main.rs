@@ -73,7 +73,7 @@ enum Engine {
 const SEED: u64 = 2026;
 const BATCH: usize = 16;
 const LR: f32 = 0.5;
-const TEST: usize = 297;
+const TEST: usize = 497;
 
 fn engine(e: Engine) -> Result<Box<dyn ComputeEngine>> {
     Ok(match e {
@@ -173,7 +173,7 @@ fn trainer(
                 &mut state[..PARAMS],
                 &grad,
                 &SgdParams {
-                    lr: LR,
+                    lr: model::learning_rate(LR, step, steps),
                     weight_decay: 0.0,
                 },
             )
@@ -228,7 +228,7 @@ fn failure_free(train: &[Sample], n: usize, steps: u64, engine: &dyn ComputeEngi
                 &mut p,
                 &sum,
                 &SgdParams {
-                    lr: LR,
+                    lr: model::learning_rate(LR, step, steps),
                     weight_decay: 0.0,
                 },
             )

@@ -154,14 +154,27 @@ pub fn accuracy(p: &[f32], samples: &[Sample]) -> f64 {
     100.0 * right as f64 / samples.len() as f64
 }
 
-/// Member `m`'s (of `n`) minibatch for `step`: its shard of the training
-/// set, `batch` samples at a time, round and round.
+/// Member `m`'s (of `n`) minibatch for `step`: the step's global batch is
+/// the next `n * batch` samples of the (shuffled) training set, round and
+/// round, and member `m` takes its `m`-th slice. A member left out of a
+/// step skips those samples only; every member sees the whole data set.
 pub fn batch_of(train: &[Sample], n: usize, m: usize, step: u64, batch: usize) -> Vec<&Sample> {
-    let shard: Vec<&Sample> = train.iter().skip(m).step_by(n).collect();
-    let start = (step as usize * batch) % shard.len();
+    let start = (step as usize * n + m) * batch;
     (0..batch)
-        .map(|k| shard[(start + k) % shard.len()])
+        .map(|k| &train[(start + k) % train.len()])
         .collect()
+}
+
+/// The learning rate of `step` of `steps`: constant, then a linear decay to
+/// a tenth over the last 40% (the end of a run converges, so runs that lost
+/// different steps end close together).
+pub fn learning_rate(base: f32, step: u64, steps: u64) -> f32 {
+    let from = steps * 3 / 5;
+    if step < from {
+        return base;
+    }
+    let t = (step - from) as f32 / (steps - from).max(1) as f32;
+    base * (1.0 - 0.9 * t)
 }
 
 #[cfg(test)]
