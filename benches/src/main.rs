@@ -102,6 +102,18 @@ enum Command {
         #[arg(long)]
         phalanxd: Option<PathBuf>,
     },
+    /// The CUDA engine (build with `--features cuda`): GB/s of the f32
+    /// sum-reduce kernel on device-resident buffers next to a
+    /// device-to-device copy in the same run (medians), at 16 MiB and
+    /// 256 MiB. JSON summary: `reduce_over_d2d_256MiB`.
+    Cuda {
+        /// Write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Timed runs per size.
+        #[arg(long, default_value_t = 20)]
+        samples: usize,
+    },
     /// Stragglers: real `phalanxd` processes, one trainer per member that
     /// computes (sleeps) a fixed time per step and all-reduces; one member
     /// computes SLOW times longer. Four runs (fresh cluster each): all
@@ -135,6 +147,45 @@ enum Command {
         #[arg(long)]
         phalanxd: Option<PathBuf>,
     },
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(json_path: Option<&std::path::Path>, samples: usize) -> anyhow::Result<()> {
+    let gpu =
+        phalanx_compute::CudaEngine::new(0).map_err(|e| anyhow::anyhow!("no CUDA engine: {e}"))?;
+    use phalanx_compute::ComputeEngine;
+    println!("engine: {}", gpu.name());
+    let mut rows = Vec::new();
+    for mib in [16usize, 256] {
+        let (reduce, d2d) = gpu
+            .bench(mib << 20, samples)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        println!(
+            "{mib:>4} MiB: reduce {reduce:>8.1} GB/s  d2d copy {d2d:>8.1} GB/s  ratio {:.2}",
+            reduce / d2d
+        );
+        rows.push((mib, reduce, d2d));
+    }
+    let doc = serde_json::json!({
+        "benchmark": "cuda",
+        "method": "f32 sum-reduce kernel acc[i] += src[i] on device-resident buffers (3 bytes moved per byte), cuMemcpyDtoD of the same size (2 per byte); median of timed runs after a warm-up",
+        "engine": gpu.name(),
+        "results": rows.iter().map(|(mib, r, d)| serde_json::json!({"mib": mib, "reduce_GBps": r, "d2d_GBps": d})).collect::<Vec<_>>(),
+        "summary": {
+            "reduce_over_d2d_16MiB": rows[0].1 / rows[0].2,
+            "reduce_over_d2d_256MiB": rows[1].1 / rows[1].2,
+        },
+    });
+    write_report(&doc, json_path)?;
+    println!("summary: {}", doc["summary"]);
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_: Option<&std::path::Path>, _: usize) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "built without the CUDA engine: build with `--features cuda` (see scripts/gpu-check.sh)"
+    )
 }
 
 /// The phalanxd binary: the one given, or the one next to this binary.
@@ -213,6 +264,7 @@ fn main() -> ExitCode {
                 json.as_deref(),
             )
         })(),
+        Command::Cuda { json, samples } => cuda(json.as_deref(), samples),
         Command::Straggler {
             members,
             slow,

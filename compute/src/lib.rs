@@ -57,11 +57,15 @@
 compile_error!("phalanx-compute reads tensor payloads as little-endian in place");
 
 mod bytes;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod optim;
 mod scalar;
 mod simd;
 
 pub use bytes::{apply_action, element_range, reduce_bytes, scale_bytes};
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaEngine, CudaUnavailable};
 pub use half::{bf16, f16};
 pub use optim::{AdamParams, MomentumParams, SgdParams};
 pub use phalanx_protocol::wire::{DType, ReduceOp};

@@ -66,7 +66,7 @@ enum Engine {
     Scalar,
     /// The best SIMD instructions of this CPU.
     Simd,
-    /// NVIDIA GPU (not in this build).
+    /// NVIDIA GPU (builds with `--features cuda`).
     Cuda,
 }
 
@@ -79,8 +79,13 @@ fn engine(e: Engine) -> Result<Box<dyn ComputeEngine>> {
     Ok(match e {
         Engine::Scalar => Box::new(ScalarEngine),
         Engine::Simd => Box::new(SimdEngine::detect()),
+        #[cfg(feature = "cuda")]
+        Engine::Cuda => Box::new(
+            phalanx_compute::CudaEngine::new(0).map_err(|e| anyhow::anyhow!("--engine cuda: {e}"))?,
+        ),
+        #[cfg(not(feature = "cuda"))]
         Engine::Cuda => bail!(
-            "this build has no CUDA engine: the `cuda` feature is not implemented yet; use --engine simd or scalar"
+            "this build has no CUDA engine: build with `cargo build --release --locked --bins --features phalanx-demo/cuda`, or use --engine simd or scalar"
         ),
     })
 }
