@@ -165,6 +165,29 @@ fn fatal(e: impl std::fmt::Debug) -> ! {
     panic!("CUDA engine failure: {e:?}")
 }
 
+/// Compiles the kernels with NVRTC (no GPU needed); the PTX.
+pub fn compile_kernels() -> Result<String, CudaUnavailable> {
+    // SAFETY: only checks whether the library can be loaded.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaUnavailable::NoLibrary("libnvrtc"));
+    }
+    let ptx = compile_ptx_with_opts(
+        KERNELS,
+        CompileOptions {
+            ftz: Some(false),
+            prec_sqrt: Some(true),
+            prec_div: Some(true),
+            fmad: Some(false),
+            // bf16 conversions (`cvt.rn.bf16.f32`) need sm_80: A100, H100
+            // and newer.
+            arch: Some("compute_80"),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| CudaUnavailable::Compile(format!("{e:?}")))?;
+    Ok(ptx.to_src())
+}
+
 impl CudaEngine {
     /// The engine on device `ordinal`, or why there is none.
     pub fn new(ordinal: usize) -> Result<CudaEngine, CudaUnavailable> {
@@ -178,17 +201,7 @@ impl CudaEngine {
         }
         let ctx = CudaContext::new(ordinal).map_err(driver)?;
         let device = ctx.name().map_err(driver)?;
-        let ptx = compile_ptx_with_opts(
-            KERNELS,
-            CompileOptions {
-                ftz: Some(false),
-                prec_sqrt: Some(true),
-                prec_div: Some(true),
-                fmad: Some(false),
-                ..Default::default()
-            },
-        )
-        .map_err(|e| CudaUnavailable::Compile(format!("{e:?}")))?;
+        let ptx = cudarc::nvrtc::Ptx::from_src(compile_kernels()?);
         let module = ctx.load_module(ptx).map_err(driver)?;
         let functions = FUNCTIONS
             .iter()

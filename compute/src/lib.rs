@@ -65,7 +65,7 @@ mod simd;
 
 pub use bytes::{apply_action, element_range, reduce_bytes, scale_bytes};
 #[cfg(feature = "cuda")]
-pub use cuda::{CudaEngine, CudaUnavailable};
+pub use cuda::{compile_kernels, CudaEngine, CudaUnavailable};
 pub use half::{bf16, f16};
 pub use optim::{AdamParams, MomentumParams, SgdParams};
 pub use phalanx_protocol::wire::{DType, ReduceOp};

@@ -65,6 +65,40 @@ fn assert_same(got: &[f32], want: &[f32], what: &str) {
 
 const N: usize = 100_003;
 
+/// Needs only NVRTC (no GPU): the kernels compile, every one is there.
+#[test]
+fn the_kernels_compile() {
+    match phalanx_compute::compile_kernels() {
+        Ok(ptx) => {
+            for k in [
+                "reduce_f32",
+                "reduce_bf16",
+                "scale_f16",
+                "f32_to_bf16_k",
+                "adam",
+            ] {
+                assert!(
+                    ptx.contains(&format!(".entry {k}")),
+                    "no kernel {k} in the PTX"
+                );
+            }
+            assert!(
+                ptx.contains("cvt.rn.bf16.f32"),
+                "bf16 rounding is not cvt.rn"
+            );
+            assert!(ptx.contains(".target sm_80"), "not compiled for sm_80");
+            println!("the_kernels_compile: {} bytes of PTX", ptx.len());
+            if let Some(path) = std::env::var_os("PHALANX_DUMP_PTX") {
+                std::fs::write(path, &ptx).expect("writing the PTX");
+            }
+        }
+        Err(phalanx_compute::CudaUnavailable::NoLibrary(lib)) => {
+            println!("the_kernels_compile: skipped: {lib} is not installed");
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 #[test]
 fn reductions_match_the_reference() {
     let Some(gpu) = engine("reductions_match_the_reference") else {
