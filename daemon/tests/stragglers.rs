@@ -109,61 +109,25 @@ fn spawn(
                 ));
                 gradient(me, step, &w)
             };
-            if shared.weighted {
+            let info = if shared.weighted {
                 let info = c.all_reduce_weighted(&mut buf, 8 * u64::from(me))?;
                 check_weighted(me, step, &w, &buf, &info);
                 for (wj, s) in w.iter_mut().zip(&buf) {
                     *wj -= LR * s;
                 }
-                shared.seen.lock().unwrap().push(Seen {
-                    idx,
+                info
+            } else {
+                sum_step(
+                    &mut c,
+                    me,
                     step,
-                    contributors: info.contributors,
-                    left_out: info.meta.left_out,
+                    &mut w,
+                    &mut buf,
                     skipped,
-                });
-                skip = skip.max(info.meta.behind);
-                shared.progress[idx].store(step + 1, Ordering::SeqCst);
-                continue;
-            }
-            shared
-                .inputs
-                .lock()
-                .unwrap()
-                .insert((me, step), buf.clone());
-            let info = c.all_reduce(&mut buf, ReduceOp::Sum)?;
-            let mut want: Option<Vec<f32>> = None;
-            for m in &info.contributors {
-                let mut g = gradient(m.0, step, &w);
-                if shared.fold && step > 0 && !last_contributors.contains(m) {
-                    // Its input to the step before, which closed without it.
-                    let inputs = shared.inputs.lock().unwrap();
-                    let stale = &inputs[&(m.0, step - 1)];
-                    g.iter_mut().zip(stale).for_each(|(a, b)| *a += b);
-                }
-                match want.as_mut() {
-                    None => want = Some(g),
-                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
-                }
-            }
-            let want = want.expect("a result has contributors");
-            assert!(
-                want.iter()
-                    .zip(&buf)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "m{me} step {step}: the result is not the sum over its contributors {:?} \
-                 (left out: {:?})",
-                info.contributors,
-                info.meta.left_out
-            );
-            assert!(
-                !skipped || !info.contributors.contains(&MemberId(me)),
-                "m{me} step {step}: skipped, yet named a contributor"
-            );
-            let k = info.contributors.len() as f32;
-            for (wj, s) in w.iter_mut().zip(&buf) {
-                *wj -= LR * s / k;
-            }
+                    &last_contributors,
+                    &shared,
+                )?
+            };
             skip = skip.max(info.meta.behind);
             last_contributors = info.contributors.clone();
             shared.seen.lock().unwrap().push(Seen {
@@ -177,6 +141,60 @@ fn spawn(
         }
         Ok(w)
     })
+}
+
+/// One step with the sum: the result must be exactly the sum over the
+/// contributors the daemon names (with their folded late inputs).
+#[allow(clippy::too_many_arguments)]
+fn sum_step(
+    c: &mut Client,
+    me: u32,
+    step: u64,
+    w: &mut [f32],
+    buf: &mut [f32],
+    skipped: bool,
+    last_contributors: &[MemberId],
+    shared: &Shared,
+) -> Result<phalanx_client::OpInfo, ClientError> {
+    shared
+        .inputs
+        .lock()
+        .unwrap()
+        .insert((me, step), buf.to_vec());
+    let info = c.all_reduce(buf, ReduceOp::Sum)?;
+    let mut want: Option<Vec<f32>> = None;
+    for m in &info.contributors {
+        let mut g = gradient(m.0, step, w);
+        if shared.fold && step > 0 && !last_contributors.contains(m) {
+            // Its input to the step before, which closed without it.
+            let inputs = shared.inputs.lock().unwrap();
+            let stale = &inputs[&(m.0, step - 1)];
+            g.iter_mut().zip(stale).for_each(|(a, b)| *a += b);
+        }
+        match want.as_mut() {
+            None => want = Some(g),
+            Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+        }
+    }
+    let want = want.expect("a result has contributors");
+    assert!(
+        want.iter()
+            .zip(buf.iter())
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "m{me} step {step}: the result is not the sum over its contributors {:?} \
+         (left out: {:?})",
+        info.contributors,
+        info.meta.left_out
+    );
+    assert!(
+        !skipped || !info.contributors.contains(&MemberId(me)),
+        "m{me} step {step}: skipped, yet named a contributor"
+    );
+    let k = info.contributors.len() as f32;
+    for (wj, s) in w.iter_mut().zip(buf.iter()) {
+        *wj -= LR * s / k;
+    }
+    Ok(info)
 }
 
 /// The result of a weighted mean is the contributors' gradients weighted by
