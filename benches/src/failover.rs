@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use phalanx_client::{Client, ReduceOp};
-use phalanx_daemon::cluster::{ClusterOptions, LocalCluster};
+use phalanx_daemon::cluster::LocalCluster;
 use serde_json::json;
 
 use crate::quantile;
@@ -63,21 +63,9 @@ fn counter_total(cluster: &LocalCluster, ids: &[usize], prefix: &str) -> f64 {
 
 fn run_trial(o: &Options, trial: usize) -> Result<Trial> {
     let n = o.members;
-    let dir = std::env::temp_dir().join(format!("phalanx-failover-{}-{trial}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut cluster = LocalCluster::start(ClusterOptions {
-        members: n,
-        phalanxd: o.phalanxd.clone(),
-        dir,
-        data_plane: String::new(),
-        control: String::new(),
-        keep: std::env::var_os("PHALANX_KEEP_BENCH_DIRS").is_some(),
-        bootstrap: false,
-    })?;
-    // Every member in the ring before the clock starts: on a loaded machine a
-    // daemon can be suspected while the group forms, and this benchmark
-    // measures one failure, not that one.
-    cluster.wait_settled_with(Duration::from_secs(30), true)?;
+    // Every member in the ring before the clock starts: this benchmark
+    // measures one failure, not a suspicion while the group forms.
+    let mut cluster = crate::settled_cluster(n, &o.phalanxd, &format!("failover-{trial}"))?;
     let settled_at = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let logs: Vec<Arc<Mutex<Vec<Completion>>>> =

@@ -188,6 +188,30 @@ fn cuda(_: Option<&std::path::Path>, _: usize) -> anyhow::Result<()> {
     )
 }
 
+/// A fresh local cluster of `members` in a scratch directory named `name`,
+/// every member in the ring (on a loaded machine a daemon can be suspected
+/// while the group forms; a benchmark measures what comes after).
+fn settled_cluster(
+    members: usize,
+    phalanxd: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<phalanx_daemon::cluster::LocalCluster> {
+    let dir = std::env::temp_dir().join(format!("phalanx-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster =
+        phalanx_daemon::cluster::LocalCluster::start(phalanx_daemon::cluster::ClusterOptions {
+            members,
+            phalanxd: phalanxd.to_path_buf(),
+            dir,
+            data_plane: String::new(),
+            control: String::new(),
+            keep: std::env::var_os("PHALANX_KEEP_BENCH_DIRS").is_some(),
+            bootstrap: false,
+        })?;
+    cluster.wait_settled_with(std::time::Duration::from_secs(30), true)?;
+    Ok(cluster)
+}
+
 /// The phalanxd binary: the one given, or the one next to this binary.
 fn phalanxd_or_sibling(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     match given {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use phalanx_client::{Client, ReduceOp};
-use phalanx_daemon::cluster::{set_policy, ClusterOptions, LocalCluster};
+use phalanx_daemon::cluster::set_policy;
 use serde_json::json;
 
 use crate::quantile;
@@ -52,18 +52,7 @@ const WARMUP: usize = 10;
 
 fn run_one(o: &Options, name: &'static str, policy: &str, slow: bool) -> Result<Run> {
     let n = o.members;
-    let dir = std::env::temp_dir().join(format!("phalanx-straggler-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cluster = LocalCluster::start(ClusterOptions {
-        members: n,
-        phalanxd: o.phalanxd.clone(),
-        dir,
-        data_plane: String::new(),
-        control: String::new(),
-        keep: std::env::var_os("PHALANX_KEEP_BENCH_DIRS").is_some(),
-        bootstrap: false,
-    })?;
-    cluster.wait_settled_with(Duration::from_secs(30), true)?;
+    let cluster = crate::settled_cluster(n, &o.phalanxd, &format!("straggler-{name}"))?;
     set_policy(
         cluster.members[0].metrics,
         policy.parse().map_err(anyhow::Error::msg)?,

@@ -296,8 +296,6 @@ struct OpCtx {
     expect_checksum: Option<u64>,
     /// All-reduce: the trainer's sample count.
     samples: Option<u64>,
-    /// Closes by the quorum policy (see `steps`).
-    cut_path: bool,
     /// The step's cut, once announced.
     cut: Option<steps::CutMeta>,
     /// Run by the daemon for a trainer that has not submitted the step.
@@ -1180,7 +1178,6 @@ impl Driver {
                 sync: true,
                 expect_checksum: Some(jp.checksum),
                 samples: None,
-                cut_path: false,
                 cut: None,
                 standin: false,
                 core_kind: None,
@@ -1202,7 +1199,6 @@ impl Driver {
             Plan::Rerun { members } if members.contains(&me) => {
                 // Run directly, as every member does under this epoch's
                 // policy (a cut step of a `sync` epoch runs plain again).
-                ctx.cut_path = false;
                 ctx.cut = None;
                 ctx.core_kind = None;
                 if let Kind::Broadcast { root } = kind_of(ctx.kind).0 {
@@ -1290,7 +1286,6 @@ impl Driver {
             sync: false,
             expect_checksum: None,
             samples: None,
-            cut_path: false,
             cut: None,
             standin: false,
             core_kind: None,
@@ -1380,7 +1375,6 @@ impl Driver {
             sync,
             expect_checksum: None,
             samples: None,
-            cut_path: false,
             cut: None,
             standin: false,
             core_kind: None,

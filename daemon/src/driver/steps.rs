@@ -133,8 +133,6 @@ impl Driver {
         let op = w.req.op;
         // A rerun plan for it is moot: the step is cut again.
         self.plans.remove(&op);
-        let standing_in = self.ops.get(&op).is_some_and(|c| c.standin)
-            || self.parked.get(&op).is_some_and(|p| p.ctx.standin);
         if self.stood_in(op) {
             // Late: the step closed without this input.
             if self.policy.late == LatePolicy::FoldIntoNext {
@@ -151,7 +149,7 @@ impl Driver {
         if let Some((output, mut done)) = self.delivered.remove(&op) {
             return self.serve_kept(w, output, &mut done);
         }
-        if standing_in {
+        if self.stood_in(op) {
             debug!(%op, "the step closed without this member; its result is on the way");
             self.late.insert(op, w);
             return;
@@ -192,7 +190,6 @@ impl Driver {
             sync: false,
             expect_checksum: None,
             samples: req.samples,
-            cut_path: true,
             cut: None,
             standin: false,
             core_kind: None,
@@ -551,7 +548,6 @@ impl Driver {
         ctx.members = members;
         ctx.cut = Some(cut.meta);
         ctx.core_kind = Some(core_kind);
-        ctx.cut_path = true;
         self.start(ctx);
     }
 
@@ -572,7 +568,6 @@ impl Driver {
             sync: false,
             expect_checksum: None,
             samples: None,
-            cut_path: true,
             cut: None,
             standin: true,
             core_kind: None,
