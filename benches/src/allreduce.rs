@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use phalanx_client::{Client, ReduceOp};
-use phalanx_daemon::cluster::{ClusterOptions, LocalCluster};
+use phalanx_testkit::{ClusterOptions, LocalCluster};
 use serde_json::{json, Value};
 
 use crate::quantile;

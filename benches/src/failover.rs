@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use phalanx_client::{Client, ReduceOp};
-use phalanx_daemon::cluster::LocalCluster;
+use phalanx_testkit::LocalCluster;
 use serde_json::json;
 
 use crate::quantile;
@@ -114,7 +114,7 @@ fn run_trial(o: &Options, trial: usize) -> Result<Trial> {
     let (sum0, count0) = histogram_totals(&cluster, &survivors, "phalanx_epoch_commit_seconds");
     let reruns0 = counter_total(&cluster, &survivors, "phalanx_ops_recovered_total");
     let killed_at = Instant::now();
-    cluster.signal(victim, phalanx_daemon::cluster::KILL)?;
+    cluster.signal(victim, phalanx_testkit::KILL)?;
     // Each survivor's first completion without the victim.
     let mut failover = Duration::ZERO;
     for &i in &survivors {
@@ -132,7 +132,7 @@ fn run_trial(o: &Options, trial: usize) -> Result<Trial> {
                 bail!(
                     "member {} completed no all-reduce without the victim within 30 s; log:\n{}",
                     i + 1,
-                    phalanx_daemon::cluster::tail(&cluster.members[i].log)
+                    phalanx_testkit::tail(&cluster.members[i].log)
                 );
             }
             std::thread::sleep(Duration::from_millis(1));

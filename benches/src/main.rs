@@ -195,19 +195,18 @@ fn settled_cluster(
     members: usize,
     phalanxd: &std::path::Path,
     name: &str,
-) -> anyhow::Result<phalanx_daemon::cluster::LocalCluster> {
+) -> anyhow::Result<phalanx_testkit::LocalCluster> {
     let dir = std::env::temp_dir().join(format!("phalanx-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let cluster =
-        phalanx_daemon::cluster::LocalCluster::start(phalanx_daemon::cluster::ClusterOptions {
-            members,
-            phalanxd: phalanxd.to_path_buf(),
-            dir,
-            data_plane: String::new(),
-            control: String::new(),
-            keep: std::env::var_os("PHALANX_KEEP_BENCH_DIRS").is_some(),
-            bootstrap: false,
-        })?;
+    let cluster = phalanx_testkit::LocalCluster::start(phalanx_testkit::ClusterOptions {
+        members,
+        phalanxd: phalanxd.to_path_buf(),
+        dir,
+        data_plane: String::new(),
+        control: String::new(),
+        keep: std::env::var_os("PHALANX_KEEP_BENCH_DIRS").is_some(),
+        bootstrap: false,
+    })?;
     cluster.wait_settled_with(std::time::Duration::from_secs(30), true)?;
     Ok(cluster)
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use phalanx_client::{Client, ReduceOp};
-use phalanx_daemon::cluster::set_policy;
+use phalanx_testkit::set_policy;
 use serde_json::json;
 
 use crate::quantile;

@@ -76,8 +76,7 @@ pub fn scale_bytes(
 
 /// Bytes `range` (in elements of `dtype`) of a buffer of raw elements.
 pub fn element_range(dtype: DType, range: &std::ops::Range<usize>) -> std::ops::Range<usize> {
-    let size = dtype.size_bytes();
-    range.start * size..range.end * size
+    dtype.byte_range(range)
 }
 
 /// Applies one of the collective core's buffer actions (`Reduce`, `Copy`,
@@ -123,4 +122,22 @@ pub fn apply_action(
         Action::Send { .. } | Action::Complete { .. } | Action::Aborted { .. } => return Ok(false),
     }
     Ok(true)
+}
+
+/// An engine as the data-path core's arithmetic
+/// ([`phalanx_protocol::node::Arithmetic`]): reductions and scaling of raw
+/// little-endian elements, as the daemon and the simulators run them.
+#[derive(Debug)]
+pub struct EngineArithmetic<E>(pub E);
+
+impl<E: std::ops::Deref<Target = dyn ComputeEngine> + std::fmt::Debug + Send>
+    phalanx_protocol::node::Arithmetic for EngineArithmetic<E>
+{
+    fn reduce(&self, dtype: DType, op: ReduceOp, acc: &mut [u8], src: &[u8]) -> Result<(), String> {
+        reduce_bytes(&*self.0, dtype, op, acc, src).map_err(|e| e.to_string())
+    }
+
+    fn scale(&self, dtype: DType, x: &mut [u8], factor: f32) -> Result<(), String> {
+        scale_bytes(&*self.0, dtype, x, factor).map_err(|e| e.to_string())
+    }
 }

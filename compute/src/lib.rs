@@ -63,7 +63,7 @@ mod optim;
 mod scalar;
 mod simd;
 
-pub use bytes::{apply_action, element_range, reduce_bytes, scale_bytes};
+pub use bytes::{apply_action, element_range, reduce_bytes, scale_bytes, EngineArithmetic};
 #[cfg(feature = "cuda")]
 pub use cuda::{compile_kernels, CudaEngine, CudaUnavailable};
 pub use half::{bf16, f16};

@@ -369,6 +369,25 @@ impl Config {
     pub fn op_timeout(&self) -> Duration {
         Duration::from_millis(self.data_plane.op_timeout_ms)
     }
+
+    /// The data-path core's bounds and timing.
+    pub fn node_config(&self) -> phalanx_protocol::node::NodeConfig {
+        let dp = &self.data_plane;
+        phalanx_protocol::node::NodeConfig {
+            collectives: phalanx_protocol::collective::Config {
+                chunk_bytes: dp.chunk_bytes,
+                small_tensor_bytes: dp.small_tensor_bytes,
+                max_chunks_in_flight: dp.max_chunks_in_flight,
+                op_timeout: self.op_timeout(),
+                max_tensor_bytes: dp.max_tensor_bytes,
+                ..Default::default()
+            },
+            detector: self.detector(),
+            recovery_timeout: Duration::from_millis(self.control.recovery_timeout_ms),
+            stuck_after: Duration::from_millis(dp.stuck_after_ms),
+            ..Default::default()
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,15 +1,11 @@
-//! Prometheus metrics: recorded through the `metrics` facade, rendered by
-//! `metrics-exporter-prometheus`, served by a small HTTP/1.1 endpoint so no
-//! HTTP stack (and no second TLS provider) is pulled in.
+//! Prometheus metrics: the names every task records through the `metrics`
+//! facade, and the recorder `metrics-exporter-prometheus` renders them from
+//! (served at `GET /metrics` by `local::http`).
 
-use std::net::SocketAddr;
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tracing::{debug, info};
 
 /// Bytes of tensor frames sent, labelled by peer.
 pub const BYTES_SENT: &str = "phalanx_bytes_sent_total";
@@ -87,128 +83,4 @@ pub fn handle() -> Result<PrometheusHandle> {
         .get()
         .context("another metrics recorder is installed in this process")?
         .clone())
-}
-
-/// What the endpoint shows and where a policy change goes.
-#[derive(Debug)]
-pub struct Views {
-    /// The group.
-    pub group: tokio::sync::watch::Receiver<crate::control::GroupView>,
-    /// The step coordinator's attribution, as last announced.
-    pub stragglers:
-        tokio::sync::watch::Receiver<Vec<phalanx_protocol::stragglers::StragglerRecord>>,
-    /// The control task (`POST /policy`).
-    pub control: tokio::sync::mpsc::Sender<crate::control::ControlInput>,
-}
-
-/// The straggler table under `phalanxctl members`.
-fn render_stragglers(records: &[phalanx_protocol::stragglers::StragglerRecord]) -> String {
-    if records.is_empty() {
-        return String::new();
-    }
-    let mut out = format!(
-        "\nstragglers (as the step coordinator counts)\n{:<8} {:>9} {:>7} {:>10} standing\n",
-        "member", "left out", "missed", "missed by"
-    );
-    for r in records {
-        out += &format!(
-            "{:<8} {:>9} {:>7} {:>8} ms {}\n",
-            r.member.to_string(),
-            r.left_out,
-            r.missed,
-            r.missed_by_ms,
-            if r.observer {
-                "observer"
-            } else {
-                "contributor"
-            }
-        );
-    }
-    out
-}
-
-/// Serves `GET /metrics` (Prometheus text), `GET /members` (the group as
-/// `phalanxctl members` prints it), `GET /policy` (the quorum policy) and
-/// `POST /policy` (body: a policy, as `phalanxctl policy` sends it) on
-/// `listener` until the task is dropped. Bind it to a trusted address: it
-/// changes how the group closes steps.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, views: Views) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "metrics endpoint listening");
-    }
-    loop {
-        let Ok((mut stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let handle = handle.clone();
-        let (members, policy) = {
-            let g = views.group.borrow();
-            (
-                g.render() + &render_stragglers(&views.stragglers.borrow()),
-                format!("{} (epoch {})\n", g.group.policy, g.group.epoch),
-            )
-        };
-        let control = views.control.clone();
-        tokio::spawn(async move {
-            let mut req = [0u8; 1024];
-            let n = match stream.read(&mut req).await {
-                Ok(n) => n,
-                Err(_) => return,
-            };
-            let line = String::from_utf8_lossy(&req[..n]);
-            let (status, body) = if line.starts_with("GET /metrics") {
-                ("200 OK", handle.render())
-            } else if line.starts_with("GET /members") {
-                ("200 OK", members)
-            } else if line.starts_with("GET /policy") {
-                ("200 OK", policy)
-            } else if line.starts_with("POST /policy") {
-                let text = line.split_once("\r\n\r\n").map_or("", |(_, b)| b.trim());
-                set_policy(&control, text).await
-            } else {
-                (
-                    "404 Not Found",
-                    "only GET /metrics, GET /members, GET /policy and POST /policy are served\n"
-                        .to_string(),
-                )
-            };
-            debug!(%peer, status, "metrics request");
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(resp.as_bytes()).await;
-        });
-    }
-}
-
-/// Parses and proposes a policy; the HTTP status and body.
-async fn set_policy(
-    control: &tokio::sync::mpsc::Sender<crate::control::ControlInput>,
-    text: &str,
-) -> (&'static str, String) {
-    let policy: phalanx_protocol::stragglers::QuorumPolicy = match text.parse() {
-        Ok(p) => p,
-        Err(e) => return ("400 Bad Request", format!("bad policy `{text}`: {e}\n")),
-    };
-    let (reply, rx) = tokio::sync::oneshot::channel();
-    if control
-        .send(crate::control::ControlInput::SetPolicy { policy, reply })
-        .await
-        .is_err()
-    {
-        return ("503 Service Unavailable", "the daemon is stopping\n".into());
-    }
-    match rx.await {
-        Ok(Ok(())) => ("200 OK", format!("proposed {policy}\n")),
-        Ok(Err(e)) => ("503 Service Unavailable", format!("{e}\n")),
-        Err(_) => ("503 Service Unavailable", "the daemon is stopping\n".into()),
-    }
-}
-
-/// Binds the metrics endpoint.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint on {addr}"))
 }

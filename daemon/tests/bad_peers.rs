@@ -81,10 +81,7 @@ fn counter(metrics: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn trainers(
-    cluster: &phalanx_daemon::cluster::LocalCluster,
-    ops: usize,
-) -> Vec<thread::JoinHandle<()>> {
+fn trainers(cluster: &phalanx_testkit::LocalCluster, ops: usize) -> Vec<thread::JoinHandle<()>> {
     (0..cluster.members.len())
         .map(|me| {
             let socket = cluster.members[me].socket.clone();
@@ -326,10 +323,9 @@ fn a_stopped_member_is_fenced_within_the_bound_then_readmitted() {
         log.lines()
             .any(|l| l.contains("member removed: new epoch") && l.contains("no heartbeat for")),
         "the log does not say why:\n{}",
-        phalanx_daemon::cluster::tail(&cluster.members[0].log)
+        phalanx_testkit::tail(&cluster.members[0].log)
     );
-    let members =
-        phalanx_daemon::cluster::http_get(cluster.members[0].metrics, "/members").unwrap();
+    let members = phalanx_testkit::http_get(cluster.members[0].metrics, "/members").unwrap();
     assert!(
         members
             .lines()
@@ -348,8 +344,7 @@ fn a_stopped_member_is_fenced_within_the_bound_then_readmitted() {
         })
         .collect();
     common::training::wait_until("the two train", 60, || shared.max_step() >= 10);
-    let members =
-        phalanx_daemon::cluster::http_get(cluster.members[0].metrics, "/members").unwrap();
+    let members = phalanx_testkit::http_get(cluster.members[0].metrics, "/members").unwrap();
     assert!(
         members
             .lines()
@@ -368,8 +363,7 @@ fn a_stopped_member_is_fenced_within_the_bound_then_readmitted() {
         states.push((i, t.join().unwrap().expect("trainer finishes")));
     }
     common::training::assert_identical(&states);
-    let members =
-        phalanx_daemon::cluster::http_get(cluster.members[0].metrics, "/members").unwrap();
+    let members = phalanx_testkit::http_get(cluster.members[0].metrics, "/members").unwrap();
     assert!(
         members
             .lines()

@@ -248,7 +248,7 @@ fn concurrent_streams_run_side_by_side() {
                         "stream {stream} op {k}: {} != {want}",
                         v[0]
                     );
-                    assert_eq!(info.op.0 >> 40, u64::from(stream));
+                    assert_eq!(info.op.stream(), stream);
                 }
             }));
         }

@@ -10,7 +10,7 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::training::{self, Shared};
-use phalanx_daemon::cluster::{LocalCluster, KILL};
+use phalanx_testkit::{LocalCluster, KILL};
 
 fn start(members: usize, control: &str) -> (LocalCluster, std::sync::Arc<Shared>) {
     let cluster = common::cluster_with(

@@ -10,7 +10,7 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use common::training::{self, Shared};
-use phalanx_daemon::cluster::http_get;
+use phalanx_testkit::http_get;
 
 fn fast_detection() -> &'static str {
     "heartbeat_interval_ms = 100\nsuspect_after_ms = 3000"

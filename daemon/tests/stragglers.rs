@@ -14,7 +14,7 @@ use std::thread;
 use std::time::Duration;
 
 use phalanx_client::{Client, ClientError, MemberId, ReduceOp};
-use phalanx_daemon::cluster::{set_policy, LocalCluster, KILL};
+use phalanx_testkit::{set_policy, LocalCluster, KILL};
 
 const DIM: usize = 1024;
 const LR: f32 = 1.0 / 1024.0;
@@ -329,8 +329,7 @@ fn backup_workers_leave_a_3x_slow_member_out_and_demote_it() {
         "no attribution in the metrics"
     );
     // What `phalanxctl members` prints.
-    let members =
-        phalanx_daemon::cluster::http_get(cluster.members[1].metrics, "/members").unwrap();
+    let members = phalanx_testkit::http_get(cluster.members[1].metrics, "/members").unwrap();
     assert!(members.contains("policy backup=1"), "{members}");
     let m4 = members
         .lines()

@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use phalanx_client::{Client, ClientError, MemberId};
 use phalanx_compute::{ComputeEngine, ScalarEngine, SgdParams, SimdEngine};
-use phalanx_daemon::cluster::{set_policy, ClusterOptions, LocalCluster, KILL};
+use phalanx_testkit::{set_policy, ClusterOptions, LocalCluster, KILL};
 
 use model::{Sample, PARAMS};
 

@@ -45,6 +45,37 @@ id_type!(
     "i"
 );
 
+/// Bits of an [`OpId`] that hold its sequence number within its stream.
+const SEQ_BITS: u32 = 40;
+
+impl OpId {
+    /// The largest stream id: 24 bits are left above the sequence number.
+    pub const MAX_STREAM: u32 = (1 << (64 - SEQ_BITS)) - 1;
+
+    /// The op numbered `seq` (from 1) in collective stream `stream`: every
+    /// member that issues the stream in the same order gives it the same id.
+    ///
+    /// # Panics
+    /// When `stream` exceeds [`OpId::MAX_STREAM`] or `seq` does not fit the
+    /// 40 bits a stream numbers its ops with (two streams must never share
+    /// ids).
+    pub fn new(stream: u32, seq: u64) -> OpId {
+        assert!(stream <= Self::MAX_STREAM, "stream ids have 24 bits");
+        assert!(seq < 1 << SEQ_BITS, "a stream has at most 2^40 ops");
+        OpId((u64::from(stream) << SEQ_BITS) | seq)
+    }
+
+    /// The collective stream (trainer connection) the op belongs to.
+    pub fn stream(self) -> u32 {
+        (self.0 >> SEQ_BITS) as u32
+    }
+
+    /// Its number within the stream (from 1; 0 for a join request).
+    pub fn seq(self) -> u64 {
+        self.0 & ((1 << SEQ_BITS) - 1)
+    }
+}
+
 impl Epoch {
     /// The epoch after this one.
     pub fn next(self) -> Epoch {
@@ -87,6 +118,22 @@ impl fmt::Display for Time {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn op_ids_carry_their_stream_and_sequence() {
+        let op = OpId::new(7, 12345);
+        assert_eq!((op.stream(), op.seq()), (7, 12345));
+        assert_eq!(OpId::new(0, 1), OpId(1));
+        assert_eq!(
+            OpId::new(OpId::MAX_STREAM, (1 << 40) - 1).stream(),
+            OpId::MAX_STREAM
+        );
+        assert!(std::panic::catch_unwind(|| OpId::new(OpId::MAX_STREAM + 1, 1)).is_err());
+        assert!(
+            OpId::new(1, 1) > OpId::new(0, (1 << 40) - 1),
+            "streams order first"
+        );
+    }
 
     #[test]
     fn time_saturates() {

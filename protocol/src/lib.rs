@@ -38,6 +38,7 @@ pub mod collective;
 mod ids;
 pub mod local;
 pub mod membership;
+pub mod node;
 pub mod rng;
 pub mod stragglers;
 pub mod wire;

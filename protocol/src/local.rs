@@ -127,8 +127,7 @@ pub enum LocalErrorCode {
 /// The op id of the `seq`-th collective (from 1) of `stream`: identical on
 /// every member that issues the stream in the same order.
 pub fn stream_op_id(stream: u32, seq: u64) -> OpId {
-    assert!(seq < 1 << 40, "a stream has at most 2^40 ops");
-    OpId((u64::from(stream) << 40) | seq)
+    OpId::new(stream, seq)
 }
 
 /// Daemon to trainer.

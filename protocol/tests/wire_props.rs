@@ -4,8 +4,8 @@
 use phalanx_protocol::membership::{KeptResult, RecoveryReport};
 use phalanx_protocol::wire::{
     decode, encode_control, encode_frame_header, AbortReason, ControlMessage, DType, DecodeError,
-    Decoded, EnvelopeHeader, FrameHeader, Limits, MessageKind, RejectCode, ENVELOPE_LEN,
-    FRAME_HEADER_LEN, MAGIC, PROTOCOL_VERSION,
+    Decoded, EnvelopeHeader, FrameHeader, Limits, MessageKind, NodeMessage, RejectCode,
+    ENVELOPE_LEN, FRAME_HEADER_LEN, MAGIC, PROTOCOL_VERSION,
 };
 use phalanx_protocol::{Epoch, Incarnation, MemberId, OpId, Step};
 use proptest::prelude::*;
@@ -91,7 +91,7 @@ fn control() -> impl Strategy<Value = ControlMessage> {
         proptest::collection::vec(any::<u8>(), 0..64)
             .prop_map(|message| ControlMessage::Raft { message }),
         proptest::collection::vec((any::<u32>(), any::<u64>()), 0..8)
-            .prop_map(|streams| ControlMessage::Progress { streams }),
+            .prop_map(|streams| ControlMessage::Node(NodeMessage::Progress { streams })),
         (
             any::<u32>(),
             any::<u64>(),
@@ -102,7 +102,7 @@ fn control() -> impl Strategy<Value = ControlMessage> {
             any::<u64>()
         )
             .prop_map(|(stream, op, e, root, dtype, len, checksum)| {
-                ControlMessage::JoinPoint {
+                ControlMessage::Node(NodeMessage::JoinPoint {
                     stream,
                     op: OpId(op),
                     epoch: Epoch(e),
@@ -110,7 +110,7 @@ fn control() -> impl Strategy<Value = ControlMessage> {
                     dtype,
                     len,
                     checksum,
-                }
+                })
             }),
         (
             any::<u64>(),
@@ -125,7 +125,7 @@ fn control() -> impl Strategy<Value = ControlMessage> {
             )
         )
             .prop_map(|(e, m, p, c)| {
-                ControlMessage::Recovery(RecoveryReport {
+                ControlMessage::Node(NodeMessage::Recovery(RecoveryReport {
                     epoch: Epoch(e),
                     member: m,
                     parked: p.iter().map(|(o, ms)| (OpId(*o), ms.clone())).collect(),
@@ -137,9 +137,10 @@ fn control() -> impl Strategy<Value = ControlMessage> {
                             contributors: ms,
                         })
                         .collect(),
-                })
+                }))
             }),
-        any::<u64>().prop_map(|e| ControlMessage::RecoveryAsk { epoch: Epoch(e) }),
+        any::<u64>()
+            .prop_map(|e| ControlMessage::Node(NodeMessage::RecoveryAsk { epoch: Epoch(e) })),
         ("[a-z0-9.-]{0,20}", "[0-9.:]{0,21}")
             .prop_map(|(name, addr)| ControlMessage::JoinRequest { name, addr }),
         proptest::collection::vec((member(), "[a-z0-9-]{0,12}", "[0-9.:]{0,21}"), 0..6)

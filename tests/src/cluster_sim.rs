@@ -1,45 +1,52 @@
-//! Deterministic simulation of the whole failure path at once: every member
-//! runs the raft-rs control node ([`ControlNode`]) with its failure
-//! detector and standing policy, *and* the collective core with a trainer
-//! that all-reduces one gradient per step. Epochs come from what Raft
-//! commits; an op interrupted by a suspicion or an epoch change is parked
-//! with its kept input; the new ring exchanges [`RecoveryReport`]s (asking
-//! again for missing ones) and finishes it as [`Recovery::plans`] decides,
-//! as the daemon's driver does. Members crash, pause and are partitioned
-//! off; a trainer whose member is removed or cannot reach a majority stops
-//! (a real one would rejoin with `join()`, which the process tests cover).
+//! Deterministic simulation of the whole failure path at once, on the code
+//! the daemon ships: every member runs the control plane the daemon's
+//! control task runs ([`ControlPlane`]: raft-rs, the suspicions it proposes,
+//! the standing policy) *and* the daemon's data path ([`Node`]: the
+//! collective core, recovery, joins, liveness), with a trainer that
+//! all-reduces one gradient per step — the README's trainer loop: it hands
+//! its state over (`admit`) when a result says members are waiting, and
+//! when a call fails it joins again (`join`) and goes on from the state it
+//! receives. The simulator only moves bytes: it delivers what the nodes
+//! send over a seeded network, runs their timers on a virtual clock, and
+//! feeds each node the group its control plane applied. Members crash,
+//! pause and are partitioned off (links hold what is in flight, as QUIC
+//! does, unless a node resets them), then everything heals.
 //!
 //! Safety, checked on every completion: the result is exactly the sum over
-//! the contributors it names. At the end: the members still training agree
-//! on every step's contributors and hold bit-identical parameters.
-//! Liveness, after the heal: one leader, one epoch, and the ring (everyone
-//! neither crashed nor stopped) trains on to a common step.
+//! the contributors it names. At the end: the trainers agree on every step's
+//! contributors and hold bit-identical parameters. Liveness, after the
+//! heal: one leader, one epoch, and every member that did not crash trains
+//! on to a common step (a trainer that failed has joined again).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 use std::time::Duration;
 
 use crate::tensor::{f32_bytes, f32s, step_gradient};
-use phalanx_compute::{apply_action, element_range, ScalarEngine};
-use phalanx_protocol::collective::{Action, Algorithm, Collectives, Config, Kind, OpSpec};
+use phalanx_compute::{EngineArithmetic, ScalarEngine};
+use phalanx_protocol::local::LocalKind;
 use phalanx_protocol::membership::control::{
-    decode_message, destination, encode_message, initial_roles, propose, ControlConfig,
-    ControlNode, Housekeeper, MemoryDisk,
+    decode_message, destination, encode_message, initial_roles, ControlConfig, ControlNode, Event,
+    MemoryDisk,
 };
-use phalanx_protocol::membership::{
-    Command, Decision, DetectorConfig, FailureDetector, GroupState, KeptResult, Plan, Recovery,
-    RecoveryReport,
+use phalanx_protocol::membership::{Applied, ControlPlane, GroupState};
+use phalanx_protocol::node::{
+    Action, Event as NodeEvent, JoinRequest, Mode, Node, NodeConfig, OpDone, OpError, Request,
+    RequestId,
 };
 use phalanx_protocol::rng::SplitMix64;
-use phalanx_protocol::wire::{DType, FrameHeader, ReduceOp};
-use phalanx_protocol::{Epoch, Incarnation, MemberId, OpId, Step, Time};
+use phalanx_protocol::wire::{DType, FrameHeader, NodeMessage, ReduceOp};
+use phalanx_protocol::{Incarnation, MemberId, OpId, Time};
 
 const STEP: Duration = Duration::from_millis(1);
-/// Parameters per replica.
+/// Parameters per replica; the state a trainer hands over is these and its
+/// step counter.
 const DIM: usize = 48;
 /// A parked op with no new epoch in this long fails (`recovery_timeout`).
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a proposal is retried (the daemon's control task uses the same).
+const RETRY: Duration = Duration::from_millis(300);
 
 /// One seeded run.
 #[derive(Clone, Debug)]
@@ -126,17 +133,20 @@ pub struct ClusterReport {
     pub completions: u64,
     /// Epochs committed.
     pub epochs: u64,
-    /// Interrupted ops finished by each kind of plan.
+    /// Interrupted ops finished by re-running them.
     pub reruns: u64,
     /// ... by broadcasting a kept result.
     pub from_results: u64,
-    /// Trainers that stopped (removed, no quorum, superseded).
+    /// Trainer calls that failed (the trainer then joined again).
     pub stopped: u64,
+    /// Joins answered with the group's state.
+    pub rejoined: u64,
+    /// State hand-overs by live trainers.
+    pub hand_overs: u64,
     /// The step the survivors reached together.
     pub final_step: u64,
-    /// Frames a core refused (late frames of ops aborted here).
-    pub refused_frames: u64,
-    /// Every trainer stopped (the group lost its quorum for too long).
+    /// Every trainer had failed at once and none could hand its state over
+    /// (the group lost its quorum for too long; the trainers wait in join).
     pub no_survivors: bool,
 }
 
@@ -167,55 +177,43 @@ enum Packet {
     Raft(Vec<u8>),
     Heartbeat,
     Frame(FrameHeader, Vec<u8>),
-    Report(RecoveryReport),
-    Ask(Epoch),
+    Node(NodeMessage),
+    /// The sender reset the link: the connection is gone at this end too.
+    Closed,
 }
 
-/// An op this member runs: the trainer's step, or a kept result it forwards.
-struct Run {
-    buf: Vec<u8>,
-    input: Vec<u8>,
-    members: Vec<MemberId>,
-    /// The trainer's op (false: forwarding a kept result).
-    trainer: bool,
-    /// A broadcast of a kept result names the original contributors.
-    contributors: Option<Vec<MemberId>>,
+/// What a trainer is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Task {
+    /// Waiting for its node to run ops for the first time.
+    Starting,
+    /// About to issue its next step.
+    Idle,
+    /// Waiting for a step's result.
+    Step(RequestId),
+    /// Handing its state over to joiners.
+    Admit(RequestId),
+    /// Waiting in `join()` for the group's state.
+    Join(RequestId),
+    /// Reached the last step.
+    Done,
 }
 
-struct Kept {
-    op: OpId,
-    contributors: Vec<MemberId>,
-    output: Vec<u8>,
+struct Trainer {
+    params: Vec<f32>,
+    step: u64,
+    next_seq: u64,
+    task: Task,
 }
 
-struct Node {
+struct Member {
     id: MemberId,
     alive: bool,
     paused_until: Option<Time>,
-    control: ControlNode,
+    plane: ControlPlane,
     disk: MemoryDisk,
-    detector: FailureDetector,
-    keeper: Housekeeper,
-    core: Collectives,
-    // The trainer.
-    params: Vec<f32>,
-    step: u64,
-    stopped: Option<String>,
-    // The driver's bookkeeping.
-    epoch: Epoch,
-    ring: Vec<MemberId>,
-    admitted: bool,
-    runs: BTreeMap<OpId, Run>,
-    parked: Option<(OpId, Run, Time)>,
-    plans: BTreeMap<OpId, Plan>,
-    kept: Option<Kept>,
-    recovery: Option<Recovery>,
-    report: Option<RecoveryReport>,
-    early: Vec<RecoveryReport>,
-    asked_at: Time,
-    /// Suspicions not yet taken effect: proposed again every 300 ms (a
-    /// proposal is lost while there is no leader), as the daemon does.
-    suspects: BTreeMap<MemberId, (String, Option<Time>)>,
+    node: Node<Vec<u8>>,
+    trainer: Trainer,
 }
 
 /// The simulator.
@@ -223,22 +221,24 @@ pub struct ClusterSim {
     sc: ClusterScenario,
     rng: SplitMix64,
     now: Time,
-    nodes: Vec<Node>,
+    members: Vec<Member>,
     side: Vec<u8>,
     net: BinaryHeap<Reverse<(Time, u64, usize, usize)>>,
     /// Each message with the generation of its link when it was sent.
     payloads: BTreeMap<u64, (Packet, u64)>,
-    /// Per link (lower index, higher index): bumped when a suspicion
-    /// resets the connection, which loses what was in flight.
+    /// Per link (lower index, higher index): bumped when a node resets the
+    /// connection, which loses what was in flight.
     links: BTreeMap<(usize, usize), u64>,
+    /// Links reset and not reconnected yet.
+    broken: BTreeSet<(usize, usize)>,
     seq: u64,
+    next_request: u64,
     /// (member id, step) → its gradient.
     grads: BTreeMap<(u32, u64), Vec<f32>>,
-    /// Per node: step → contributors of its completion.
+    /// Per member: step → contributors of its completion.
     history: Vec<BTreeMap<u64, Vec<MemberId>>>,
     stop_at: u64,
     report: ClusterReport,
-    engine: ScalarEngine,
 }
 
 impl fmt::Debug for ClusterSim {
@@ -248,6 +248,17 @@ impl fmt::Debug for ClusterSim {
             .field("now", &self.now)
             .finish()
     }
+}
+
+fn link(a: usize, b: usize) -> (usize, usize) {
+    (a.min(b), a.max(b))
+}
+
+/// A trainer's state as it hands it over: its parameters, then its step.
+fn state_bytes(t: &Trainer) -> Vec<u8> {
+    let mut state = t.params.clone();
+    state.push(t.step as f32);
+    f32_bytes(&state)
 }
 
 impl ClusterSim {
@@ -260,91 +271,83 @@ impl ClusterSim {
         );
         let roles = initial_roles(&ids, 3);
         let mut rng = SplitMix64::new(sc.seed);
-        let detector = DetectorConfig::default();
-        let nodes = ids
+        let members = ids
             .iter()
             .map(|&id| {
                 let config = ControlConfig {
                     election_seed: Some(rng.next_u64()),
                     ..ControlConfig::default()
                 };
-                Node {
+                let control = ControlNode::new(
+                    id,
+                    config,
+                    Some((bootstrap.clone(), &roles)),
+                    None,
+                    Time::ZERO,
+                )
+                .expect("node starts");
+                let node_config = NodeConfig {
+                    recovery_timeout: RECOVERY_TIMEOUT,
+                    ..NodeConfig::default()
+                };
+                let arith = Box::new(EngineArithmetic(
+                    Box::new(ScalarEngine) as Box<dyn phalanx_compute::ComputeEngine>
+                ));
+                Member {
                     id,
                     alive: true,
                     paused_until: None,
-                    control: ControlNode::new(
-                        id,
-                        config,
-                        Some((bootstrap.clone(), &roles)),
-                        None,
-                        Time::ZERO,
-                    )
-                    .expect("node starts"),
+                    plane: ControlPlane::new(control, Incarnation(1), String::new(), RETRY, 3),
                     disk: MemoryDisk::default(),
-                    detector: FailureDetector::new(
-                        detector,
-                        ids.iter().copied().filter(|&m| m != id),
-                        Time::ZERO,
-                    ),
-                    keeper: Housekeeper::new(Duration::from_millis(500), 3),
-                    core: Collectives::with_incarnation(id, Incarnation(1), Config::default()),
-                    params: vec![0.0; DIM],
-                    step: 0,
-                    stopped: None,
-                    epoch: Epoch(1),
-                    ring: ids.clone(),
-                    admitted: true,
-                    runs: BTreeMap::new(),
-                    parked: None,
-                    plans: BTreeMap::new(),
-                    kept: None,
-                    recovery: None,
-                    report: None,
-                    early: Vec::new(),
-                    asked_at: Time::ZERO,
-                    suspects: BTreeMap::new(),
+                    node: Node::new(id, Incarnation(1), node_config, arith, Time::ZERO),
+                    trainer: Trainer {
+                        params: vec![0.0; DIM],
+                        step: 0,
+                        next_seq: 1,
+                        task: Task::Starting,
+                    },
                 }
             })
             .collect();
         ClusterSim {
             rng,
             now: Time::ZERO,
-            nodes,
+            members,
             side: vec![0; sc.members],
             net: BinaryHeap::new(),
             payloads: BTreeMap::new(),
             links: BTreeMap::new(),
+            broken: BTreeSet::new(),
             seq: 0,
+            next_request: 0,
             grads: BTreeMap::new(),
             history: vec![BTreeMap::new(); sc.members],
             stop_at: u64::MAX,
             report: ClusterReport::default(),
-            engine: ScalarEngine,
             sc,
         }
     }
 
     fn fail(&self, what: String) -> ClusterFailure {
-        self_fail(&self.sc, self.now, what)
+        ClusterFailure {
+            scenario: Box::new(self.sc.clone()),
+            what,
+            at: Duration::from_micros(self.now.0),
+        }
     }
 
     fn send(&mut self, from: usize, to: usize, p: Packet) {
         let jitter = self.rng.below(self.sc.jitter.as_micros() as u64 + 1);
-        // One connection per pair delivers in order: never before the
-        // previous message on the link.
         let at = self.now.after(Duration::from_micros(200 + jitter));
-        let generation = self.link(from, to);
+        let generation = self.links.get(&link(from, to)).copied().unwrap_or(0);
         self.seq += 1;
         self.payloads.insert(self.seq, (p, generation));
         self.net.push(Reverse((at, self.seq, from, to)));
     }
 
-    fn link(&self, a: usize, b: usize) -> u64 {
-        self.links.get(&(a.min(b), a.max(b))).copied().unwrap_or(0)
-    }
-
     fn running(&self, i: usize) -> bool {
-        self.nodes[i].alive && self.nodes[i].paused_until.is_none_or(|u| self.now >= u)
+        let m = &self.members[i];
+        m.alive && m.paused_until.is_none_or(|u| self.now >= u)
     }
 
     /// Runs the scenario.
@@ -358,54 +361,85 @@ impl ClusterSim {
         let mut next_heartbeat = Time::ZERO;
         while self.now < end {
             while next_fault < faults.len() && Time::ZERO.after(faults[next_fault].0) <= self.now {
-                match &faults[next_fault].1 {
-                    ClusterFault::Crash(m) => self.nodes[*m].alive = false,
-                    ClusterFault::Partition(side) => {
-                        self.side = vec![0; self.sc.members];
-                        for &m in side {
-                            self.side[m] = 1;
-                        }
-                    }
-                    ClusterFault::Pause(m, d) => {
-                        self.nodes[*m].paused_until = Some(self.now.after(*d))
-                    }
-                    ClusterFault::Heal => self.side = vec![0; self.sc.members],
-                }
+                self.inject(&faults[next_fault].1);
                 next_fault += 1;
             }
             if !healed && self.now >= heal {
                 healed = true;
                 self.side = vec![0; self.sc.members];
-                for n in &mut self.nodes {
-                    n.paused_until = None;
+                for m in &mut self.members {
+                    m.paused_until = None;
                 }
             }
-            if self.stop_at == u64::MAX && self.now >= stop_phase {
-                let top = self.nodes.iter().map(|n| n.step).max().unwrap_or(0);
+            if self.stop_at == u64::MAX && self.now >= stop_phase && !self.anyone_joining() {
+                let top = self
+                    .members
+                    .iter()
+                    .map(|m| m.trainer.step)
+                    .max()
+                    .unwrap_or(0);
                 self.stop_at = top + 3;
             }
             self.deliver()?;
             if self.now >= next_heartbeat {
-                for a in 0..self.nodes.len() {
-                    if self.running(a) {
-                        for b in 0..self.nodes.len() {
-                            if a != b {
-                                self.send(a, b, Packet::Heartbeat);
-                            }
-                        }
-                    }
-                }
+                self.heartbeats();
                 next_heartbeat = self.now.after(Duration::from_millis(100));
             }
-            for i in 0..self.nodes.len() {
+            for i in 0..self.members.len() {
                 if self.running(i) {
-                    self.step_node(i)?;
+                    self.step_member(i)?;
                 }
             }
             self.now = self.now.after(STEP);
         }
         self.check_end()?;
         Ok(self.report)
+    }
+
+    fn inject(&mut self, fault: &ClusterFault) {
+        match fault {
+            ClusterFault::Crash(m) => self.members[*m].alive = false,
+            ClusterFault::Partition(side) => {
+                self.side = vec![0; self.sc.members];
+                for &m in side {
+                    self.side[m] = 1;
+                }
+            }
+            ClusterFault::Pause(m, d) => self.members[*m].paused_until = Some(self.now.after(*d)),
+            ClusterFault::Heal => self.side = vec![0; self.sc.members],
+        }
+    }
+
+    fn anyone_joining(&self) -> bool {
+        self.members
+            .iter()
+            .any(|m| m.alive && matches!(m.trainer.task, Task::Join(_)))
+    }
+
+    /// Heartbeats from every running member, and reconnects: a link reset
+    /// comes back once both ends run and can reach each other.
+    fn heartbeats(&mut self) {
+        let n = self.members.len();
+        for a in 0..n {
+            if self.running(a) {
+                for b in (0..n).filter(|&b| b != a) {
+                    self.send(a, b, Packet::Heartbeat);
+                }
+            }
+        }
+        let back: Vec<(usize, usize)> = self
+            .broken
+            .iter()
+            .copied()
+            .filter(|&(a, b)| self.running(a) && self.running(b) && self.side[a] == self.side[b])
+            .collect();
+        let now = self.now;
+        for (a, b) in back {
+            self.broken.remove(&(a, b));
+            let (ida, idb) = (self.members[a].id, self.members[b].id);
+            self.members[a].node.handle_peer_up(now, idb);
+            self.members[b].node.handle_peer_up(now, ida);
+        }
     }
 
     fn deliver(&mut self) -> Result<(), ClusterFailure> {
@@ -415,17 +449,16 @@ impl ClusterSim {
             }
             self.net.pop();
             let (p, generation) = self.payloads.remove(&seq).expect("payload");
-            if !self.nodes[to].alive || !self.nodes[from].alive || generation != self.link(from, to)
-            {
+            let current = self.links.get(&link(from, to)).copied().unwrap_or(0);
+            if !self.members[to].alive || !self.members[from].alive || generation != current {
                 continue;
             }
             // A partition holds messages back as QUIC does (it retransmits
-            // after the heal); a stopped process's socket buffer holds them.
-            let hold = if self.side[from] != self.side[to] {
-                Some(self.now.after(Duration::from_millis(10)))
-            } else {
-                self.nodes[to].paused_until.filter(|&u| self.now < u)
-            };
+            // after the heal); a stopped process's socket buffer holds them
+            // (looked at again every 10 ms: the heal may resume it early).
+            let held = self.side[from] != self.side[to]
+                || self.members[to].paused_until.is_some_and(|u| self.now < u);
+            let hold = held.then(|| self.now.after(Duration::from_millis(10)));
             if let Some(until) = hold {
                 self.seq += 1;
                 self.payloads.insert(self.seq, (p, generation));
@@ -433,381 +466,217 @@ impl ClusterSim {
                 continue;
             }
             let now = self.now;
-            let from_id = self.nodes[from].id;
-            self.nodes[to].detector.heard(from_id, now);
+            let _span = tracing::info_span!("", m = to, t = %now).entered();
+            let from_id = self.members[from].id;
+            let m = &mut self.members[to];
             match p {
                 Packet::Raft(bytes) => {
-                    let n = &mut self.nodes[to];
-                    let msg = decode_message(&bytes, from_id, n.id).expect("well-formed");
-                    let _ = n.control.step(msg);
+                    let msg = decode_message(&bytes, from_id, m.id).expect("well-formed");
+                    let _ = m.plane.node_mut().step(msg);
                 }
-                Packet::Heartbeat => {}
-                Packet::Frame(header, payload) => {
-                    // Refused frames are logged and dropped by the daemon too:
-                    // a late frame for an op this member aborted on a
-                    // suspicion the sender never saw.
-                    if self.nodes[to]
-                        .core
-                        .handle_frame(now, header, payload)
-                        .is_err()
-                    {
-                        self.report.refused_frames += 1;
-                    }
-                    self.execute(to)?;
-                }
-                Packet::Report(report) => {
-                    let n = &mut self.nodes[to];
-                    let added = match n.recovery.as_mut() {
-                        Some(rec) if rec.epoch() == report.epoch => {
-                            let _ = rec.add(report);
-                            true
-                        }
-                        _ if report.epoch > n.epoch => {
-                            n.early.push(report);
-                            false
-                        }
-                        _ => false,
-                    };
-                    if added {
-                        self.finish_recovery(to)?;
-                    }
-                }
-                Packet::Ask(epoch) => {
-                    if let Some(r) = self.nodes[to].report.clone().filter(|r| r.epoch == epoch) {
-                        self.send(to, from, Packet::Report(r));
-                    }
-                }
+                Packet::Heartbeat => m.node.handle_heartbeat(now, from_id),
+                Packet::Frame(header, payload) => m.node.handle_frame(now, header, payload),
+                Packet::Node(msg) => m.node.handle_message(now, from_id, msg),
+                // As the transport does, only the loss of the current
+                // connection is reported: a link already redialled is up.
+                Packet::Closed if !self.broken.contains(&link(from, to)) => {}
+                Packet::Closed => m
+                    .node
+                    .handle_peer_down(now, from_id, "the peer reset the link"),
             }
+            self.execute(to)?;
         }
         Ok(())
     }
 
-    fn step_node(&mut self, i: usize) -> Result<(), ClusterFailure> {
+    fn step_member(&mut self, i: usize) -> Result<(), ClusterFailure> {
         let now = self.now;
-        let mut resets = Vec::new();
-        let n = &mut self.nodes[i];
-        if n.control.poll_timeout() <= now {
-            n.control.handle_timeout(now);
+        let _span = tracing::info_span!("", m = i, t = %now).entered();
+        let m = &mut self.members[i];
+        if m.plane.node().poll_timeout() <= now {
+            m.plane.node_mut().handle_timeout(now);
         }
-        if n.core.poll_timeout().is_some_and(|t| t <= now) {
-            n.core.handle_timeout(now);
-        }
-        for d in n.detector.poll(now) {
-            match d {
-                Decision::Suspect { member, reason } => {
-                    n.suspects.insert(member, (reason.to_string(), None));
-                    // The driver parks the ops that wait for a suspect, and
-                    // drops its connection (what was in flight is lost).
-                    n.core.handle_member_down(now, member);
-                    resets.push(member.0 as usize);
-                }
-                Decision::Cleared { member } => {
-                    n.suspects.remove(&member);
-                }
-            }
-        }
-        let group = n.control.group().clone();
-        n.suspects.retain(|m, _| group.is_active(*m));
-        for (&member, (reason, last)) in n.suspects.iter_mut() {
-            if !n.admitted || last.is_some_and(|t| now.since(t) < Duration::from_millis(300)) {
-                continue;
-            }
-            *last = Some(now);
-            let _ = n.control.propose(&Command::Remove {
-                member,
-                by: n.id,
-                epoch: group.epoch,
-                reason: reason.clone(),
-            });
-        }
-        // A trainer that stopped while its member is in the ring takes the
-        // member out (the daemon does so when such a trainer joins again).
-        if n.stopped.is_some() && n.control.group().is_active(n.id) {
-            let _ = n.control.propose(&Command::Remove {
-                member: n.id,
-                by: n.id,
-                epoch: n.control.group().epoch,
-                reason: "its trainer stopped".into(),
-            });
-        }
-        for p in n.keeper.poll(&n.control, Incarnation(1), "", false, now) {
-            let _ = propose(&mut n.control, &p);
-        }
-        for j in resets {
-            *self.links.entry((i.min(j), i.max(j))).or_insert(0) += 1;
-        }
-        let n = &mut self.nodes[i];
-        let out = n
-            .control
-            .process(&mut n.disk)
-            .map_err(|e| format!("m{i}: {e}"));
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => return Err(self.fail(e)),
+        let out = match m.plane.step(now, &mut m.disk) {
+            Ok(out) => out,
+            Err(e) => return Err(self.fail(format!("m{i}: {e}"))),
         };
+        for ev in &out.events {
+            if let Event::Applied {
+                applied: Applied::NewEpoch { epoch, .. },
+                ..
+            } = ev
+            {
+                self.report.epochs = self.report.epochs.max(epoch.0 - 1);
+            }
+        }
+        if let Some(change) = out.change {
+            self.members[i].node.handle_group(now, change);
+        }
         for msg in out.messages {
             let to = destination(&msg).expect("raft id maps to a member").0 as usize;
             self.send(i, to, Packet::Raft(encode_message(&msg)));
         }
-        let group = self.nodes[i].control.group().clone();
-        if group.epoch > self.nodes[i].epoch {
-            self.install(i, &group)?;
+        let node = &mut self.members[i].node;
+        if node.poll_timeout().is_some_and(|t| t <= now) {
+            node.handle_timeout(now);
         }
         self.execute(i)?;
-        self.expire_parked(i);
-        self.ask_reports(i);
-        self.train(i)?;
+        self.train(i);
         self.execute(i)
     }
 
-    fn install(&mut self, i: usize, group: &GroupState) -> Result<(), ClusterFailure> {
-        let now = self.now;
-        self.report.epochs = self.report.epochs.max(group.epoch.0 - 1);
-        let n = &mut self.nodes[i];
-        n.epoch = group.epoch;
-        n.ring = group.ring();
-        n.admitted = n.ring.contains(&n.id);
-        n.core.set_epoch(now, group.epoch);
-        n.plans.clear();
-        n.recovery = None;
-        n.report = None;
-        self.execute(i)?;
-        let n = &mut self.nodes[i];
-        if !n.admitted {
-            stop(n, &mut self.report, "removed from the group");
-            return Ok(());
-        }
-        let report = RecoveryReport {
-            epoch: n.epoch,
-            member: n.id,
-            parked: n
-                .parked
-                .iter()
-                .map(|(op, run, _)| (*op, run.members.clone()))
-                .collect(),
-            completed: n
-                .kept
-                .iter()
-                .map(|k| KeptResult {
-                    op: k.op,
-                    contributors: k.contributors.clone(),
-                    waiting: Vec::new(),
-                })
-                .collect(),
-        };
-        let mut rec = Recovery::new(n.epoch, n.ring.clone());
-        rec.add(report.clone()).expect("own report");
-        for r in std::mem::take(&mut n.early) {
-            if r.epoch == n.epoch {
-                let _ = rec.add(r);
-            } else if r.epoch > n.epoch {
-                n.early.push(r);
-            }
-        }
-        n.recovery = Some(rec);
-        n.report = Some(report.clone());
-        n.asked_at = now;
-        let peers: Vec<usize> = n
-            .ring
-            .iter()
-            .filter(|&&m| m != n.id)
-            .map(|m| m.0 as usize)
-            .collect();
-        for p in peers {
-            self.send(i, p, Packet::Report(report.clone()));
-        }
-        self.finish_recovery(i)
-    }
-
-    fn ask_reports(&mut self, i: usize) {
-        let n = &mut self.nodes[i];
-        let Some(rec) = &n.recovery else {
-            return;
-        };
-        if self.now.since(n.asked_at) < Duration::from_millis(200) {
-            return;
-        }
-        n.asked_at = self.now;
-        let (epoch, missing) = (rec.epoch(), rec.missing());
-        for m in missing {
-            self.send(i, m.0 as usize, Packet::Ask(epoch));
-        }
-    }
-
-    fn finish_recovery(&mut self, i: usize) -> Result<(), ClusterFailure> {
-        let n = &mut self.nodes[i];
-        let Some(rec) = n.recovery.as_ref().filter(|r| r.is_complete()) else {
-            return Ok(());
-        };
-        let plans = rec.plans();
-        n.recovery = None;
-        let me = n.id;
-        for (op, plan) in plans {
-            let parked = n.parked.take_if(|(p, _, _)| *p == op);
-            match (parked, plan) {
-                (Some((op, mut run, _)), Plan::Rerun { members }) if members.contains(&me) => {
-                    self.report.reruns += 1;
-                    run.buf.clone_from(&run.input);
-                    run.members = members;
-                    start(n, op, run, None, self.now).map_err(|e| {
-                        self_fail(&self.sc, self.now, format!("m{i} re-running {op}: {e}"))
-                    })?;
-                }
-                (
-                    Some((op, mut run, _)),
-                    Plan::FromResult {
-                        holder,
-                        members,
-                        contributors,
-                        ..
-                    },
-                ) if members.contains(&me) => {
-                    self.report.from_results += 1;
-                    run.members = members;
-                    run.contributors = Some(contributors);
-                    start(n, op, run, Some(holder), self.now)
-                        .map_err(|e| self_fail(&self.sc, self.now, format!("m{i}: {e}")))?;
-                }
-                (Some(_), plan) => stop(n, &mut self.report, &format!("{op}: {plan:?}")),
-                (
-                    None,
-                    Plan::FromResult {
-                        holder, members, ..
-                    },
-                ) if members.contains(&me) => {
-                    let Some(k) = n.kept.as_ref().filter(|k| k.op == op) else {
-                        return Err(self_fail(
-                            &self.sc,
-                            self.now,
-                            format!("m{i} is to forward {op} but does not hold it"),
-                        ));
-                    };
-                    let run = Run {
-                        buf: k.output.clone(),
-                        input: Vec::new(),
-                        members,
-                        trainer: false,
-                        contributors: None,
-                    };
-                    start(n, op, run, Some(holder), self.now)
-                        .map_err(|e| self_fail(&self.sc, self.now, format!("m{i}: {e}")))?;
-                }
-                (None, plan @ Plan::Rerun { .. }) => {
-                    n.plans.insert(op, plan);
-                }
-                (None, _) => {}
-            }
-        }
-        Ok(())
-    }
-
-    fn expire_parked(&mut self, i: usize) {
-        let now = self.now;
-        let n = &mut self.nodes[i];
-        if n.parked
-            .as_ref()
-            .is_some_and(|(_, _, since)| now.since(*since) >= RECOVERY_TIMEOUT)
-        {
-            n.parked = None;
-            stop(n, &mut self.report, "no new epoch in time (no quorum)");
-        }
-    }
-
-    /// Issues the trainer's next step when it may.
-    fn train(&mut self, i: usize) -> Result<(), ClusterFailure> {
-        let n = &mut self.nodes[i];
-        let busy = n.runs.values().any(|r| r.trainer) || n.parked.is_some();
-        if busy
-            || n.stopped.is_some()
-            || !n.admitted
-            || n.recovery.is_some()
-            || n.step >= self.stop_at
-        {
-            return Ok(());
-        }
-        let g = step_gradient(n.id.0, n.step, &n.params);
-        self.grads.insert((n.id.0, n.step), g.clone());
-        let op = OpId(n.step + 1);
-        let members = match n.plans.remove(&op) {
-            Some(Plan::Rerun { members }) => members,
-            _ => n.ring.clone(),
-        };
-        let input = f32_bytes(&g);
-        let run = Run {
-            buf: input.clone(),
-            input,
-            members,
-            trainer: true,
-            contributors: None,
-        };
-        start(n, op, run, None, self.now)
-            .map_err(|e| self_fail(&self.sc, self.now, format!("m{i} starting {op}: {e}")))
-    }
-
-    /// Carries out the core's actions at node `i`.
+    /// Carries out node `i`'s actions.
     fn execute(&mut self, i: usize) -> Result<(), ClusterFailure> {
-        let now = self.now;
-        while let Some(action) = self.nodes[i].core.poll_action() {
+        while let Some(action) = self.members[i].node.poll_action() {
             match action {
-                Action::Send {
-                    op,
+                Action::Frame {
                     to,
                     header,
-                    range,
-                } => {
-                    let Some(run) = self.nodes[i].runs.get(&op) else {
-                        continue;
-                    };
-                    let payload = run.buf[element_range(DType::F32, &range)].to_vec();
-                    self.send(i, to.0 as usize, Packet::Frame(header, payload));
-                }
-                Action::Reduce { op, .. } | Action::Copy { op, .. } | Action::Divide { op, .. } => {
-                    let n = &mut self.nodes[i];
-                    let run = n.runs.get_mut(&op).expect("a piece for a known run");
-                    if let Err(e) = apply_action(&self.engine, DType::F32, &mut run.buf, &action) {
-                        return Err(self_fail(
-                            &self.sc,
-                            now,
-                            format!("m{i} applying a piece of {op}: {e}"),
-                        ));
-                    }
-                }
-                Action::Complete {
-                    op, contributors, ..
-                } => {
-                    let run = self.nodes[i].runs.remove(&op).expect("a known run");
-                    if run.trainer {
-                        self.completed(i, op, run, contributors)?;
-                    }
-                }
-                Action::Aborted { op, reason, .. } => {
-                    let n = &mut self.nodes[i];
-                    if let Some(run) = n.runs.remove(&op) {
-                        if run.trainer {
-                            n.parked = Some((op, run, now));
-                        }
-                    }
-                    let _ = reason;
-                }
+                    payload,
+                } => self.send(i, to.0 as usize, Packet::Frame(header, payload)),
+                Action::Message { to, msg } => self.send(i, to.0 as usize, Packet::Node(msg)),
+                Action::Reply {
+                    id,
+                    buffer,
+                    outcome,
+                } => self.answered(i, id, buffer, outcome)?,
+                Action::Suspect { member, reason } => self.members[i].plane.suspect(member, reason),
+                Action::Cleared { member } => self.members[i].plane.cleared(member),
+                Action::WantIn => self.members[i].plane.want_in(),
+                Action::ResetLinks { member } => self.reset(i, member.0 as usize),
+            }
+        }
+        while let Some(event) = self.members[i].node.poll_event() {
+            match event {
+                NodeEvent::Recovered { plan: "rerun" } => self.report.reruns += 1,
+                NodeEvent::Recovered {
+                    plan: "kept_result",
+                } => self.report.from_results += 1,
+                _ => {}
             }
         }
         Ok(())
     }
 
-    fn completed(
+    /// Node `i` dropped its connection to `j`: what was in flight is lost,
+    /// both ends see it closed, and it reconnects once it can.
+    fn reset(&mut self, i: usize, j: usize) {
+        *self.links.entry(link(i, j)).or_insert(0) += 1;
+        self.broken.insert(link(i, j));
+        let (now, peer) = (self.now, self.members[j].id);
+        self.members[i]
+            .node
+            .handle_peer_down(now, peer, "reset: reconnecting");
+        self.send(i, j, Packet::Closed);
+    }
+
+    fn request(&mut self) -> RequestId {
+        self.next_request += 1;
+        RequestId(self.next_request)
+    }
+
+    /// Issues the trainer's next call when it may.
+    fn train(&mut self, i: usize) {
+        let t = &self.members[i].trainer;
+        match t.task {
+            // A trainer starts once its daemon runs ops, or is told it is
+            // out of the ring (its first call fails and it joins).
+            Task::Starting
+                if matches!(
+                    self.members[i].node.mode(),
+                    Mode::Active | Mode::Removed { .. }
+                ) =>
+            {
+                self.members[i].trainer.task = Task::Idle;
+            }
+            Task::Idle if t.step >= self.stop_at => self.members[i].trainer.task = Task::Done,
+            Task::Idle => {
+                let id = self.request();
+                let m = &mut self.members[i];
+                let g = step_gradient(m.id.0, m.trainer.step, &m.trainer.params);
+                self.grads.insert((m.id.0, m.trainer.step), g.clone());
+                let req = Request {
+                    id,
+                    op: OpId::new(0, m.trainer.next_seq),
+                    kind: LocalKind::AllReduce(ReduceOp::Sum),
+                    dtype: DType::F32,
+                    len: DIM,
+                    samples: None,
+                    buffer: f32_bytes(&g),
+                };
+                m.trainer.next_seq += 1;
+                m.trainer.task = Task::Step(id);
+                m.node.handle_submit(self.now, req);
+            }
+            _ => {}
+        }
+    }
+
+    /// The trainer's call failed: it joins again (as a supervised trainer
+    /// restarted after the error would).
+    fn rejoin(&mut self, i: usize) {
+        let id = self.request();
+        let m = &mut self.members[i];
+        m.trainer.task = Task::Join(id);
+        let join = JoinRequest {
+            id,
+            stream: 0,
+            dtype: DType::F32,
+            len: DIM + 1,
+            buffer: vec![0; (DIM + 1) * 4],
+        };
+        m.node.handle_join(self.now, join);
+    }
+
+    fn answered(
         &mut self,
         i: usize,
-        op: OpId,
-        run: Run,
-        contributors: Vec<MemberId>,
+        id: RequestId,
+        buffer: Vec<u8>,
+        outcome: Result<OpDone, OpError>,
     ) -> Result<(), ClusterFailure> {
-        let contributors = run.contributors.clone().unwrap_or(contributors);
-        let step = op.0 - 1;
+        let task = self.members[i].trainer.task;
+        match (task, outcome) {
+            (Task::Step(want), Ok(done)) if want == id => self.completed(i, done, &buffer),
+            (Task::Admit(want), Ok(_)) if want == id => {
+                self.report.hand_overs += 1;
+                self.members[i].trainer.task = Task::Idle;
+                Ok(())
+            }
+            (Task::Join(want), Ok(done)) if want == id => {
+                let state = f32s(&buffer);
+                let t = &mut self.members[i].trainer;
+                t.params = state[..DIM].to_vec();
+                t.step = state[DIM] as u64;
+                t.next_seq = done.op.seq() + 1;
+                t.task = Task::Idle;
+                // Its history is the group's from here on: what it saw before
+                // may differ (cut off just as a step completed, it kept a
+                // result the others re-ran without it — fenced, never
+                // combined with anything, and now replaced).
+                self.history[i].clear();
+                self.report.rejoined += 1;
+                Ok(())
+            }
+            (Task::Step(want) | Task::Admit(want) | Task::Join(want), Err(_)) if want == id => {
+                self.report.stopped += 1;
+                self.rejoin(i);
+                Ok(())
+            }
+            (task, outcome) => Err(self.fail(format!(
+                "m{i} got an answer to {id:?} while {task:?}: {outcome:?}"
+            ))),
+        }
+    }
+
+    fn completed(&mut self, i: usize, done: OpDone, buf: &[u8]) -> Result<(), ClusterFailure> {
+        let step = self.members[i].trainer.step;
         let mut want: Option<Vec<f32>> = None;
-        for m in &contributors {
-            let Some(g) = self.grads.get(&(m.0, step)) else {
+        for c in &done.contributors {
+            let Some(g) = self.grads.get(&(c.0, step)) else {
                 return Err(self.fail(format!(
-                    "m{i} {op}: contributor {m} never issued step {step}"
+                    "m{i} {}: contributor {c} never issued step {step}",
+                    done.op
                 )));
             };
             match want.as_mut() {
@@ -815,7 +684,7 @@ impl ClusterSim {
                 Some(w) => w.iter_mut().zip(g).for_each(|(w, g)| *w += g),
             }
         }
-        let got = f32s(&run.buf);
+        let got = f32s(buf);
         let want = want.unwrap_or_default();
         if got.len() != want.len()
             || got
@@ -824,156 +693,128 @@ impl ClusterSim {
                 .any(|(a, b)| a.to_bits() != b.to_bits())
         {
             return Err(self.fail(format!(
-                "m{i} {op}: the result is not the sum over its contributors {contributors:?}"
+                "m{i} {}: the result is not the sum over its contributors {:?}",
+                done.op, done.contributors
             )));
         }
-        let n = &mut self.nodes[i];
-        let k = contributors.len() as f32;
-        for (w, s) in n.params.iter_mut().zip(&got) {
+        let k = done.contributors.len() as f32;
+        let t = &mut self.members[i].trainer;
+        for (w, s) in t.params.iter_mut().zip(&got) {
             *w -= 1e-3 * s / k;
         }
-        n.step += 1;
-        n.kept = Some(Kept {
-            op,
-            contributors: contributors.clone(),
-            output: run.buf,
-        });
-        self.history[i].insert(step, contributors);
+        t.step += 1;
+        self.history[i].insert(step, done.contributors);
         self.report.completions += 1;
+        if done.waiting.is_empty() {
+            t.task = Task::Idle;
+            return Ok(());
+        }
+        // Members wait for the state: hand it over at this step boundary.
+        let buffer = state_bytes(t);
+        let id = self.request();
+        let m = &mut self.members[i];
+        let req = Request {
+            id,
+            op: OpId::new(0, m.trainer.next_seq),
+            kind: LocalKind::StateSync,
+            dtype: DType::F32,
+            len: DIM + 1,
+            samples: None,
+            buffer,
+        };
+        m.trainer.next_seq += 1;
+        m.trainer.task = Task::Admit(id);
+        m.node.handle_submit(self.now, req);
         Ok(())
     }
 
     fn check_end(&mut self) -> Result<(), ClusterFailure> {
-        let alive: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| self.nodes[i].alive)
+        let alive: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].alive)
             .collect();
         let leaders = alive
             .iter()
-            .filter(|&&i| self.nodes[i].control.is_leader())
+            .filter(|&&i| self.members[i].plane.node().is_leader())
             .count();
         if leaders != 1 {
             return Err(self.fail(format!("{leaders} leaders after the heal")));
         }
-        let epoch = self.nodes[alive[0]].control.group().epoch;
+        let epoch = self.members[alive[0]].plane.node().group().epoch;
         if let Some(&i) = alive
             .iter()
-            .find(|&&i| self.nodes[i].control.group().epoch != epoch)
+            .find(|&&i| self.members[i].plane.node().group().epoch != epoch)
         {
             return Err(self.fail(format!(
                 "m{i} is at {} after the heal, m{} at {epoch}",
-                self.nodes[i].control.group().epoch,
+                self.members[i].plane.node().group().epoch,
                 alive[0]
             )));
         }
-        let ring = self.nodes[alive[0]].control.group().ring();
         let training: Vec<usize> = alive
             .iter()
             .copied()
-            .filter(|&i| self.nodes[i].stopped.is_none())
+            .filter(|&i| self.members[i].trainer.task == Task::Done)
             .collect();
-        let in_ring: Vec<usize> = ring.iter().map(|m| m.0 as usize).collect();
-        if training.is_empty() {
-            // The faults cost the group its Raft quorum for longer than
-            // `RECOVERY_TIMEOUT`: every trainer was told `NoQuorum`. Real
-            // trainers would join() again; this model has no hand-over, so
-            // the run ends here (the sweep bounds how often).
+        if training.is_empty()
+            && alive
+                .iter()
+                .all(|&i| matches!(self.members[i].trainer.task, Task::Join(_)))
+        {
+            // The faults cost the group its Raft quorum for longer than the
+            // recovery bound: every trainer failed and waits in join(), and
+            // no live trainer holds the state to hand over (issue 13 makes
+            // the joiners resume from the most advanced one). Counted; the
+            // sweep bounds how often.
             self.report.no_survivors = true;
             return Ok(());
         }
-        if training != in_ring {
-            let why: Vec<String> = self
-                .nodes
+        if training != alive {
+            let what: Vec<String> = alive
                 .iter()
-                .map(|n| format!("{}: {:?}", n.id, n.stopped))
+                .map(|&i| {
+                    let m = &self.members[i];
+                    format!(
+                        "m{i}: {:?} at step {} ({} in {}, ring {:?})",
+                        m.trainer.task,
+                        m.trainer.step,
+                        m.node.mode().name(),
+                        m.node.epoch(),
+                        m.node.ring()
+                    )
+                })
                 .collect();
             return Err(self.fail(format!(
-                "after the heal the ring is {ring:?} but the trainers still training are \
-                 {training:?} (stopped: {why:?})"
+                "after the heal not every member trains to step {}: {what:?}",
+                self.stop_at
             )));
         }
         let first = training[0];
         for &i in &training {
-            let n = &self.nodes[i];
-            if n.step != self.stop_at {
-                let runs: Vec<(OpId, &Vec<MemberId>, bool)> = n
-                    .runs
-                    .iter()
-                    .map(|(op, r)| (*op, &r.members, r.trainer))
-                    .collect();
-                return Err(self.fail(format!(
-                    "m{i} reached step {} of {} (stopped: {:?}; in {} ring {:?}; runs {runs:?}; \
-                     parked {:?}; waiting for reports from {:?})",
-                    n.step,
-                    self.stop_at,
-                    n.stopped,
-                    n.epoch,
-                    n.ring,
-                    n.parked.as_ref().map(|p| (p.0, &p.1.members)),
-                    n.recovery.as_ref().map(|r| r.missing()),
-                )));
+            let t = &self.members[i].trainer;
+            if t.step != self.stop_at {
+                return Err(self.fail(format!("m{i} reached step {} of {}", t.step, self.stop_at)));
             }
-            let same = n
+            let same = t
                 .params
                 .iter()
-                .zip(&self.nodes[first].params)
+                .zip(&self.members[first].trainer.params)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             if !same {
                 return Err(self.fail(format!("m{i} and m{first} hold different parameters")));
             }
-            if self.history[i] != self.history[first] {
-                return Err(self.fail(format!(
-                    "m{i} and m{first} completed steps with different contributors"
-                )));
+            for (step, contributors) in &self.history[i] {
+                if let Some(theirs) = self.history[first].get(step) {
+                    if theirs != contributors {
+                        return Err(self.fail(format!(
+                            "step {step}: m{i} saw contributors {contributors:?}, m{first} {theirs:?}"
+                        )));
+                    }
+                }
             }
         }
         self.report.final_step = self.stop_at;
         Ok(())
     }
-}
-
-fn self_fail(sc: &ClusterScenario, now: Time, what: String) -> ClusterFailure {
-    ClusterFailure {
-        scenario: Box::new(sc.clone()),
-        what,
-        at: Duration::from_micros(now.0),
-    }
-}
-
-fn stop(n: &mut Node, report: &mut ClusterReport, why: &str) {
-    if n.stopped.is_none() {
-        n.stopped = Some(why.to_string());
-        report.stopped += 1;
-    }
-    n.parked = None;
-    n.runs.retain(|_, r| !r.trainer);
-}
-
-/// Starts `op` (a broadcast from `root` when given, else the all-reduce).
-fn start(
-    n: &mut Node,
-    op: OpId,
-    run: Run,
-    root: Option<MemberId>,
-    now: Time,
-) -> Result<(), String> {
-    let spec = OpSpec {
-        op,
-        epoch: n.epoch,
-        step: Step(op.0),
-        kind: match root {
-            Some(root) => Kind::Broadcast { root },
-            None => Kind::AllReduce(ReduceOp::Sum),
-        },
-        algorithm: Algorithm::Auto,
-        dtype: DType::F32,
-        len: DIM,
-        members: run.members.clone(),
-    };
-    n.runs.insert(op, run);
-    n.core.start(now, spec).map_err(|e| {
-        n.runs.remove(&op);
-        e.to_string()
-    })
 }
 
 /// Runs the scenario of `seed`.

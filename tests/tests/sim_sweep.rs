@@ -167,7 +167,8 @@ fn seeded_cluster_scenarios() {
                 total.reruns += r.reruns;
                 total.from_results += r.from_results;
                 total.stopped += r.stopped;
-                total.refused_frames += r.refused_frames;
+                total.rejoined += r.rejoined;
+                total.hand_overs += r.hand_overs;
                 no_survivors += u64::from(r.no_survivors);
             }
             Err(failure) => {

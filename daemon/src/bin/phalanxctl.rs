@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use phalanx_daemon::cluster::{ClusterOptions, LocalCluster};
+use phalanx_daemon::local::admin;
 use phalanx_daemon::tls;
 
 /// Administers a Phalanx cluster.
@@ -48,29 +48,6 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
-    /// Starts a throw-away cluster of real phalanxd processes on 127.0.0.x
-    /// (certificates, configs and logs in DIR) and keeps it up until Ctrl-C.
-    /// Trainers connect to the printed sockets.
-    LocalCluster {
-        /// Members.
-        #[arg(long, default_value_t = 3)]
-        members: usize,
-        /// Scratch directory (must not exist; kept after exit with --keep).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Keep DIR (logs, configs) after exit.
-        #[arg(long)]
-        keep: bool,
-        /// The phalanxd binary (default: next to phalanxctl).
-        #[arg(long)]
-        phalanxd: Option<PathBuf>,
-        /// Form the group as on real nodes: member 1 runs `phalanxd
-        /// --bootstrap`, the others `--join` it with configs that list only
-        /// themselves (their trainers enter the ring with join()). Default:
-        /// every config lists every member and they bootstrap together.
-        #[arg(long)]
-        bootstrap: bool,
-    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -108,21 +85,18 @@ fn main() -> std::process::ExitCode {
 fn real_main() -> Result<()> {
     match Cli::parse().command {
         Command::Members { metrics } => {
-            print!(
-                "{}",
-                phalanx_daemon::cluster::http_get(metrics, "/members")?
-            );
+            print!("{}", admin::http_get(metrics, "/members")?);
         }
         Command::Policy { metrics, policy } => {
             if policy.is_empty() {
-                print!("{}", phalanx_daemon::cluster::http_get(metrics, "/policy")?);
+                print!("{}", admin::http_get(metrics, "/policy")?);
             } else {
                 let text = policy.join(" ");
                 let wanted: phalanx_protocol::stragglers::QuorumPolicy = text
                     .parse()
                     .map_err(|e| anyhow::anyhow!("bad policy: {e}"))?;
-                phalanx_daemon::cluster::set_policy(metrics, wanted)?;
-                print!("{}", phalanx_daemon::cluster::http_get(metrics, "/policy")?);
+                admin::set_policy(metrics, wanted)?;
+                print!("{}", admin::http_get(metrics, "/policy")?);
             }
         }
         Command::Certs {
@@ -137,52 +111,6 @@ fn real_main() -> Result<()> {
         } => {
             let (cert, key) = tls::issue_node(&dir, &node)?;
             println!("issued {} and {}", cert.display(), key.display());
-        }
-        Command::LocalCluster {
-            members,
-            dir,
-            keep,
-            phalanxd,
-            bootstrap,
-        } => {
-            let dir = dir.unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("phalanx-local-{}", std::process::id()))
-            });
-            if dir.exists() {
-                anyhow::bail!("{} exists; choose a new --dir", dir.display());
-            }
-            let phalanxd = match phalanxd {
-                Some(p) => p,
-                None => std::env::current_exe()?.with_file_name("phalanxd"),
-            };
-            eprintln!("starting {members} members in {} ...", dir.display());
-            let cluster = LocalCluster::start(ClusterOptions {
-                members,
-                phalanxd,
-                dir,
-                data_plane: String::new(),
-                control: String::new(),
-                keep,
-                bootstrap,
-            })?;
-            for m in &cluster.members {
-                println!(
-                    "member {}: quic {} socket {} metrics http://{}/metrics log {}",
-                    m.id,
-                    m.addr,
-                    m.socket.display(),
-                    m.metrics,
-                    m.log.display()
-                );
-            }
-            println!("ready; Ctrl-C stops the cluster");
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(async {
-                    let _ = tokio::signal::ctrl_c().await;
-                });
-            drop(cluster);
         }
     }
     Ok(())

@@ -48,7 +48,7 @@ struct Cli {
     /// Compute engine: `scalar` or `simd` (overrides `engine`).
     #[arg(long)]
     engine: Option<String>,
-    /// Tokio worker threads (the QUIC connections, the driver and the
+    /// Tokio worker threads (the QUIC connections, the runner and the
     /// metrics endpoint share them).
     #[arg(long, default_value_t = 2)]
     worker_threads: usize,
@@ -119,12 +119,14 @@ fn real_main() -> Result<()> {
     if let Some(addr) = cli.join {
         config.start = phalanx_daemon::config::StartFlag::Join(addr);
     }
+    config.validate()?;
+    let sockets = phalanx_daemon::Sockets::bind(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.worker_threads.max(1))
         .enable_all()
         .thread_name("phalanxd")
         .build()?;
-    runtime.block_on(phalanx_daemon::run(config, shutdown_signal()))
+    runtime.block_on(phalanx_daemon::run(sockets, config, shutdown_signal()))
 }
 
 async fn shutdown_signal() {

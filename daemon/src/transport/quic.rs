@@ -6,7 +6,7 @@
 //! is served on.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -23,9 +23,9 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use super::fault::FaultGate;
+use crate::bus::{ControlInput, Links, NetInput, OutFrame};
 use crate::config::{Config, MemberConfig};
-use crate::control::{ControlInput, ControlSender};
-use crate::driver::{Input, OutFrame, Outbox};
 use crate::metrics as m;
 use crate::tls::{cert_names, Identity};
 
@@ -44,9 +44,13 @@ pub mod close {
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Builds the endpoint: a server for the mesh, and a client with this node's
-/// certificate for dialing peers.
-pub fn endpoint(config: &Config, identity: &Identity) -> Result<Endpoint> {
+/// Builds the endpoint on the bound `socket`: a server for the mesh, and a
+/// client with this node's certificate for dialing peers.
+pub fn endpoint(
+    config: &Config,
+    identity: &Identity,
+    socket: std::net::UdpSocket,
+) -> Result<Endpoint> {
     let dp = &config.data_plane;
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -73,15 +77,13 @@ pub fn endpoint(config: &Config, identity: &Identity) -> Result<Endpoint> {
         QuicServerConfig::try_from(identity.server.clone()).context("QUIC server TLS")?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
     server.transport_config(transport.clone());
-    let addr = config.listen_addr();
     // The largest datagram we accept is advertised to peers; quinn's default
     // (1472) would cap path MTU discovery below `max_mtu`.
     let mut endpoint_config = quinn::EndpointConfig::default();
     endpoint_config
         .max_udp_payload_size(dp.max_mtu.max(1200))
         .context("data_plane.max_mtu")?;
-    let socket =
-        std::net::UdpSocket::bind(addr).with_context(|| format!("binding QUIC on {addr}"))?;
+    let addr = socket.local_addr().context("the QUIC socket's address")?;
     // Bursts of a collective overflow the default socket buffers (~200 KiB)
     // and every drop costs a loss-recovery delay; the kernel caps the request
     // at net.core.{r,w}mem_max.
@@ -112,12 +114,15 @@ pub struct Mesh {
     links: usize,
     /// Data channels per peer.
     channels: usize,
+    /// Per peer, the queues of its data channels.
+    outboxes: RwLock<HashMap<MemberId, Outbox>>,
+    /// Per peer, the queue of its current control stream.
+    controls: Mutex<HashMap<MemberId, mpsc::UnboundedSender<ControlMessage>>>,
     /// The endpoint, to dial peers learnt at run time.
     endpoint: std::sync::OnceLock<Endpoint>,
     heartbeat: Duration,
-    driver: mpsc::Sender<Input>,
+    net: mpsc::Sender<NetInput>,
     control: mpsc::Sender<ControlInput>,
-    peers: ControlSender,
     limits: Limits,
     /// Peers cut off by fault injection (tests only; see [`FaultGate`]).
     fault: FaultGate,
@@ -125,59 +130,22 @@ pub struct Mesh {
     resets: std::sync::Mutex<std::collections::HashSet<usize>>,
 }
 
-/// Test-only fault injection: when `PHALANX_FAULT_FILE` names a file, the
-/// member ids listed in it (whitespace-separated) are cut off — everything
-/// they send is dropped on arrival, as a network partition would. Polled
-/// every 50 ms, so a test cuts and heals by rewriting the file. Never set it
-/// in production.
-#[derive(Clone, Debug, Default)]
-pub struct FaultGate {
-    cut: Arc<std::sync::RwLock<std::collections::BTreeSet<MemberId>>>,
+/// The queues of one peer's data channels.
+#[derive(Clone, Debug)]
+struct Outbox {
+    /// One queue per channel (QUIC stream).
+    channels: Vec<mpsc::UnboundedSender<OutFrame>>,
 }
 
-impl FaultGate {
-    /// Whether traffic from `peer` is dropped.
-    pub fn is_cut(&self, peer: MemberId) -> bool {
-        self.cut.read().expect("poisoned").contains(&peer)
-    }
-
-    /// Starts polling `path` (when the variable is set).
-    pub fn from_env() -> FaultGate {
-        let gate = FaultGate::default();
-        if let Some(path) = std::env::var_os("PHALANX_FAULT_FILE") {
-            warn!(path = %std::path::Path::new(&path).display(), "fault injection enabled (PHALANX_FAULT_FILE)");
-            let g = gate.clone();
-            tokio::spawn(async move {
-                loop {
-                    // A small local file: a blocking read is fine here.
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let ids: std::collections::BTreeSet<MemberId> = text
-                        .split_whitespace()
-                        .filter_map(|w| w.parse().ok().map(MemberId))
-                        .collect();
-                    {
-                        let mut cut = g.cut.write().expect("poisoned");
-                        if *cut != ids {
-                            warn!(cut = ?ids, "fault injection: peers cut off");
-                            *cut = ids;
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            });
-        }
-        gate
-    }
-}
-
-/// The mesh and the outboxes the driver sends through.
+/// The mesh of the configured members and its channel writers (to spawn);
+/// frames from peers go to `net`, Raft messages and join requests to
+/// `control`.
 pub fn mesh(
     config: &Config,
     incarnation: Incarnation,
-    driver: mpsc::Sender<Input>,
+    net: mpsc::Sender<NetInput>,
     control: mpsc::Sender<ControlInput>,
-    peers: ControlSender,
-) -> (Arc<Mesh>, HashMap<MemberId, Outbox>, Vec<WriterTask>) {
+) -> (Arc<Mesh>, Vec<WriterTask>) {
     let me = MemberId(config.member_id);
     let mut primaries = HashMap::new();
     let mut outboxes = HashMap::new();
@@ -218,16 +186,17 @@ pub fn mesh(
         primaries: RwLock::new(primaries),
         links: config.data_plane.connections,
         channels: config.data_plane.channels,
+        outboxes: RwLock::new(outboxes),
+        controls: Mutex::new(HashMap::new()),
         endpoint: std::sync::OnceLock::new(),
         heartbeat: Duration::from_millis(config.data_plane.heartbeat_interval_ms),
-        driver,
+        net,
         control,
-        peers,
         limits,
         fault: FaultGate::from_env(),
         resets: Default::default(),
     };
-    (Arc::new(mesh), outboxes, writers)
+    (Arc::new(mesh), writers)
 }
 
 /// One channel's writer: waits for the peer's connection, opens a stream and
@@ -240,7 +209,7 @@ pub struct WriterTask {
 }
 
 impl WriterTask {
-    /// Runs until the driver drops the queue. A frame whose write fails is
+    /// Runs until the mesh drops the queue. A frame whose write fails is
     /// kept and written on the peer's next connection (a restarted peer's
     /// new life replaces the old connection before QUIC notices the old one
     /// is dead); a frame of a superseded epoch is dropped by the receiver.
@@ -341,8 +310,8 @@ impl Mesh {
 
     /// Learns a member the configuration did not list (a node that joined
     /// the group, or the group a joining node found): registers its links
-    /// and data queues, hands the queues to the driver, and dials it when
-    /// this daemon has the lower id. A known member is left as it is.
+    /// and data queues, and dials it when this daemon has the lower id. A
+    /// known member is left as it is.
     pub fn add_peer(self: &Arc<Self>, peer: MemberConfig) {
         let id = MemberId(peer.id);
         if id == self.me {
@@ -370,15 +339,10 @@ impl Mesh {
                 .run(),
             );
         }
-        let driver = self.driver.clone();
-        tokio::spawn(async move {
-            let _ = driver
-                .send(Input::Peer {
-                    member: id,
-                    outbox: Outbox { channels },
-                })
-                .await;
-        });
+        self.outboxes
+            .write()
+            .expect("poisoned")
+            .insert(id, Outbox { channels });
         info!(peer = %id, name = %peer.name, addr = %peer.addr, "new peer learnt from the group");
         if self.me < id {
             if let Some(endpoint) = self.endpoint.get() {
@@ -745,7 +709,7 @@ impl Mesh {
             })
         });
         if up {
-            let _ = self.driver.send(Input::PeerUp { member: peer }).await;
+            let _ = self.net.send(NetInput::PeerUp { member: peer }).await;
         }
         gauge!(m::CONNECTIONS).increment(1.0);
         let mesh = self.clone();
@@ -771,8 +735,8 @@ impl Mesh {
                         });
                         if lost {
                             let _ = mesh
-                                .driver
-                                .send(Input::PeerDown {
+                                .net
+                                .send(NetInput::PeerDown {
                                     member: peer,
                                     reason: e.to_string(),
                                 })
@@ -845,8 +809,8 @@ impl Mesh {
                 continue;
             }
             if self
-                .driver
-                .send(Input::Frame {
+                .net
+                .send(NetInput::Frame {
                     header: frame,
                     payload,
                 })
@@ -906,7 +870,7 @@ impl Mesh {
         // messages.
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ControlMessage>();
         if carries_control {
-            self.peers.attach(peer, out_tx);
+            self.controls.lock().expect("poisoned").insert(peer, out_tx);
         } else {
             drop(out_tx);
         }
@@ -941,7 +905,7 @@ impl Mesh {
                 }
             }
         });
-        let (driver, control, limits) = (self.driver.clone(), self.control.clone(), self.limits);
+        let (net, control, limits) = (self.net.clone(), self.control.clone(), self.limits);
         let fault = self.fault.clone();
         tokio::spawn(async move {
             loop {
@@ -951,9 +915,9 @@ impl Mesh {
                 }
                 match msg {
                     Ok(ControlMessage::Heartbeat { member, .. }) if member == peer => {
-                        // The driver stops before the Raft task at shutdown:
+                        // The runner stops before the Raft task at shutdown:
                         // keep reading, the Raft task still needs the stream.
-                        let _ = driver.send(Input::Heard { member }).await;
+                        let _ = net.send(NetInput::Heard { member }).await;
                     }
                     Ok(ControlMessage::Goodbye { reason, .. }) => {
                         info!(%peer, %reason, "peer says goodbye");
@@ -970,45 +934,8 @@ impl Mesh {
                             return;
                         }
                     }
-                    Ok(ControlMessage::JoinPoint {
-                        stream,
-                        op,
-                        epoch,
-                        root,
-                        dtype,
-                        len,
-                        checksum,
-                    }) => {
-                        let input = Input::JoinPoint {
-                            from: peer,
-                            stream,
-                            op,
-                            epoch,
-                            root,
-                            dtype,
-                            len,
-                            checksum,
-                        };
-                        let _ = driver.send(input).await;
-                    }
-                    Ok(ControlMessage::Progress { streams }) => {
-                        let _ = driver
-                            .send(Input::Progress {
-                                from: peer,
-                                streams,
-                            })
-                            .await;
-                    }
-                    Ok(ControlMessage::Recovery(report)) => {
-                        let _ = driver.send(Input::Recovery { from: peer, report }).await;
-                    }
-                    Ok(
-                        msg @ (ControlMessage::StepReady { .. } | ControlMessage::StepCut { .. }),
-                    ) => {
-                        let _ = driver.send(Input::Step { from: peer, msg }).await;
-                    }
-                    Ok(ControlMessage::RecoveryAsk { epoch }) => {
-                        let _ = driver.send(Input::RecoveryAsk { from: peer, epoch }).await;
+                    Ok(ControlMessage::Node(msg)) => {
+                        let _ = net.send(NetInput::Message { from: peer, msg }).await;
                     }
                     Ok(msg) => debug!(%peer, ?msg, "control message"),
                     Err(e) => {
@@ -1026,5 +953,37 @@ impl Mesh {
                 }
             }
         });
+    }
+}
+
+impl Links for Mesh {
+    fn send_frame(&self, to: MemberId, frame: OutFrame) {
+        let outboxes = self.outboxes.read().expect("poisoned");
+        let Some(out) = outboxes.get(&to) else {
+            warn!(peer = %to, "no outbox for peer; frame dropped");
+            return;
+        };
+        // By chunk: the pieces of one op spread over the channels while
+        // each piece's rounds stay in order on one.
+        let ch = frame.chunk as usize % out.channels.len();
+        if out.channels[ch].send(frame).is_err() {
+            warn!(peer = %to, "channel closed; frame dropped");
+        }
+    }
+
+    fn send(&self, to: MemberId, msg: ControlMessage) -> bool {
+        let mut controls = self.controls.lock().expect("poisoned");
+        match controls.get(&to) {
+            Some(tx) if tx.send(msg).is_ok() => true,
+            Some(_) => {
+                controls.remove(&to);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn reset(&self, peer: MemberId) {
+        Mesh::reset(self, peer);
     }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use phalanx_daemon::cluster::{ClusterOptions, LocalCluster};
+use phalanx_testkit::{ClusterOptions, LocalCluster};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 

@@ -439,6 +439,11 @@ impl Collectives {
         self.ops.len()
     }
 
+    /// Whether `op` is in flight.
+    pub fn is_running(&self, op: OpId) -> bool {
+        self.ops.contains_key(&op)
+    }
+
     /// Starts an op. Frames for it that arrived early are applied now.
     pub fn start(&mut self, now: Time, spec: OpSpec) -> Result<(), StartError> {
         let me = self.validate(&spec)?;

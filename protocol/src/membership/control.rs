@@ -450,6 +450,11 @@ impl ControlNode {
         Ok(node)
     }
 
+    /// This daemon.
+    pub fn me(&self) -> MemberId {
+        self.me
+    }
+
     /// The group state as of the last applied entry.
     pub fn group(&self) -> &GroupState {
         &self.group

@@ -4,10 +4,14 @@
 pub mod control;
 mod detector;
 pub mod group;
+mod plane;
 mod progress;
 pub mod recovery;
+mod suspicions;
 
 pub use detector::{Decision, DetectorConfig, FailureDetector, SuspicionReason};
 pub use group::{Applied, Change, Command, GroupState, MemberRecord, Status};
+pub use plane::{ControlPlane, PlaneOutput};
 pub use progress::{judge_progress, Stuck};
 pub use recovery::{state_checksum, KeptResult, Plan, Recovery, RecoveryReport};
+pub use suspicions::Suspicions;

@@ -29,7 +29,7 @@ impl fmt::Display for Stuck {
             f,
             "no progress: its trainer has not issued {} (stream {} is at op {}) after {} ms",
             self.op,
-            self.op.0 >> 40,
+            self.op.stream(),
             self.last_issued,
             self.waited.as_millis()
         )
@@ -52,8 +52,7 @@ pub fn judge_progress(
         if waited < stuck_after {
             continue;
         }
-        let stream = (op.0 >> 40) as u32;
-        let seq = op.0 & ((1 << 40) - 1);
+        let (stream, seq) = (op.stream(), op.seq());
         for m in members {
             let Some(report) = issued.get(m) else {
                 continue;
@@ -77,7 +76,7 @@ mod tests {
     use super::*;
 
     fn op(stream: u64, seq: u64) -> OpId {
-        OpId(stream << 40 | seq)
+        OpId::new(stream as u32, seq)
     }
 
     #[test]

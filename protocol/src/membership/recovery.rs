@@ -158,12 +158,12 @@ impl Recovery {
     }
 
     /// A completed op of `op`'s stream that comes after it, if any member
-    /// reported one. Op ids are `stream << 40 | seq`.
+    /// reported one.
     fn later_op_of_stream(&self, op: OpId) -> Option<OpId> {
         self.reports
             .values()
             .flat_map(|r| r.completed.iter().map(|k| k.op))
-            .filter(|o| o.0 >> 40 == op.0 >> 40 && o.0 > op.0)
+            .filter(|o| o.stream() == op.stream() && o.seq() > op.seq())
             .max()
     }
 

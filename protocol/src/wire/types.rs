@@ -38,6 +38,12 @@ impl DType {
         }
     }
 
+    /// The bytes that hold elements `range` of a buffer of this dtype.
+    pub fn byte_range(self, range: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let size = self.size_bytes();
+        range.start * size..range.end * size
+    }
+
     /// The dtype for a frame-header code.
     pub const fn from_code(code: u8) -> Option<DType> {
         match code {
@@ -208,8 +214,6 @@ pub enum ControlMessage {
         /// The encoded `eraftpb::Message`.
         message: Vec<u8>,
     },
-    /// What the sender holds of interrupted ops as it enters a new epoch.
-    Recovery(crate::membership::RecoveryReport),
     /// A new node (`phalanxd --join ADDR`) asks the member at ADDR to enrol
     /// it, on a connection opened for that alone (its hello names link
     /// [`JOIN_LINK`]); its certificate must name `name`.
@@ -226,6 +230,17 @@ pub enum ControlMessage {
         /// The members.
         members: Vec<(MemberId, String, String)>,
     },
+    /// A message between the data-path cores ([`crate::node::Node`]) of two
+    /// daemons: the shell hands it to its node as it is.
+    Node(NodeMessage),
+}
+
+/// Messages between the data-path cores of two daemons (recovery, progress,
+/// the steps' cut, state hand-over), carried on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum NodeMessage {
+    /// What the sender holds of interrupted ops as it enters a new epoch.
+    Recovery(crate::membership::RecoveryReport),
     /// The sender misses the receiver's recovery report for `epoch`: a
     /// member that has installed that epoch answers with its report (the
     /// first one may have been lost with a connection, or dropped while the

@@ -18,6 +18,10 @@ use phalanx_tests::tensor::Values;
 #[derive(Parser, Debug)]
 #[command(name = "phalanx-sim", version)]
 struct Cli {
+    /// Print the cores' logs (filter with RUST_LOG, default info), each line
+    /// under the member and virtual time it happened at.
+    #[arg(long, global = true)]
+    log: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,7 +99,18 @@ fn outcome<R: std::fmt::Debug, F: std::fmt::Display>(run: Result<R, F>) -> ExitC
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if cli.log {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .without_time()
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    match cli.command {
         Command::Demo { members, len } => demo(members, len),
         Command::Control { seed } => {
             let scenario = phalanx_tests::control_sim::ControlScenario::from_seed(seed);

@@ -48,10 +48,10 @@ pub struct Mapping {
     _fd: OwnedFd,
 }
 
-// SAFETY: the mapping is plain memory; the driver is its only user while an
+// SAFETY: the mapping is plain memory; the runner is its only user while an
 // op runs over it (the trainer blocks until the op completes).
 unsafe impl Send for Mapping {}
-// SAFETY: as above; access goes through `bytes_mut`, whose caller upholds it.
+// SAFETY: as above; access goes through `range`, whose caller upholds it.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
@@ -112,16 +112,21 @@ impl Mapping {
         self.len == 0
     }
 
-    /// The bytes.
+    /// Bytes `offset..offset + len`.
     ///
     /// # Safety
-    /// No other reference to the mapping may be alive, in this process: the
-    /// driver runs one op per region at a time. The trainer writes only while
-    /// no op is in flight, so it cannot race the daemon.
+    /// No other reference to these bytes may be alive, in this process: the
+    /// runner holds one op per region at a time. The trainer writes only
+    /// while no op of its is in flight, so it cannot race the daemon.
+    ///
+    /// # Panics
+    /// When the range is not inside the mapping.
     #[allow(clippy::mut_from_ref)]
-    pub unsafe fn bytes_mut(&self) -> &mut [u8] {
+    pub unsafe fn range(&self, offset: usize, len: usize) -> &mut [u8] {
+        let end = offset.checked_add(len).expect("range overflows");
+        assert!(end <= self.len, "range {offset}..{end} outside the mapping");
         // SAFETY: the caller guarantees exclusivity; the range is mapped.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) }
     }
 }
 

@@ -2,7 +2,12 @@
 //! its own thread with blocking IO (trainers per node are few, and a blocking
 //! `recvmsg` is the simplest way to receive the memory file descriptors that
 //! ride along as `SCM_RIGHTS`). Every request is validated before it reaches
-//! the driver; a bad one gets an error answer and the connection stays up.
+//! the runner; a bad one gets an error answer and the connection stays up.
+//! The HTTP endpoint (metrics and the admin API) lives here too.
+
+pub mod admin;
+pub mod http;
+pub mod shm;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{IoSliceMut, Write};
@@ -18,14 +23,38 @@ use phalanx_protocol::local::{
     decode_local, encode_local, local_limits, stream_op_id, LocalErrorCode, LocalKind,
     LocalRequest, LocalResponse,
 };
-use phalanx_protocol::wire::{EnvelopeHeader, ENVELOPE_LEN, PROTOCOL_VERSION};
+use phalanx_protocol::node::{Buffer, OpDone, OpError};
+use phalanx_protocol::wire::{DType, EnvelopeHeader, ENVELOPE_LEN, PROTOCOL_VERSION};
 use phalanx_protocol::{MemberId, OpId};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::driver::{Input, OpError, OpRequest, Region};
-use crate::shm::Mapping;
+use crate::bus::{GroupView, Reply, TrainerCall};
+use shm::Mapping;
+
+/// A byte range of a trainer's shared buffer: the memory a trainer's op
+/// runs in.
+#[derive(Clone, Debug)]
+pub struct Region {
+    map: Arc<Mapping>,
+    offset: usize,
+    len: usize,
+}
+
+impl Buffer for Region {
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: a region is lent to the runner for one request at a time
+        // (the trainer does not touch it until the request is answered), and
+        // no two regions of one connection are lent at once.
+        unsafe { self.map.range(self.offset, self.len) }
+    }
+
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above.
+        unsafe { self.map.range(self.offset, self.len) }
+    }
+}
 
 /// What the local plane needs from the daemon.
 #[derive(Clone, Debug)]
@@ -33,9 +62,9 @@ pub struct LocalContext {
     /// This member.
     pub me: MemberId,
     /// The group as the control plane last applied it.
-    pub view: tokio::sync::watch::Receiver<crate::control::GroupView>,
-    /// The driver.
-    pub driver: mpsc::Sender<Input>,
+    pub view: tokio::sync::watch::Receiver<GroupView>,
+    /// The runner.
+    pub runner: mpsc::Sender<TrainerCall<Region>>,
     /// Largest tensor a trainer may submit.
     pub max_tensor_bytes: u64,
     /// Every stream trainers have issued: whether a connection holds it now
@@ -113,8 +142,8 @@ impl LocalServer {
     }
 
     /// Stops accepting, disconnects every trainer and removes the socket file.
-    /// Call it after the driver has stopped: each connection first writes the
-    /// answer to its pending request (the driver's "shutting down"), then sees
+    /// Call it after the runner has stopped: each connection first writes the
+    /// answer to its pending request (the runner's "shutting down"), then sees
     /// its read side closed and ends.
     pub fn stop(mut self) {
         self.stopping
@@ -170,7 +199,7 @@ fn send(stream: &mut UnixStream, resp: &LocalResponse) -> std::io::Result<()> {
     stream.write_all(&bytes)
 }
 
-fn done_response(done: crate::driver::OpDone) -> LocalResponse {
+fn done_response(done: OpDone) -> LocalResponse {
     LocalResponse::Done {
         op: done.op,
         epoch: done.epoch,
@@ -253,6 +282,16 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                         LocalErrorCode::UnsupportedVersion,
                         format!("client protocol {protocol_version}, daemon {PROTOCOL_VERSION}"),
                     )
+                } else if stream > OpId::MAX_STREAM {
+                    // Op ids carry the stream in 24 bits: a larger id would
+                    // share ops with another stream.
+                    error(
+                        LocalErrorCode::BadRequest,
+                        format!(
+                            "stream {stream} is too large: stream ids go up to {}",
+                            OpId::MAX_STREAM
+                        ),
+                    )
                 } else if let Err(message) = claim.claim(stream, &conn_handle) {
                     error(LocalErrorCode::BadRequest, message)
                 } else {
@@ -291,42 +330,28 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                 .stream
                 .ok_or_else(|| "say hello before joining".to_string())
                 .and_then(|stream| {
-                    collective(
-                        ctx,
-                        &buffers,
-                        OpId(0),
-                        buffer,
-                        offset_bytes,
-                        LocalKind::StateSync,
-                        dtype,
-                        len,
-                        None,
-                    )
-                    .map(|req| (stream, req))
+                    let kind = LocalKind::StateSync;
+                    region(ctx, &buffers, buffer, offset_bytes, kind, dtype, len)
+                        .map(|region| (stream, region))
                 }) {
                 Err(message) => error(LocalErrorCode::BadRequest, message),
-                Ok((stream, req)) => {
+                Ok((stream, region)) => {
                     let (reply, rx) = oneshot::channel();
-                    let join = Input::Join {
+                    let join = TrainerCall::Join {
                         stream,
-                        dtype: req.dtype,
-                        len: req.len,
-                        region: req.region,
+                        dtype,
+                        len: len as usize,
+                        buffer: region,
                         reply,
                     };
-                    if ctx.driver.blocking_send(join).is_err() {
-                        error(LocalErrorCode::ShuttingDown, "the daemon is shutting down")
-                    } else {
-                        match rx.blocking_recv() {
-                            Ok(Ok(done)) => {
-                                // The stream goes on after the hand-over op.
-                                claim.continue_after(done.op);
-                                info!(stream, op = %done.op, "trainer joined");
-                                done_response(done)
-                            }
-                            Ok(Err(e)) => op_error(e),
-                            Err(_) => op_error(OpError::ShuttingDown),
+                    match call(ctx, join, rx) {
+                        Ok(done) => {
+                            // The stream goes on after the hand-over op.
+                            claim.continue_after(done.op);
+                            info!(stream, op = %done.op, "trainer joined");
+                            done_response(done)
                         }
+                        Err(e) => op_error(e),
                     }
                 }
             },
@@ -341,38 +366,44 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                 if samples.is_some() && !matches!(kind, LocalKind::AllReduce(_)) {
                     return Err("sample counts are for all-reduce only".into());
                 }
-                collective(
-                    ctx,
-                    &buffers,
-                    op,
-                    buffer,
-                    offset_bytes,
-                    kind,
-                    dtype,
-                    len,
-                    samples,
-                )
+                region(ctx, &buffers, buffer, offset_bytes, kind, dtype, len)
+                    .map(|region| (op, region))
             }) {
                 Err(message) => error(LocalErrorCode::BadRequest, message),
-                Ok(req) => {
+                Ok((op, region)) => {
                     let (reply, rx) = oneshot::channel();
-                    if ctx
-                        .driver
-                        .blocking_send(Input::Submit { req, reply })
-                        .is_err()
-                    {
-                        error(LocalErrorCode::ShuttingDown, "the daemon is shutting down")
-                    } else {
-                        match rx.blocking_recv() {
-                            Ok(Ok(done)) => done_response(done),
-                            Ok(Err(e)) => op_error(e),
-                            Err(_) => op_error(OpError::ShuttingDown),
-                        }
+                    let submit = TrainerCall::Submit {
+                        op,
+                        kind,
+                        dtype,
+                        len: len as usize,
+                        samples,
+                        buffer: region,
+                        reply,
+                    };
+                    match call(ctx, submit, rx) {
+                        Ok(done) => done_response(done),
+                        Err(e) => op_error(e),
                     }
                 }
             },
         };
         send(&mut stream, &resp)?;
+    }
+}
+
+/// Hands `call` to the runner and waits for its answer.
+fn call(
+    ctx: &LocalContext,
+    call: TrainerCall<Region>,
+    rx: oneshot::Receiver<Reply<Region>>,
+) -> Result<OpDone, OpError> {
+    ctx.runner
+        .blocking_send(call)
+        .map_err(|_| OpError::ShuttingDown)?;
+    match rx.blocking_recv() {
+        Ok(reply) => reply.outcome,
+        Err(_) => Err(OpError::ShuttingDown),
     }
 }
 
@@ -431,7 +462,7 @@ impl StreamClaim {
     fn continue_after(&mut self, op: OpId) {
         if let Some(stream) = self.stream {
             if let Some(state) = self.streams.lock().expect("poisoned").get_mut(&stream) {
-                state.issued = op.0 & ((1 << 40) - 1);
+                state.issued = op.seq();
             }
         }
     }
@@ -462,18 +493,17 @@ impl Drop for StreamClaim {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn collective(
+/// The bytes of `buffer` an op of `len` elements of `kind` works in,
+/// checked against the mapping and the tensor bound.
+fn region(
     ctx: &LocalContext,
     buffers: &HashMap<u32, Arc<Mapping>>,
-    op: OpId,
     buffer: u32,
     offset_bytes: u64,
     kind: LocalKind,
-    dtype: phalanx_protocol::wire::DType,
+    dtype: DType,
     len: u64,
-    samples: Option<u64>,
-) -> Result<OpRequest, String> {
+) -> Result<Region, String> {
     let map = buffers
         .get(&buffer)
         .ok_or_else(|| format!("buffer {buffer} is not registered"))?;
@@ -505,16 +535,9 @@ fn collective(
             map.len()
         ));
     }
-    Ok(OpRequest {
-        op,
-        kind,
-        dtype,
-        len: len as usize,
-        region: Region {
-            map: map.clone(),
-            offset: offset_bytes as usize,
-            len: bytes as usize,
-        },
-        samples,
+    Ok(Region {
+        map: map.clone(),
+        offset: offset_bytes as usize,
+        len: bytes as usize,
     })
 }

@@ -1,7 +1,12 @@
+//! # phalanx-testkit
+//!
 //! A local cluster of real `phalanxd` processes on loopback addresses, with
 //! certificates in a scratch directory: what the process tests, the
-//! benchmarks and the demo start. Member `i` (1-based) listens on
-//! `127.0.0.{10+i}`, so every member has an address of its own.
+//! benchmarks, the demo and `phalanx-local-cluster` start. Member `i`
+//! (1-based) listens on `127.0.0.{10+i}`, so every member has an address of
+//! its own. Kept out of the daemon's library: nothing here ships in
+//! `phalanxd`.
+#![deny(missing_docs)]
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -10,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::tls;
+use phalanx_daemon::tls;
+
+pub use phalanx_daemon::local::admin::{http_get, http_post, set_policy};
 
 /// How to start the cluster.
 #[derive(Clone, Debug)]
@@ -253,7 +260,7 @@ impl LocalCluster {
     pub fn wait_ready(&mut self, bound: Duration) -> Result<()> {
         let start = Instant::now();
         // Every member holds every link to every other member.
-        let links = crate::config::Config::load(&self.members[0].config)?
+        let links = phalanx_daemon::config::Config::load(&self.members[0].config)?
             .data_plane
             .connections;
         let peers = self
@@ -355,8 +362,9 @@ impl LocalCluster {
     }
 
     /// Cuts member index `i` off from `peers` (member ids) in both
-    /// directions, through the daemons' test-only fault gate; an empty list
-    /// heals it. Takes effect within ~50 ms.
+    /// directions, through the daemons' test-only fault gate (a `phalanxd`
+    /// built with the `fault-injection` feature, as the daemon's own tests
+    /// build it); an empty list heals it. Takes effect within ~50 ms.
     pub fn cut(&self, i: usize, peers: &[u32]) -> Result<()> {
         let me = self.members[i].id;
         let write = |id: u32, ids: Vec<u32>| -> Result<()> {
@@ -445,64 +453,6 @@ impl LocalCluster {
 
 /// SIGKILL, for [`LocalCluster::signal`].
 pub const KILL: rustix::process::Signal = rustix::process::Signal::KILL;
-
-/// `GET path` from a daemon's HTTP endpoint; the body.
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
-    http_request(addr, "GET", path, "")
-}
-
-/// Proposes `policy` through the daemon at `metrics` and waits (up to 10
-/// s, retrying while the group has no leader) until that daemon applied it.
-pub fn set_policy(
-    metrics: SocketAddr,
-    policy: phalanx_protocol::stragglers::QuorumPolicy,
-) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let want = format!("{policy} (");
-    loop {
-        let proposed = http_post(metrics, "/policy", &policy.to_string());
-        for _ in 0..20 {
-            if http_get(metrics, "/policy")?.starts_with(&want) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if Instant::now() > deadline {
-            proposed?;
-            bail!("the policy {policy} was proposed but not applied within 10 s");
-        }
-    }
-}
-
-/// `POST path` with `body` to a daemon's HTTP endpoint; the answer's body.
-pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> Result<String> {
-    http_request(addr, "POST", path, body)
-}
-
-fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)
-        .with_context(|| format!("connecting to {addr} (is phalanxd running with metrics on?)"))?;
-    // One write: the server reads the request in one go and answers.
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    match out.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
-        Some((head, body)) => bail!(
-            "{addr}{path}: {}: {}",
-            head.lines().next().unwrap_or(""),
-            body.trim()
-        ),
-        None => bail!("{addr}{path}: malformed response"),
-    }
-}
 
 /// The last lines of a log, for error messages.
 pub fn tail(path: &Path) -> String {

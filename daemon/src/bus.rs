@@ -1,0 +1,185 @@
+//! The messages the daemon's tasks exchange, and nothing else: every task
+//! depends on these types, none on another task, so dependencies point one
+//! way (`run` → tasks → `bus` → `phalanx-protocol`).
+//!
+//! Channels (see `run.rs`): the transport feeds the runner [`NetInput`]s
+//! (bounded, so a busy runner pushes back through QUIC flow control) and
+//! the control task [`ControlInput`]s; the local plane hands the runner
+//! [`TrainerCall`]s; the runner and the admin API reach the control task
+//! through an unbounded queue (a suspicion is never lost to a full queue);
+//! the control task publishes every [`GroupChange`] on a queue of its own
+//! (never behind data frames) and the latest [`GroupView`] on a watch.
+
+use bytes::Bytes;
+use phalanx_protocol::local::LocalKind;
+use phalanx_protocol::membership::GroupState;
+use phalanx_protocol::node::{OpDone, OpError};
+use phalanx_protocol::stragglers::QuorumPolicy;
+use phalanx_protocol::wire::{ControlMessage, DType, FrameHeader, NodeMessage};
+use phalanx_protocol::{MemberId, OpId};
+use tokio::sync::oneshot;
+
+/// What the transport hands the runner.
+#[derive(Debug)]
+pub enum NetInput {
+    /// A tensor frame from an authenticated peer.
+    Frame {
+        /// The frame header.
+        header: FrameHeader,
+        /// The payload.
+        payload: Vec<u8>,
+    },
+    /// A heartbeat from a peer.
+    Heard {
+        /// The peer.
+        member: MemberId,
+    },
+    /// Every link to a peer is up (again).
+    PeerUp {
+        /// The peer.
+        member: MemberId,
+    },
+    /// A peer's primary connection is gone.
+    PeerDown {
+        /// The peer.
+        member: MemberId,
+        /// Why.
+        reason: String,
+    },
+    /// A message from a peer's node.
+    Message {
+        /// The peer.
+        from: MemberId,
+        /// The message.
+        msg: NodeMessage,
+    },
+}
+
+/// A trainer's answer: the outcome, and the buffer it lent.
+#[derive(Debug)]
+pub struct Reply<B> {
+    /// The outcome.
+    pub outcome: Result<OpDone, OpError>,
+    /// The buffer (the result is in it when the outcome is `Ok`).
+    pub buffer: B,
+}
+
+/// What the local plane hands the runner for a trainer.
+#[derive(Debug)]
+pub enum TrainerCall<B> {
+    /// A collective.
+    Submit {
+        /// The op's id, from the trainer's stream and call count.
+        op: OpId,
+        /// What to compute.
+        kind: LocalKind,
+        /// Element type.
+        dtype: DType,
+        /// Elements per member.
+        len: usize,
+        /// All-reduce: the samples the input was computed from.
+        samples: Option<u64>,
+        /// The working buffer.
+        buffer: B,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Reply<B>>,
+    },
+    /// A join on `stream`: the live trainers' state goes into `buffer`.
+    Join {
+        /// The stream.
+        stream: u32,
+        /// Element type of the state.
+        dtype: DType,
+        /// Elements of state.
+        len: usize,
+        /// Where the state goes.
+        buffer: B,
+        /// Where the answer goes (its op: the stream goes on after it).
+        reply: oneshot::Sender<Reply<B>>,
+    },
+}
+
+/// What the control task is told.
+#[derive(Debug)]
+pub enum ControlInput {
+    /// A Raft message from an authenticated peer.
+    Raft {
+        /// The peer.
+        from: MemberId,
+        /// The encoded message.
+        message: Vec<u8>,
+    },
+    /// A new node (`phalanxd --join`) asks to be enrolled; its certificate
+    /// was checked to name `name`.
+    JoinRequest {
+        /// The node.
+        member: MemberId,
+        /// Its certificate's name.
+        name: String,
+        /// Where it listens.
+        addr: String,
+    },
+    /// The node suspects `member` (possibly this daemon itself).
+    Suspect {
+        /// The member.
+        member: MemberId,
+        /// Why.
+        reason: String,
+    },
+    /// The node hears from `member` again.
+    Cleared {
+        /// The member.
+        member: MemberId,
+    },
+    /// A local trainer wants this daemon in the ring (it is joining).
+    WantIn,
+    /// `phalanxctl policy`: propose closing steps by `policy`; the answer
+    /// says whether Raft took the proposal (it applies once committed).
+    SetPolicy {
+        /// The rule.
+        policy: QuorumPolicy,
+        /// Whether it was proposed, or why not.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// What `phalanxctl members` and the metrics show of the group.
+#[derive(Clone, Debug)]
+pub struct GroupView {
+    /// The replicated state.
+    pub group: GroupState,
+    /// The leader, if known.
+    pub leader: Option<MemberId>,
+    /// Raft term.
+    pub term: u64,
+    /// Voters.
+    pub voters: Vec<MemberId>,
+    /// Learners.
+    pub learners: Vec<MemberId>,
+}
+
+/// A frame on its way to a peer: envelope and header, then the payload.
+#[derive(Debug)]
+pub struct OutFrame {
+    /// The frame's chunk (which channel it goes on).
+    pub chunk: u32,
+    /// Envelope and frame header.
+    pub head: [u8; phalanx_protocol::wire::ENVELOPE_LEN + phalanx_protocol::wire::FRAME_HEADER_LEN],
+    /// Raw elements.
+    pub payload: Bytes,
+}
+
+/// The transport as the runner and the control task use it.
+pub trait Links: Send + Sync + std::fmt::Debug {
+    /// Queues a frame for `to` on the channel its chunk maps to. Never
+    /// blocks: the queues are unbounded and the collective core's window
+    /// bounds what is in them, so two daemons sending to each other cannot
+    /// deadlock.
+    fn send_frame(&self, to: MemberId, frame: OutFrame);
+    /// Sends a control message to `to`; false when it is not connected (the
+    /// message is dropped: Raft retransmits, node messages are repeated or
+    /// asked for again).
+    fn send(&self, to: MemberId, msg: ControlMessage) -> bool;
+    /// Drops the links to `peer` and dials again.
+    fn reset(&self, peer: MemberId);
+}

@@ -1,0 +1,180 @@
+//! Everything a daemon's control task decides around its [`ControlNode`]:
+//! which removals to propose for the suspicions its node raised (retried
+//! by [`Suspicions`]), the standing policy ([`Housekeeper`]: record this
+//! life, leave the ring after a restart, ask to be readmitted when a
+//! trainer joins, keep the voters alive), the bookkeeping of what was
+//! applied, and what to tell the daemon's node ([`GroupChange`]). The
+//! daemon's control task and the cluster simulator both run this.
+
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use super::control::{propose, ControlNode, Durable, Event, Housekeeper};
+use super::group::{Applied, Change};
+use super::suspicions::Suspicions;
+use crate::node::GroupChange;
+use crate::{Incarnation, MemberId, Time};
+
+/// What one [`ControlPlane::step`] produced.
+#[derive(Debug, Default)]
+pub struct PlaneOutput {
+    /// Raft messages to send, each to its `to`.
+    pub messages: Vec<raft::eraftpb::Message>,
+    /// What changed, in order (for logs and metrics).
+    pub events: Vec<Event>,
+    /// The group as this daemon's node must see it, when that changed.
+    pub change: Option<GroupChange>,
+    /// Members removed on a suspicion this daemon proposed, with how long
+    /// from its first accepted proposal to the commit.
+    pub removals: Vec<(MemberId, Duration)>,
+}
+
+/// One daemon's control plane, without IO.
+#[derive(Debug)]
+pub struct ControlPlane {
+    node: ControlNode,
+    keeper: Housekeeper,
+    suspicions: Suspicions,
+    incarnation: Incarnation,
+    addr: String,
+    /// A trainer asked to join; cleared once in the ring.
+    want_in: bool,
+    published: Option<GroupChange>,
+}
+
+impl ControlPlane {
+    /// Around `node`, for this daemon's `incarnation` listening at `addr`:
+    /// proposals are retried every `retry`, and `voters` are kept voting.
+    pub fn new(
+        node: ControlNode,
+        incarnation: Incarnation,
+        addr: String,
+        retry: Duration,
+        voters: usize,
+    ) -> ControlPlane {
+        ControlPlane {
+            node,
+            keeper: Housekeeper::new(retry, voters),
+            suspicions: Suspicions::new(retry),
+            incarnation,
+            addr,
+            want_in: false,
+            published: None,
+        }
+    }
+
+    /// The Raft node.
+    pub fn node(&self) -> &ControlNode {
+        &self.node
+    }
+
+    /// The Raft node, to step messages, propose and tick.
+    pub fn node_mut(&mut self) -> &mut ControlNode {
+        &mut self.node
+    }
+
+    /// The node suspects `member` (it may be this daemon itself).
+    pub fn suspect(&mut self, member: MemberId, reason: String) {
+        self.suspicions.raise(member, reason);
+    }
+
+    /// The node hears from `member` again.
+    pub fn cleared(&mut self, member: MemberId) {
+        self.suspicions.clear(member);
+    }
+
+    /// A local trainer is joining: ask to be in the ring.
+    pub fn want_in(&mut self) {
+        self.want_in = true;
+    }
+
+    /// Proposes what is due at `now`, runs the ready loop (persisting
+    /// through `disk` before any message that depends on it is returned)
+    /// and says what changed.
+    pub fn step(&mut self, now: Time, disk: &mut dyn Durable) -> Result<PlaneOutput, String> {
+        self.propose_due(now);
+        let out = self.node.process(disk)?;
+        let mut plane = PlaneOutput {
+            messages: out.messages,
+            ..PlaneOutput::default()
+        };
+        for ev in out.events {
+            if let Event::Applied { applied, .. } = &ev {
+                self.applied(applied, now, &mut plane.removals);
+            }
+            plane.events.push(ev);
+        }
+        let change = GroupChange::of(self.node.group(), self.me(), self.incarnation);
+        let moved = self.published.as_ref().is_none_or(|last| {
+            (last.epoch, last.admitted, &last.removed)
+                != (change.epoch, change.admitted, &change.removed)
+        });
+        if moved {
+            self.published = Some(change.clone());
+            plane.change = Some(change);
+        }
+        Ok(plane)
+    }
+
+    fn me(&self) -> MemberId {
+        self.node.me()
+    }
+
+    fn propose_due(&mut self, now: Time) {
+        let group = self.node.group().clone();
+        for cmd in self.suspicions.due(&group, self.me(), now) {
+            let super::Command::Remove { member, reason, .. } = &cmd else {
+                continue;
+            };
+            match self.node.propose(&cmd) {
+                Ok(()) => {
+                    self.suspicions.accepted(*member, now);
+                    info!(%member, %reason, epoch = %group.epoch, "proposed removing a suspected member")
+                }
+                Err(e) => debug!(%member, error = %e, "removal not proposed yet"),
+            }
+        }
+        let proposals =
+            self.keeper
+                .poll(&self.node, self.incarnation, &self.addr, self.want_in, now);
+        for p in proposals {
+            match propose(&mut self.node, &p) {
+                Ok(()) => info!(proposal = ?p, "proposed"),
+                Err(e) => debug!(proposal = ?p, error = %e, "not proposed yet"),
+            }
+        }
+    }
+
+    fn applied(&mut self, applied: &Applied, now: Time, removals: &mut Vec<(MemberId, Duration)>) {
+        let Applied::NewEpoch {
+            epoch,
+            ring,
+            change,
+        } = applied
+        else {
+            return;
+        };
+        match change {
+            Change::Removed(member, reason) => {
+                warn!(%epoch, %member, %reason, ?ring, "member removed: new epoch");
+                // The suspicion took effect: a later life of the member
+                // starts with a clean slate.
+                if let Some(took) = self.suspicions.took_effect(*member, now) {
+                    removals.push((*member, took));
+                }
+            }
+            Change::Policy(policy) => info!(%epoch, %policy, "quorum policy changed: new epoch"),
+            Change::Admitted(member, life) => {
+                info!(%epoch, %member, life = life.0, ?ring, "member admitted: new epoch");
+                if *member == self.me() && *life == self.incarnation {
+                    self.want_in = false;
+                    // What this daemon suspected while it was out of the
+                    // ring is stale: the ring it rejoins is the majority's.
+                    self.suspicions.clear_all();
+                }
+                self.suspicions.clear(*member);
+            }
+        }
+    }
+}

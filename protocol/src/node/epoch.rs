@@ -1,0 +1,370 @@
+//! Epochs and recovery: installing what the control plane committed, the
+//! exchange of recovery reports, and finishing every interrupted op the way
+//! [`Recovery::plans`] decides — identically at every member of the ring.
+
+use tracing::{debug, info, warn};
+
+use super::mode::{Judging, Mode};
+use super::op::{KeptNames, Role, Running};
+use super::types::{Action, Buffer, Event, GroupChange, OpError};
+use super::Node;
+use crate::local::LocalKind;
+use crate::membership::{Plan, Recovery, RecoveryReport};
+use crate::wire::{AbortReason, NodeMessage};
+use crate::{Epoch, MemberId, OpId, Time};
+
+fn plan_name(plan: &Plan) -> &'static str {
+    match plan {
+        Plan::Rerun { .. } => "rerun",
+        Plan::FromResult { .. } => "kept_result",
+        Plan::Superseded { .. } => "superseded",
+    }
+}
+
+impl<B: Buffer> Node<B> {
+    /// The control plane applied a new epoch (or this daemon's standing in
+    /// it changed).
+    pub fn handle_group(&mut self, now: Time, change: GroupChange) {
+        self.enter(now);
+        self.joined_at = change.joined_at;
+        if change.policy != self.policy && change.epoch > self.epoch {
+            info!(epoch = %change.epoch, from = %self.policy, to = %change.policy, "quorum policy changed");
+            self.policy = change.policy;
+        }
+        self.install(change.epoch, change.ring, change.admitted, change.removed);
+        self.after_input();
+    }
+
+    /// Installs a newer epoch: ops of older ones are aborted and parked,
+    /// then, in the ring, the recovery exchange starts.
+    fn install(
+        &mut self,
+        epoch: Epoch,
+        ring: Vec<MemberId>,
+        admitted: bool,
+        removed: Option<String>,
+    ) {
+        let was_admitted = self.mode.admitted();
+        if epoch <= self.epoch
+            && admitted == was_admitted
+            && removed.as_deref() == self.mode.removed()
+        {
+            return;
+        }
+        let now = self.now;
+        info!(%epoch, ?ring, admitted, parked = self.parked.len(), in_flight = self.ops.len(), "epoch installed");
+        if admitted && !was_admitted {
+            // Back in the ring (or first in it): what this daemon heard of
+            // its peers while it was out says nothing about them now.
+            self.detector.excuse(now);
+            if self.judging == Judging::NotYet {
+                self.judging = Judging::Grace {
+                    until: now.after(self.config.startup_grace),
+                };
+            }
+        }
+        for &m in ring.iter().filter(|m| !self.ring.contains(m)) {
+            // Newly (re)admitted: judge it from now on, not by the silence
+            // it had while it was out.
+            if m != self.me {
+                self.detector.watch(m, now);
+            }
+        }
+        self.epoch = epoch;
+        self.down.retain(|m, _| ring.contains(m));
+        self.ring = ring;
+        // Until the reports are in (or for good, out of the ring).
+        self.mode = match &removed {
+            Some(why) => Mode::Removed { why: why.clone() },
+            None => Mode::Outside,
+        };
+        self.core.set_epoch(now, epoch);
+        self.drain_core();
+        self.new_epoch_steps();
+        if let Some(why) = removed {
+            self.leave_history(&why);
+        }
+        self.plans.clear();
+        self.report = None;
+        if !admitted && !self.joins.is_empty() {
+            // Out of the ring again (removed just after its admission, say,
+            // while it was still starting up) with a trainer waiting in
+            // join(): ask to be readmitted again.
+            self.actions.push_back(Action::WantIn);
+        }
+        if admitted {
+            self.start_recovery();
+        }
+    }
+
+    /// Removed from the ring: this member's ops fail with `why`, and the
+    /// results it kept no longer belong to the group's history (a rejoin
+    /// starts from the live trainers' state).
+    fn leave_history(&mut self, why: &str) {
+        warn!(epoch = %self.epoch, reason = %why, "out of the ring: failing this member's ops");
+        for (_, p) in std::mem::take(&mut self.parked) {
+            self.fail(p.run, OpError::NoQuorum(why.to_string()));
+        }
+        let late: Vec<_> = std::mem::take(&mut self.steps.late).into_values().collect();
+        for q in std::mem::take(&mut self.waiting).into_iter().chain(late) {
+            self.reply(
+                q.req.id,
+                q.req.buffer,
+                Err(OpError::NoQuorum(why.to_string())),
+            );
+        }
+        self.steps.delivered.clear();
+        self.retained.clear();
+        self.synced.clear();
+    }
+
+    /// Sends this daemon's report to the ring and starts gathering theirs.
+    fn start_recovery(&mut self) {
+        let report = RecoveryReport {
+            epoch: self.epoch,
+            member: self.me,
+            parked: self
+                .parked
+                .iter()
+                .map(|(&op, p)| (op, p.run.members.clone()))
+                .collect(),
+            completed: self.kept_results(),
+        };
+        self.asked_reports = self.now;
+        let mut rec = Recovery::new(self.epoch, self.ring.clone());
+        rec.add(report.clone()).expect("own report");
+        self.report = Some(report.clone());
+        let peers: Vec<MemberId> = self
+            .ring
+            .iter()
+            .copied()
+            .filter(|&p| p != self.me)
+            .collect();
+        for peer in peers {
+            self.send(peer, NodeMessage::Recovery(report.clone()));
+        }
+        for (from, r) in std::mem::take(&mut self.early_reports) {
+            if r.epoch == self.epoch {
+                let _ = rec.add(r);
+            } else if r.epoch > self.epoch {
+                self.early_reports.insert(from, r);
+            }
+        }
+        self.mode = Mode::Recovering(rec);
+        self.finish_recovery();
+    }
+
+    /// A peer's recovery report.
+    pub(super) fn on_recovery(&mut self, from: MemberId, report: RecoveryReport) {
+        if report.member != from {
+            warn!(peer = %from, claimed = %report.member, "recovery report for another member: ignored");
+            return;
+        }
+        match &mut self.mode {
+            Mode::Recovering(rec) if rec.epoch() == report.epoch => {
+                if let Err(e) = rec.add(report) {
+                    debug!(peer = %from, error = %e, "recovery report ignored");
+                }
+                self.finish_recovery();
+            }
+            // For an epoch this daemon has not entered yet (not installed,
+            // or installed before it was admitted).
+            _ if report.epoch > self.recovered => {
+                self.early_reports.insert(from, report);
+            }
+            _ => debug!(peer = %from, epoch = %report.epoch, "stale recovery report"),
+        }
+    }
+
+    /// A peer misses this daemon's report for `epoch`.
+    pub(super) fn on_recovery_ask(&mut self, from: MemberId, epoch: Epoch) {
+        match self.report.clone() {
+            Some(report) if report.epoch == epoch => {
+                debug!(peer = %from, %epoch, "recovery report asked for: sending it again");
+                self.send(from, NodeMessage::Recovery(report));
+            }
+            // Not there yet: this daemon sends its report when it installs
+            // that epoch. Past it: the asker catches up.
+            _ => debug!(peer = %from, %epoch, "recovery report asked for another epoch"),
+        }
+    }
+
+    /// While the exchange waits, asks the members whose reports are missing
+    /// again every two heartbeat intervals (a report can be lost with a
+    /// connection, or to a partition healing on one side first); a member
+    /// that stays silent is suspected and the next epoch drops it.
+    pub(super) fn ask_reports(&mut self) {
+        let Mode::Recovering(rec) = &self.mode else {
+            return;
+        };
+        if self.now.since(self.asked_reports) < self.config.ask_interval() {
+            return;
+        }
+        let (epoch, missing) = (rec.epoch(), rec.missing());
+        self.asked_reports = self.now;
+        for peer in missing {
+            info!(%peer, %epoch, "recovery report missing: asking for it again");
+            self.send(peer, NodeMessage::RecoveryAsk { epoch });
+        }
+    }
+
+    /// Once every member of the ring has reported: finishes parked ops,
+    /// forwards kept results, then lets waiting requests run.
+    pub(super) fn finish_recovery(&mut self) {
+        let Mode::Recovering(rec) = &self.mode else {
+            return;
+        };
+        if !rec.is_complete() {
+            debug!(epoch = %rec.epoch(), missing = ?rec.missing(), "waiting for recovery reports");
+            return;
+        }
+        let plans = rec.plans();
+        self.recovered = rec.epoch();
+        self.mode = Mode::Active;
+        for (op, plan) in plans {
+            self.follow(op, plan);
+        }
+        for q in std::mem::take(&mut self.waiting) {
+            self.submit(q);
+        }
+        self.try_joins();
+        self.replay_early_steps();
+    }
+
+    /// This member's part in one plan.
+    fn follow(&mut self, op: OpId, plan: Plan) {
+        let me = self.me;
+        if let Some(p) = self.parked.remove(&op) {
+            self.event(Event::Recovered {
+                plan: plan_name(&plan),
+            });
+            info!(%op, ?plan, "finishing an interrupted op in the new epoch");
+            return self.resume(p.run, plan);
+        }
+        match plan {
+            Plan::FromResult {
+                holder, members, ..
+            } if members.contains(&me) => self.forward_result(op, holder, members),
+            Plan::Rerun { ref members } if members.contains(&me) => {
+                // Its trainer has not submitted it yet: it runs among these.
+                self.plans.insert(op, plan);
+            }
+            _ => {}
+        }
+    }
+
+    /// Restarts a parked op as `plan` says.
+    fn resume(&mut self, mut run: Running<B>, plan: Plan) {
+        let me = self.me;
+        match plan {
+            Plan::Rerun { .. } if run.is_standin() => self.recut(run),
+            Plan::Rerun { members }
+                if members.contains(&me) && self.cut_applies(run.kind, run.samples()) =>
+            {
+                self.recut(run)
+            }
+            Plan::Rerun { members } if members.contains(&me) => {
+                // Run directly, as every member does under this epoch's
+                // policy (a cut step of a `sync` epoch runs plain again).
+                run.cut = None;
+                if let LocalKind::Broadcast(root) = run.kind {
+                    if !members.contains(&root) {
+                        return self.fail(run, OpError::Aborted(AbortReason::MemberDown(root)));
+                    }
+                }
+                run.restore_input();
+                run.members = self.runners(run.op, members, run.task());
+                self.start(run);
+            }
+            Plan::FromResult {
+                holder,
+                members,
+                contributors,
+                waiting,
+            } if members.contains(&me) => {
+                // (A cut step's reduction is over: the kept result stands.)
+                run.kind = LocalKind::Broadcast(holder);
+                run.members = members;
+                run.kept = Some(KeptNames {
+                    contributors,
+                    waiting,
+                });
+                self.start(run);
+            }
+            _ if run.is_standin() => self.give_up_standin(run),
+            Plan::Superseded { later } => self.fail(
+                run,
+                OpError::NoQuorum(format!(
+                    "the group went on without this member (it finished {later}); \
+                     the trainer must join again to get the current state"
+                )),
+            ),
+            _ => self.fail(
+                run,
+                OpError::NoQuorum("the new epoch's ring runs this op without this member".into()),
+            ),
+        }
+    }
+
+    /// Who re-runs `op` of a plan's `members`. A hand-over runs with the
+    /// members waiting for the state; every other op runs without them, as
+    /// its first run did: a member that was removed and readmitted since
+    /// holds no part of it (its trainer is in `join()`). Every member
+    /// computes the same set: the op's kind is the same everywhere, and so
+    /// is the stream's pending set.
+    pub(super) fn runners(
+        &self,
+        op: OpId,
+        mut members: Vec<MemberId>,
+        task: Option<super::op::Task>,
+    ) -> Vec<MemberId> {
+        if !matches!(
+            task,
+            Some(super::op::Task::HandOver | super::op::Task::Join { .. })
+        ) {
+            let pending = self.pending(op.stream());
+            members.retain(|m| !pending.contains(m));
+        }
+        members
+    }
+
+    /// A step this daemon ran for its lagging trainer, whose result nobody
+    /// holds any more: the trainer cannot catch up, so this member leaves
+    /// the ring and its trainer, told so, rejoins with the group's state.
+    fn give_up_standin(&mut self, run: Running<B>) {
+        warn!(op = %run.op, "the result of a step this member's trainer still needs is gone: leaving the ring to rejoin");
+        if let Some(q) = self.steps.late.remove(&run.op) {
+            self.waiting.push(q);
+        }
+        self.suspect(
+            self.me,
+            format!(
+                "its trainer is behind step {}, whose result the group no longer holds",
+                run.op
+            ),
+        );
+    }
+
+    /// Takes part in broadcasting a result this daemon kept.
+    fn forward_result(&mut self, op: OpId, holder: MemberId, members: Vec<MemberId>) {
+        let Some(kept) = self.kept(op) else {
+            warn!(%op, "asked to forward a result this daemon no longer holds");
+            return;
+        };
+        let run = Running {
+            op,
+            kind: LocalKind::Broadcast(holder),
+            name: "broadcast",
+            dtype: kept.dtype,
+            len: kept.len,
+            members,
+            started: self.now,
+            role: Role::Forward {
+                buffer: kept.output.clone(),
+            },
+            kept: None,
+            cut: None,
+        };
+        self.start(run);
+    }
+}

@@ -1,0 +1,182 @@
+//! Judging peers: heartbeats (a peer connected but silent is suspected long
+//! before QUIC's idle timeout), and the progress signal (a peer whose
+//! daemon answers but whose trainer has not issued an op the others waited
+//! on for `stuck_after` is suspected as stuck).
+
+use std::collections::BTreeMap;
+
+use tracing::{debug, info, warn};
+
+use super::mode::Judging;
+use super::types::{Action, Buffer, Event};
+use super::Node;
+use crate::membership::{judge_progress, Decision};
+use crate::wire::NodeMessage;
+use crate::{MemberId, OpId, Time};
+
+impl<B: Buffer> Node<B> {
+    /// A heartbeat (or any sign of life) from `member`. A peer is judged from
+    /// its first heartbeat on: a daemon still starting up (or a link still
+    /// forming) is not silent.
+    pub fn handle_heartbeat(&mut self, now: Time, member: MemberId) {
+        self.enter(now);
+        if self.detector.watches(member) {
+            self.detector.heard(member, now);
+        } else {
+            self.detector.watch(member, now);
+        }
+        self.after_input();
+    }
+
+    /// Every link to `member` is up (again).
+    pub fn handle_peer_up(&mut self, now: Time, member: MemberId) {
+        self.enter(now);
+        self.down.remove(&member);
+        if self.detector.watches(member) {
+            // Reconnected: a fresh window, as after any sign of life.
+            self.detector.watch(member, now);
+        }
+        self.actions.push_back(Action::Cleared { member });
+        // A report sent while the peer was not connected was dropped.
+        if let Some(report) = self.report.clone() {
+            if self.ring.contains(&member) {
+                self.send(member, NodeMessage::Recovery(report));
+            }
+        }
+        self.after_input();
+    }
+
+    /// `member`'s connection was lost. Not a suspicion by itself: the link
+    /// may be redialled (after a reset, or a heal) and frames not yet
+    /// written wait for the next connection. The detector keeps watching:
+    /// a peer that stays silent is suspected with the reason, as any other.
+    pub fn handle_peer_down(&mut self, now: Time, member: MemberId, reason: &str) {
+        self.enter(now);
+        warn!(peer = %member, %reason, "peer connection lost; reconnecting");
+        self.down.entry(member).or_insert(now);
+        self.after_input();
+    }
+
+    /// Asks the control plane to take `member` out of the ring.
+    pub(super) fn suspect(&mut self, member: MemberId, reason: String) {
+        if self.ring.contains(&member) {
+            self.actions.push_back(Action::Suspect { member, reason });
+        }
+    }
+
+    /// Acts on the failure detector's new decisions (see [`Judging`]).
+    pub(super) fn judge_peers(&mut self) {
+        if !self.mode.admitted() {
+            return;
+        }
+        let now = self.now;
+        match self.judging {
+            Judging::Grace { until } if now < until => return,
+            Judging::Grace { .. } => {
+                self.judging = Judging::On;
+                self.detector.excuse(now);
+            }
+            Judging::NotYet | Judging::On => {}
+        }
+        for decision in self.detector.poll(now) {
+            match decision {
+                Decision::Suspect { member, reason } => {
+                    self.down.entry(member).or_insert(now);
+                    warn!(peer = %member, %reason, "peer suspected: parking its ops until the next epoch");
+                    self.event(Event::Suspected { reason: "silent" });
+                    self.suspect(member, reason.to_string());
+                    self.core.handle_member_down(now, member);
+                    self.actions.push_back(Action::ResetLinks { member });
+                }
+                Decision::Cleared { member } => {
+                    info!(peer = %member, "suspected peer heard from again");
+                    self.down.remove(&member);
+                    self.actions.push_back(Action::Cleared { member });
+                }
+            }
+        }
+    }
+
+    /// This daemon woke `late` past a deadline it asked for: it was not
+    /// running (starved or stopped), so the silence it saw is its own, not
+    /// its peers'.
+    pub(super) fn check_paused(&mut self) {
+        let Some(due) = self.wake_at.take() else {
+            return;
+        };
+        let late = self.now.since(due);
+        if late > self.config.detector.heartbeat_interval {
+            debug!(
+                late_ms = late.as_millis() as u64,
+                "daemon was paused; giving peers a fresh window"
+            );
+            self.detector.excuse(self.now);
+        }
+    }
+
+    /// A peer's progress report: per stream, the last op its trainers issued.
+    pub(super) fn on_progress(&mut self, from: MemberId, streams: Vec<(u32, u64)>) {
+        let streams: BTreeMap<u32, u64> = streams.into_iter().collect();
+        if self.peer_progress.get(&from) != Some(&streams) {
+            self.stuck.remove(&from);
+        }
+        self.peer_progress.insert(from, streams);
+    }
+
+    /// The last op of `stream` that `member`'s trainer issued, as known here.
+    pub(super) fn issued_by(&self, member: MemberId, stream: u32) -> u64 {
+        let issued = if member == self.me {
+            &self.issued
+        } else {
+            match self.peer_progress.get(&member) {
+                Some(p) => p,
+                None => return 0,
+            }
+        };
+        issued.get(&stream).copied().unwrap_or(0)
+    }
+
+    /// Sends this daemon's progress to the ring every few heartbeats, and
+    /// suspects members whose trainers are behind an op waited on too long.
+    pub(super) fn report_progress(&mut self) {
+        let now = self.now;
+        if now >= self.next_progress {
+            self.next_progress = now.after(self.config.progress_interval());
+            let streams: Vec<(u32, u64)> = self.issued.iter().map(|(&s, &q)| (s, q)).collect();
+            let peers: Vec<MemberId> = self
+                .ring
+                .iter()
+                .copied()
+                .filter(|&p| p != self.me)
+                .collect();
+            for peer in peers {
+                self.send(
+                    peer,
+                    NodeMessage::Progress {
+                        streams: streams.clone(),
+                    },
+                );
+            }
+        }
+        if !self.mode.admitted() {
+            return;
+        }
+        let waiting: Vec<(OpId, Vec<MemberId>, Time)> = self
+            .ops
+            .values()
+            .chain(self.steps.cutting.values())
+            .filter(|run| run.is_trainer())
+            .map(|run| (run.op, run.members.clone(), run.started))
+            .collect();
+        let verdicts = judge_progress(&waiting, &self.peer_progress, self.config.stuck_after, now);
+        for stuck in verdicts {
+            if stuck.member == self.me || !self.stuck.insert(stuck.member) {
+                continue;
+            }
+            warn!(peer = %stuck.member, reason = %stuck, "peer suspected: alive but stuck");
+            self.event(Event::Suspected { reason: "stuck" });
+            self.suspect(stuck.member, stuck.to_string());
+            self.core.handle_member_down(now, stuck.member);
+        }
+    }
+}

@@ -1,0 +1,707 @@
+//! The node's behaviours, each asserted as the exact actions it returns
+//! (openraft's engine tests are the model). Time moves by the `now` handed in.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::*;
+use crate::local::{LocalKind, StepMeta};
+use crate::membership::{state_checksum, KeptResult};
+use crate::stragglers::LeftOut;
+use crate::wire::{DType, ReduceOp};
+use crate::Step;
+
+/// f32 arithmetic, enough for these tests.
+#[derive(Debug)]
+struct F32;
+
+fn floats(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl Arithmetic for F32 {
+    fn reduce(&self, dtype: DType, op: ReduceOp, acc: &mut [u8], src: &[u8]) -> Result<(), String> {
+        assert_eq!(dtype, DType::F32);
+        let out: Vec<f32> = floats(acc)
+            .iter()
+            .zip(floats(src))
+            .map(|(&a, b)| match op {
+                ReduceOp::Sum | ReduceOp::Mean => a + b,
+                ReduceOp::Min => a.min(b),
+                ReduceOp::Max => a.max(b),
+            })
+            .collect();
+        acc.copy_from_slice(&bytes(&out));
+        Ok(())
+    }
+
+    fn scale(&self, dtype: DType, x: &mut [u8], factor: f32) -> Result<(), String> {
+        assert_eq!(dtype, DType::F32);
+        let out: Vec<f32> = floats(x).iter().map(|v| v * factor).collect();
+        x.copy_from_slice(&bytes(&out));
+        Ok(())
+    }
+}
+
+fn m(i: u32) -> MemberId {
+    MemberId(i)
+}
+
+fn ms(v: u64) -> Time {
+    Time(v * 1000)
+}
+
+fn members(ids: &[u32]) -> Vec<MemberId> {
+    ids.iter().map(|&i| m(i)).collect()
+}
+
+fn change(epoch: u64, ring: &[u32], me: u32) -> GroupChange {
+    GroupChange {
+        epoch: Epoch(epoch),
+        ring: members(ring),
+        admitted: ring.contains(&me),
+        removed: None,
+        joined_at: ring.iter().map(|&i| (m(i), Epoch(1))).collect(),
+        policy: QuorumPolicy::SYNC,
+    }
+}
+
+fn report(epoch: u64, from: u32) -> RecoveryReport {
+    RecoveryReport {
+        epoch: Epoch(epoch),
+        member: m(from),
+        parked: vec![],
+        completed: vec![],
+    }
+}
+
+type TestNode = Node<Vec<u8>>;
+
+fn drain(node: &mut TestNode) -> Vec<Action<Vec<u8>>> {
+    std::iter::from_fn(|| node.poll_action()).collect()
+}
+
+/// The actions less the periodic progress reports.
+fn without_progress(actions: Vec<Action<Vec<u8>>>) -> Vec<Action<Vec<u8>>> {
+    actions
+        .into_iter()
+        .filter(|a| {
+            !matches!(
+                a,
+                Action::Message {
+                    msg: NodeMessage::Progress { .. },
+                    ..
+                }
+            )
+        })
+        .collect()
+}
+
+/// Member `me` of `ring`, active in epoch 1 (every peer reported).
+fn active(me: u32, ring: &[u32], config: NodeConfig) -> TestNode {
+    let mut node = Node::new(m(me), Incarnation(1), config, Box::new(F32), Time::ZERO);
+    node.handle_group(Time::ZERO, change(1, ring, me));
+    for &p in ring.iter().filter(|&&p| p != me) {
+        node.handle_message(Time::ZERO, m(p), NodeMessage::Recovery(report(1, p)));
+    }
+    assert!(node.mode().is_active());
+    drain(&mut node);
+    node
+}
+
+fn all_reduce(id: u64, seq: u64, input: &[f32]) -> Request<Vec<u8>> {
+    Request {
+        id: RequestId(id),
+        op: OpId::new(0, seq),
+        kind: LocalKind::AllReduce(ReduceOp::Sum),
+        dtype: DType::F32,
+        len: input.len(),
+        samples: None,
+        buffer: bytes(input),
+    }
+}
+
+/// Recursive doubling between two members exchanges in round 1 (round 0
+/// folds in the members beyond a power of two).
+const PAIR: u32 = 1;
+
+fn header(op: OpId, epoch: u64, sender: u32, round: u32, elems: u32) -> FrameHeader {
+    FrameHeader {
+        op,
+        epoch: Epoch(epoch),
+        step: Step(op.seq()),
+        incarnation: Incarnation(1),
+        sender: m(sender),
+        round,
+        chunk: 0,
+        dtype: DType::F32,
+        elem_count: elems,
+    }
+}
+
+fn done(op: OpId, epoch: u64, contributors: &[u32]) -> OpDone {
+    OpDone {
+        op,
+        epoch: Epoch(epoch),
+        contributors: members(contributors),
+        waiting: vec![],
+        meta: StepMeta::default(),
+    }
+}
+
+#[test]
+fn a_group_of_one_completes_at_once() {
+    let mut node = active(1, &[1], NodeConfig::default());
+    node.handle_submit(ms(1), all_reduce(7, 1, &[1.5, -2.0]));
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Reply {
+            id: RequestId(7),
+            buffer: bytes(&[1.5, -2.0]),
+            outcome: Ok(done(OpId::new(0, 1), 1, &[1])),
+        }]
+    );
+}
+
+#[test]
+fn an_op_runs_with_its_peer_and_answers_with_the_sum() {
+    let mut node = active(1, &[1, 2], NodeConfig::default());
+    let op = OpId::new(0, 1);
+    node.handle_submit(ms(1), all_reduce(1, 1, &[1.0, 2.0]));
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Frame {
+            to: m(2),
+            header: header(op, 1, 1, PAIR, 2),
+            payload: bytes(&[1.0, 2.0]),
+        }]
+    );
+    node.handle_frame(ms(2), header(op, 1, 2, PAIR, 2), bytes(&[10.0, 20.0]));
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Reply {
+            id: RequestId(1),
+            buffer: bytes(&[11.0, 22.0]),
+            outcome: Ok(done(op, 1, &[1, 2])),
+        }]
+    );
+    assert_eq!(node.in_flight(), 0);
+}
+
+#[test]
+fn a_trainer_waits_while_its_daemon_gathers_the_epochs_reports() {
+    let mut node = Node::new(
+        m(1),
+        Incarnation(1),
+        NodeConfig::default(),
+        Box::new(F32),
+        Time::ZERO,
+    );
+    node.handle_group(Time::ZERO, change(1, &[1, 2], 1));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Message {
+            to: m(2),
+            msg: NodeMessage::Recovery(report(1, 1)),
+        }]
+    );
+    node.handle_submit(ms(1), all_reduce(1, 1, &[3.0]));
+    assert_eq!(
+        drain(&mut node),
+        vec![],
+        "no op runs before the reports are in"
+    );
+    node.handle_message(ms(2), m(2), NodeMessage::Recovery(report(1, 2)));
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Frame {
+            to: m(2),
+            header: header(OpId::new(0, 1), 1, 1, PAIR, 1),
+            payload: bytes(&[3.0]),
+        }]
+    );
+}
+
+#[test]
+fn a_missing_report_is_asked_for_again_every_two_heartbeats() {
+    let mut node = Node::new(
+        m(1),
+        Incarnation(1),
+        NodeConfig::default(),
+        Box::new(F32),
+        Time::ZERO,
+    );
+    node.handle_group(Time::ZERO, change(1, &[1, 2, 3], 1));
+    drain(&mut node);
+    node.handle_message(ms(5), m(2), NodeMessage::Recovery(report(1, 2)));
+    assert_eq!(node.poll_timeout(), Some(ms(200)));
+    node.handle_timeout(ms(200));
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Message {
+            to: m(3),
+            msg: NodeMessage::RecoveryAsk { epoch: Epoch(1) },
+        }]
+    );
+    // A peer asking for this daemon's report gets it again.
+    node.handle_message(ms(210), m(3), NodeMessage::RecoveryAsk { epoch: Epoch(1) });
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Message {
+            to: m(3),
+            msg: NodeMessage::Recovery(report(1, 1)),
+        }]
+    );
+}
+
+/// Member 1 of [1, 2, 3] with op 1 in flight (its frames sent).
+fn interrupted() -> (TestNode, OpId) {
+    let mut node = active(1, &[1, 2, 3], NodeConfig::default());
+    node.handle_submit(ms(1), all_reduce(1, 1, &[1.0, 2.0]));
+    assert!(!drain(&mut node).is_empty());
+    (node, OpId::new(0, 1))
+}
+
+#[test]
+fn an_interrupted_op_is_rerun_by_the_survivors_in_the_next_epoch() {
+    let (mut node, op) = interrupted();
+    node.handle_group(ms(10), change(2, &[1, 2], 1));
+    let mine = RecoveryReport {
+        epoch: Epoch(2),
+        member: m(1),
+        parked: vec![(op, members(&[1, 2, 3]))],
+        completed: vec![],
+    };
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Message {
+            to: m(2),
+            msg: NodeMessage::Recovery(mine),
+        }]
+    );
+    assert_eq!(node.parked(), 1);
+    let theirs = RecoveryReport {
+        member: m(2),
+        ..report(2, 2)
+    };
+    node.handle_message(ms(11), m(2), NodeMessage::Recovery(theirs));
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Frame {
+            to: m(2),
+            header: header(op, 2, 1, PAIR, 2),
+            payload: bytes(&[1.0, 2.0]),
+        }],
+        "the kept input runs again, in epoch 2, with the survivors"
+    );
+    node.handle_frame(ms(12), header(op, 2, 2, PAIR, 2), bytes(&[5.0, 5.0]));
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Reply {
+            id: RequestId(1),
+            buffer: bytes(&[6.0, 7.0]),
+            outcome: Ok(done(op, 2, &[1, 2])),
+        }]
+    );
+}
+
+#[test]
+fn a_result_a_survivor_kept_is_broadcast_to_those_who_missed_it() {
+    let (mut node, op) = interrupted();
+    node.handle_group(ms(10), change(2, &[1, 2], 1));
+    drain(&mut node);
+    let theirs = RecoveryReport {
+        completed: vec![KeptResult {
+            op,
+            contributors: members(&[1, 2, 3]),
+            waiting: vec![],
+        }],
+        ..report(2, 2)
+    };
+    node.handle_message(ms(11), m(2), NodeMessage::Recovery(theirs));
+    assert_eq!(
+        drain(&mut node),
+        vec![],
+        "a broadcast's receiver sends nothing"
+    );
+    // A chain broadcast's first hop: round 0.
+    node.handle_frame(ms(12), header(op, 2, 2, 0, 2), bytes(&[9.0, 9.5]));
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Reply {
+            id: RequestId(1),
+            buffer: bytes(&[9.0, 9.5]),
+            outcome: Ok(done(op, 2, &[1, 2, 3])),
+        }],
+        "the kept result stands, naming whose inputs it holds"
+    );
+}
+
+#[test]
+fn a_removed_member_fails_its_interrupted_ops_with_the_reason() {
+    let (mut node, _) = interrupted();
+    let removed = GroupChange {
+        removed: Some("removed for a test".into()),
+        ..change(2, &[2, 3], 1)
+    };
+    node.handle_group(ms(10), removed);
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Reply {
+            id: RequestId(1),
+            buffer: bytes(&[1.0, 2.0]),
+            outcome: Err(OpError::NoQuorum("removed for a test".into())),
+        }]
+    );
+    node.handle_submit(ms(11), all_reduce(2, 2, &[1.0]));
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Reply {
+            id: RequestId(2),
+            buffer: bytes(&[1.0]),
+            outcome: Err(OpError::NoQuorum("removed for a test".into())),
+        }]
+    );
+}
+
+#[test]
+fn with_no_new_epoch_an_op_waiting_for_a_member_gone_gives_up() {
+    let (mut node, _) = interrupted();
+    node.handle_peer_down(ms(100), m(3), "connection lost");
+    assert_eq!(drain(&mut node), vec![]);
+    node.handle_timeout(ms(5_099));
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    node.handle_timeout(ms(5_100));
+    let actions = without_progress(drain(&mut node));
+    assert!(
+        matches!(
+            &actions[..],
+            [Action::Reply { id: RequestId(1), outcome: Err(OpError::NoQuorum(why)), .. }]
+                if why.contains("[m3] are unreachable")
+        ),
+        "{actions:?}"
+    );
+}
+
+fn hear(node: &mut TestNode, from: &[u32], at: Time) {
+    for &p in from {
+        node.handle_heartbeat(at, m(p));
+    }
+}
+
+#[test]
+fn a_silent_peer_is_suspected_after_the_start_up_grace() {
+    let mut node = active(1, &[1, 2, 3], NodeConfig::default());
+    let mut t = 0;
+    while t <= 2_000 {
+        hear(&mut node, &[2, 3], ms(t));
+        t += 100;
+    }
+    drain(&mut node);
+    // m3 falls silent at 2 s; m2 goes on.
+    while t < 2_400 {
+        hear(&mut node, &[2], ms(t));
+        assert_eq!(without_progress(drain(&mut node)), vec![], "at {t} ms");
+        t += 100;
+    }
+    assert_eq!(node.poll_timeout(), Some(ms(2_400)));
+    node.handle_timeout(ms(2_400));
+    let want = vec![
+        Action::Suspect {
+            member: m(3),
+            reason: "no heartbeat for 400 ms".into(),
+        },
+        Action::ResetLinks { member: m(3) },
+    ];
+    assert_eq!(without_progress(drain(&mut node)), want);
+    hear(&mut node, &[2, 3], ms(2_450));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Cleared { member: m(3) }]
+    );
+}
+
+#[test]
+fn during_the_start_up_grace_nobody_is_suspected() {
+    let mut node = active(1, &[1, 2, 3], NodeConfig::default());
+    hear(&mut node, &[2], ms(10));
+    node.handle_timeout(ms(1_900));
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    assert_eq!(node.poll_timeout(), Some(ms(2_000)), "the grace's end");
+}
+
+#[test]
+fn waking_far_past_a_deadline_excuses_the_silence() {
+    let mut node = active(1, &[1, 2, 3], NodeConfig::default());
+    let mut t = 0;
+    while t <= 2_100 {
+        hear(&mut node, &[2, 3], ms(t));
+        t += 100;
+    }
+    drain(&mut node);
+    let due = node.poll_timeout().expect("a deadline");
+    assert!(due <= ms(2_500));
+    // This daemon was stopped for three seconds: the silence is its own.
+    hear(&mut node, &[2], ms(5_500));
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+}
+
+#[test]
+fn a_peer_whose_trainer_is_stuck_is_suspected_with_the_reason() {
+    let config = NodeConfig {
+        stuck_after: Duration::from_secs(1),
+        ..NodeConfig::default()
+    };
+    let mut node = active(1, &[1, 2], config);
+    node.handle_message(
+        ms(1),
+        m(2),
+        NodeMessage::Progress {
+            streams: vec![(0, 0)],
+        },
+    );
+    node.handle_submit(ms(2), all_reduce(1, 1, &[1.0]));
+    drain(&mut node);
+    node.handle_timeout(ms(1_001));
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    node.handle_timeout(ms(1_002));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Suspect {
+            member: m(2),
+            reason:
+                "no progress: its trainer has not issued op1 (stream 0 is at op 0) after 1000 ms"
+                    .into(),
+        }]
+    );
+}
+
+#[test]
+fn a_joiner_receives_the_state_and_checks_it() {
+    for corrupt in [false, true] {
+        let mut node = Node::new(
+            m(3),
+            Incarnation(2),
+            NodeConfig::default(),
+            Box::new(F32),
+            Time::ZERO,
+        );
+        let mut admitted = change(2, &[1, 2, 3], 3);
+        admitted.joined_at.insert(m(3), Epoch(2));
+        node.handle_group(Time::ZERO, admitted);
+        for p in [1, 2] {
+            node.handle_message(Time::ZERO, m(p), NodeMessage::Recovery(report(2, p)));
+        }
+        drain(&mut node);
+        assert_eq!(node.pending(0), members(&[3]));
+        node.handle_join(
+            ms(1),
+            JoinRequest {
+                id: RequestId(9),
+                stream: 0,
+                dtype: DType::F32,
+                len: 2,
+                buffer: vec![0; 8],
+            },
+        );
+        assert_eq!(drain(&mut node), vec![Action::WantIn]);
+        let state = bytes(&[4.0, 8.0]);
+        let op = OpId::new(0, 5);
+        node.handle_message(
+            ms(2),
+            m(1),
+            NodeMessage::JoinPoint {
+                stream: 0,
+                op,
+                epoch: Epoch(2),
+                root: m(1),
+                dtype: DType::F32,
+                len: 2,
+                checksum: state_checksum(&state),
+            },
+        );
+        assert_eq!(drain(&mut node), vec![]);
+        let arrived = if corrupt {
+            bytes(&[4.0, 8.5])
+        } else {
+            state.clone()
+        };
+        // A chain from m1 through m2: the last member receives from m2.
+        node.handle_frame(ms(3), header(op, 2, 2, 1, 2), arrived.clone());
+        let outcome = if corrupt {
+            Err(OpError::Rejected(format!(
+                "the state received fails its checksum ({:#x}, the root sent {:#x}); join again",
+                state_checksum(&arrived),
+                state_checksum(&state)
+            )))
+        } else {
+            Ok(done(op, 2, &[1, 2, 3]))
+        };
+        assert_eq!(
+            drain(&mut node),
+            vec![Action::Reply {
+                id: RequestId(9),
+                buffer: arrived,
+                outcome,
+            }]
+        );
+    }
+}
+
+#[test]
+fn under_backup_workers_the_coordinator_closes_without_the_last() {
+    let mut node = active(1, &[1, 2, 3], NodeConfig::default());
+    let policy: QuorumPolicy = "backup=1".parse().unwrap();
+    node.handle_group(
+        ms(1),
+        GroupChange {
+            policy,
+            ..change(2, &[1, 2, 3], 1)
+        },
+    );
+    for p in [2, 3] {
+        node.handle_message(ms(1), m(p), NodeMessage::Recovery(report(2, p)));
+    }
+    drain(&mut node);
+    let op = OpId::new(0, 1);
+    node.handle_submit(ms(2), all_reduce(1, 1, &[1.0]));
+    assert_eq!(drain(&mut node), vec![], "one ready of three: not yet");
+    let ready = NodeMessage::StepReady {
+        op,
+        epoch: Epoch(2),
+        reduce: ReduceOp::Sum,
+        dtype: DType::F32,
+        len: 1,
+        samples: None,
+    };
+    node.handle_message(ms(3), m(2), ready);
+    let actions = drain(&mut node);
+    let cut = |to| Action::Message {
+        to: m(to),
+        msg: NodeMessage::StepCut {
+            op,
+            epoch: Epoch(2),
+            reduce: ReduceOp::Sum,
+            dtype: DType::F32,
+            len: 1,
+            participants: vec![(m(1), None), (m(2), None)],
+            left_out: vec![(m(3), LeftOut::Backup)],
+            reason: "backup workers: 2 of 3 ready".into(),
+            changes: vec![],
+            records: node_records(),
+        },
+    };
+    assert_eq!(
+        actions[..2],
+        [cut(2), cut(3)],
+        "announced before the reduction"
+    );
+    assert!(
+        actions[2..]
+            .iter()
+            .all(|a| matches!(a, Action::Frame { .. }))
+            && actions.len() > 2,
+        "then the reduction over the whole ring: {actions:?}"
+    );
+}
+
+/// The attribution the coordinator announces after one backup cut of m3.
+fn node_records() -> Vec<crate::stragglers::StragglerRecord> {
+    let mut a = crate::stragglers::Attribution::new(10, 3, 3, Duration::from_millis(20));
+    a.record(&members(&[1, 2]), &members(&[3]), &[]);
+    a.snapshot()
+}
+
+#[test]
+fn a_late_trainer_gets_the_result_its_daemon_stood_in_for() {
+    let mut node = active(2, &[1, 2], NodeConfig::default());
+    let policy: QuorumPolicy = "backup=1".parse().unwrap();
+    node.handle_group(
+        ms(1),
+        GroupChange {
+            policy,
+            ..change(2, &[1, 2], 2)
+        },
+    );
+    node.handle_message(ms(1), m(1), NodeMessage::Recovery(report(2, 1)));
+    drain(&mut node);
+    let op = OpId::new(0, 1);
+    let cut = NodeMessage::StepCut {
+        op,
+        epoch: Epoch(2),
+        reduce: ReduceOp::Sum,
+        dtype: DType::F32,
+        len: 1,
+        participants: vec![(m(1), None)],
+        left_out: vec![(m(2), LeftOut::Backup)],
+        reason: "backup workers: 1 of 2 ready".into(),
+        changes: vec![],
+        records: vec![],
+    };
+    node.handle_message(ms(2), m(1), cut);
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Frame {
+            to: m(1),
+            header: header(op, 2, 2, PAIR, 1),
+            payload: bytes(&[-0.0]),
+        }],
+        "a neutral input, standing in for the trainer"
+    );
+    node.handle_frame(ms(3), header(op, 2, 1, PAIR, 1), bytes(&[7.0]));
+    assert_eq!(drain(&mut node), vec![], "the result waits for the trainer");
+    node.handle_submit(ms(4), all_reduce(5, 1, &[100.0]));
+    let mut want = done(op, 2, &[1]);
+    want.meta.left_out = vec![(m(2), LeftOut::Backup.to_string())];
+    assert_eq!(
+        drain(&mut node),
+        vec![
+            Action::Message {
+                to: m(1),
+                msg: NodeMessage::StepReady {
+                    op,
+                    epoch: Epoch(2),
+                    reduce: ReduceOp::Sum,
+                    dtype: DType::F32,
+                    len: 1,
+                    samples: None,
+                },
+            },
+            Action::Reply {
+                id: RequestId(5),
+                buffer: bytes(&[7.0]),
+                outcome: Ok(want),
+            }
+        ],
+        "its readiness still counts for attribution; the result is exactly m1's input"
+    );
+}
+
+#[test]
+fn shutting_down_answers_everyone_waiting() {
+    let (mut node, _) = interrupted();
+    node.handle_submit(ms(2), all_reduce(2, 2, &[1.0]));
+    drain(&mut node);
+    node.shutdown();
+    let ids: BTreeMap<u64, OpError> = drain(&mut node)
+        .into_iter()
+        .map(|a| match a {
+            Action::Reply {
+                id,
+                outcome: Err(e),
+                ..
+            } => (id.0, e),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        BTreeMap::from([(1, OpError::ShuttingDown), (2, OpError::ShuttingDown)])
+    );
+}
