@@ -2,7 +2,7 @@
 //! prints what it got. Start a cluster first:
 //!
 //! ```sh
-//! cargo run --release --locked -p phalanx-daemon --bin phalanxctl -- local-cluster --members 3
+//! cargo run --release --locked -p phalanx-testkit --bin phalanx-local-cluster -- --members 3
 //! cargo run --release --locked -p phalanx-client --example allreduce -- SOCKET1 SOCKET2 SOCKET3
 //! ```
 
@@ -12,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sockets: Vec<String> = std::env::args().skip(1).collect();
     if sockets.is_empty() {
         return Err(
-            "usage: allreduce SOCKET... (one per member; see phalanxctl local-cluster)".into(),
+            "usage: allreduce SOCKET... (one per member; see phalanx-local-cluster)".into(),
         );
     }
     let trainers: Vec<_> = sockets

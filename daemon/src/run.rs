@@ -140,6 +140,36 @@ async fn ask_to_join(
     info!(%me, "enrolled in the group: a learner until this node's trainer joins");
 }
 
+/// The mesh's tasks: accepting peers, dialling the configured ones with a
+/// higher id, learning the ones the group records, and (`--join`) asking
+/// to be enrolled.
+fn connect(
+    mesh: &Arc<Mesh>,
+    endpoint: &quinn::Endpoint,
+    config: &Config,
+    identity: &tls::Identity,
+    view: &watch::Receiver<GroupView>,
+    background: &mut JoinSet<()>,
+) -> Result<()> {
+    mesh.set_endpoint(endpoint.clone());
+    background.spawn(mesh.clone().accept(endpoint.clone()));
+    background.spawn(learn_peers(mesh.clone(), view.clone()));
+    if let config::StartFlag::Join(addr) = config.start {
+        let client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(identity.join_client.clone())
+                .context("QUIC client TLS for --join")?,
+        ));
+        let asking = ask_to_join(mesh.clone(), endpoint.clone(), client, addr, view.clone());
+        background.spawn(asking);
+    }
+    for peer in config.members.iter().filter(|p| p.id > config.member_id) {
+        for link in 0..mesh.links() {
+            background.spawn(mesh.clone().dial(endpoint.clone(), peer.clone(), link));
+        }
+    }
+    Ok(())
+}
+
 /// An essential task's end, named.
 type Ended = (&'static str, Result<()>);
 
@@ -250,27 +280,7 @@ pub async fn run(
     for w in writers {
         background.spawn(w.run());
     }
-    mesh.set_endpoint(endpoint.clone());
-    background.spawn(mesh.clone().accept(endpoint.clone()));
-    background.spawn(learn_peers(mesh.clone(), view.clone()));
-    if let config::StartFlag::Join(addr) = config.start {
-        let client = quinn::ClientConfig::new(Arc::new(
-            quinn::crypto::rustls::QuicClientConfig::try_from(identity.join_client.clone())
-                .context("QUIC client TLS for --join")?,
-        ));
-        background.spawn(ask_to_join(
-            mesh.clone(),
-            endpoint.clone(),
-            client,
-            addr,
-            view.clone(),
-        ));
-    }
-    for peer in config.members.iter().filter(|p| p.id > config.member_id) {
-        for link in 0..mesh.links() {
-            background.spawn(mesh.clone().dial(endpoint.clone(), peer.clone(), link));
-        }
-    }
+    connect(&mesh, &endpoint, &config, &identity, &view, &mut background)?;
 
     let local = local::LocalServer::start(
         sockets.trainers,
@@ -284,45 +294,74 @@ pub async fn run(
         },
     );
     info!(member = %me, "phalanxd ready");
+    let running = Running {
+        me,
+        essential,
+        background,
+        stop: stop_tx,
+        local,
+        endpoint,
+    };
+    running.until(shutdown).await
+}
 
-    // Until the shutdown, or an essential task ends on its own.
-    let early = tokio::select! {
-        () = shutdown => None,
-        ended = essential.join_next() => Some(ended),
-    };
-    let mut failure = match early {
-        None => {
-            info!(member = %me, "shutting down: failing in-flight ops, closing connections");
-            None
+/// A started daemon: what it owns, until it stops.
+struct Running {
+    me: MemberId,
+    /// The runner and the control plane: one ending on its own ends the
+    /// daemon.
+    essential: JoinSet<Ended>,
+    /// Connections, dialers, writers, the HTTP endpoint.
+    background: JoinSet<()>,
+    stop: watch::Sender<bool>,
+    local: local::LocalServer,
+    endpoint: quinn::Endpoint,
+}
+
+impl Running {
+    /// Serves until `shutdown`, or until an essential task ends on its own;
+    /// then stops everything, in order, and returns the first failure.
+    async fn until(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let me = self.me;
+        let early = tokio::select! {
+            () = shutdown => None,
+            ended = self.essential.join_next() => Some(ended),
+        };
+        let mut failure = match early {
+            None => {
+                info!(member = %me, "shutting down: failing in-flight ops, closing connections");
+                None
+            }
+            Some(ended) => {
+                let why = describe(ended);
+                error!(member = %me, reason = %why, "a task ended before the shutdown: stopping");
+                Some(anyhow!(why))
+            }
+        };
+        let _ = self.stop.send(true);
+        while let Some(ended) = self.essential.join_next().await {
+            if matches!(ended, Ok((_, Err(_))) | Err(_)) {
+                let why = describe(Some(ended));
+                error!(member = %me, reason = %why, "a task failed while stopping");
+                failure.get_or_insert(anyhow!(why));
+            }
         }
-        Some(ended) => {
-            let why = describe(ended);
-            error!(member = %me, reason = %why, "a task ended before the shutdown: stopping");
-            Some(anyhow!(why))
-        }
-    };
-    let _ = stop_tx.send(true);
-    while let Some(ended) = essential.join_next().await {
-        if let Some(Ok((_, Err(_))) | Err(_)) = Some(&ended) {
-            let why = describe(Some(ended));
-            error!(member = %me, reason = %why, "a task failed while stopping");
-            failure.get_or_insert(anyhow!(why));
-        }
-    }
-    tokio::task::spawn_blocking(move || local.stop())
-        .await
-        .context("stopping the trainer socket")?;
-    endpoint.close(
-        quinn::VarInt::from_u32(quic::close::SHUTDOWN),
-        b"shutting down",
-    );
-    endpoint.wait_idle().await;
-    background.shutdown().await;
-    match failure {
-        Some(e) => Err(e),
-        None => {
-            info!(member = %me, "phalanxd stopped");
-            Ok(())
+        let local = self.local;
+        tokio::task::spawn_blocking(move || local.stop())
+            .await
+            .context("stopping the trainer socket")?;
+        self.endpoint.close(
+            quinn::VarInt::from_u32(quic::close::SHUTDOWN),
+            b"shutting down",
+        );
+        self.endpoint.wait_idle().await;
+        self.background.shutdown().await;
+        match failure {
+            Some(e) => Err(e),
+            None => {
+                info!(member = %me, "phalanxd stopped");
+                Ok(())
+            }
         }
     }
 }

@@ -18,7 +18,7 @@
 //! - [`Coordinator`]: the above for one stream, fed arrivals and the time,
 //!   returning the [`Announcement`] of each closed step.
 //!
-//! The daemon's driver runs a coordinator per stream on the lowest member
+//! The daemon's node runs a coordinator per stream on the lowest member
 //! of the step's ring, sends it each member's readiness and announces each
 //! cut to every member before the reduction runs.
 
@@ -741,6 +741,16 @@ impl Coordinator {
         self.decide(step, now, ring)
     }
 
+    /// `member` arrived at `now` for `step` after it closed without it:
+    /// counted for attribution, if this coordinator closed that step. A
+    /// step it does not know (forgotten at an epoch change) is left alone.
+    pub fn late(&mut self, step: u64, member: MemberId, now: Time, ring: &[MemberId]) {
+        if self.steps.get(&step).is_some_and(|s| s.closed.is_some()) {
+            let closes = self.ready(step, member, now, ring);
+            debug_assert!(closes.is_none(), "a closed step closed again");
+        }
+    }
+
     /// Closes the steps whose deadline passed.
     pub fn poll(&mut self, now: Time, ring: &[MemberId]) -> Vec<Announcement> {
         let open: Vec<u64> = self
@@ -1192,5 +1202,31 @@ mod tests {
             ..p
         };
         assert!(bad.validate().unwrap_err().contains("floor"));
+    }
+
+    #[test]
+    fn a_late_arrival_never_opens_a_step() {
+        let ring = [MemberId(1), MemberId(2), MemberId(3)];
+        let policy: QuorumPolicy = "backup=1".parse().unwrap();
+        let mut c = Coordinator::new(
+            policy,
+            Attribution::new(10, 3, 3, Duration::from_millis(20)),
+        );
+        let t = |ms: u64| Time(ms * 1000);
+        assert!(c.ready(5, MemberId(1), t(0), &ring).is_none());
+        let closed = c
+            .ready(5, MemberId(2), t(1), &ring)
+            .expect("backup=1 closes");
+        assert_eq!(closed.left_out, vec![(MemberId(3), LeftOut::Backup)]);
+        // Late within the epoch: counted against it, nothing closes.
+        c.late(5, MemberId(3), t(100), &ring);
+        assert_eq!(c.attribution().get(MemberId(3)).map(|r| r.missed), Some(1));
+        // After an epoch change the step is forgotten: a late arrival is
+        // ignored, where a readiness would open the step again.
+        c.new_epoch(&ring);
+        c.late(6, MemberId(3), t(200), &ring);
+        c.late(5, MemberId(3), t(200), &ring);
+        assert_eq!(c.next_deadline(), None);
+        assert!(c.poll(t(10_000), &ring).is_empty());
     }
 }

@@ -1,13 +1,17 @@
-//! Deterministic simulation of steps closed by a quorum policy (stragglers):
-//! every member runs the collective core and a trainer that computes for a
-//! seeded time per step (some members 3x slower; in half the seeds one of
-//! them recovers midway), member 1 runs the step [`Coordinator`], and the
-//! members follow the daemon's cut path (`daemon/src/driver/steps.rs`):
-//! readiness to the coordinator, the cut announced before the reduction,
-//! the reduction over the whole ring with a neutral input from every member
-//! left out, the daemon standing in for a trainer that has not submitted the
-//! step, results kept until that trainer asks, and trainers that skip the
-//! gradients of steps they are behind on.
+//! Deterministic simulation of steps closed by a quorum policy (stragglers),
+//! on the daemon's data path as it ships: every member runs the daemon's
+//! [`Node`] — readiness to the step's coordinator (the lowest member), the
+//! cut announced before the reduction, the reduction over the whole ring
+//! with a neutral input from every member left out, the daemon standing in
+//! for a trainer that has not submitted the step, the result kept until
+//! that trainer asks — with a trainer that computes for a seeded time per
+//! step (some members 3x slower; in half the seeds one of them recovers
+//! midway) and skips the gradients of steps it is behind on. The tensors
+//! are f32, bf16 or f16 (from the seed), and in half the seeds the group
+//! changes its policy while it trains (a new epoch at every member, a few
+//! hundred microseconds apart, as commits arrive): cut steps in flight are
+//! decided again in the new epoch. The simulator only moves bytes between
+//! the nodes, runs their timers and feeds them the epochs.
 //!
 //! Checked on every result: it is exactly the sum over the contributors it
 //! names, a trainer that skipped a step is never named, and every member
@@ -24,15 +28,19 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 use std::time::Duration;
 
-use crate::tensor::{f32_bytes, f32s, step_gradient};
-use phalanx_compute::{apply_action, element_range, ScalarEngine};
-use phalanx_protocol::collective::{Action, Algorithm, Collectives, Config, Kind, OpSpec};
-use phalanx_protocol::rng::SplitMix64;
-use phalanx_protocol::stragglers::{
-    Attribution, Coordinator, DeadlinePolicy, LatePolicy, QuorumPolicy, Standing,
+use crate::tensor::to_f64;
+use phalanx_compute::{bf16, f16, EngineArithmetic, ScalarEngine};
+use phalanx_protocol::collective::Config;
+use phalanx_protocol::local::LocalKind;
+use phalanx_protocol::membership::RecoveryReport;
+use phalanx_protocol::node::{
+    Action, AttributionConfig, Event as NodeEvent, GroupChange, Node, NodeConfig, OpDone, OpError,
+    Request, RequestId,
 };
-use phalanx_protocol::wire::{DType, FrameHeader, ReduceOp};
-use phalanx_protocol::{Epoch, MemberId, OpId, Step, Time};
+use phalanx_protocol::rng::SplitMix64;
+use phalanx_protocol::stragglers::{DeadlinePolicy, LatePolicy, QuorumPolicy};
+use phalanx_protocol::wire::{DType, FrameHeader, NodeMessage, ReduceOp};
+use phalanx_protocol::{Epoch, Incarnation, MemberId, OpId, Time};
 
 const DIM: usize = 40;
 const LR: f32 = 1.0 / 1024.0;
@@ -44,7 +52,7 @@ pub struct StepsScenario {
     pub seed: u64,
     /// Members (member 1 coordinates).
     pub members: usize,
-    /// How steps close.
+    /// How steps close at first.
     pub policy: QuorumPolicy,
     /// Slow members (indices), and the step from which each is healthy
     /// again (`None`: slow throughout).
@@ -56,10 +64,35 @@ pub struct StepsScenario {
     pub steps: u64,
     /// Extra delay on a message, up to this.
     pub jitter: Duration,
+    /// The tensors' element type.
+    pub dtype: DType,
+    /// Policy changes while the group trains: each a new epoch.
+    pub changes: Vec<(Duration, QuorumPolicy)>,
 }
 
 /// How much slower a slow member computes.
 const SLOW: u64 = 3;
+
+/// One of the policies a seed draws: backup workers, a deadline, or both.
+fn draw_policy(rng: &mut SplitMix64, backup: u32, deadline: DeadlinePolicy) -> QuorumPolicy {
+    match rng.below(3) {
+        0 => QuorumPolicy {
+            backup,
+            deadline: None,
+            late: LatePolicy::Drop,
+        },
+        1 => QuorumPolicy {
+            backup: 0,
+            deadline: Some(deadline),
+            late: LatePolicy::Drop,
+        },
+        _ => QuorumPolicy {
+            backup,
+            deadline: Some(deadline),
+            late: LatePolicy::Drop,
+        },
+    }
+}
 
 impl StepsScenario {
     /// The scenario of `seed`.
@@ -89,31 +122,29 @@ impl StepsScenario {
             ceiling_ms: 2_000,
         };
         let backup = slow_count as u32;
-        let policy = match rng.below(3) {
-            0 => QuorumPolicy {
-                backup,
-                deadline: None,
-                late: LatePolicy::Drop,
-            },
-            1 => QuorumPolicy {
-                backup: 0,
-                deadline: Some(deadline),
-                late: LatePolicy::Drop,
-            },
-            _ => QuorumPolicy {
-                backup,
-                deadline: Some(deadline),
-                late: LatePolicy::Drop,
-            },
-        };
+        let policy = draw_policy(&mut rng, backup, deadline);
+        let compute = Duration::from_millis(rng.range_inclusive(8, 20));
+        let jitter = Duration::from_micros(rng.range_inclusive(0, 500));
+        let dtype = DType::ALL[rng.below(3) as usize];
+        let mut changes = Vec::new();
+        if rng.below(2) == 0 {
+            let run = compute.as_micros() as u64 * steps;
+            for _ in 0..rng.range_inclusive(1, 3) {
+                let at = Duration::from_micros(rng.range_inclusive(run / 5, run * 4 / 5));
+                changes.push((at, draw_policy(&mut rng, backup, deadline)));
+            }
+            changes.sort_by_key(|(at, _)| *at);
+        }
         StepsScenario {
             seed,
             members,
             policy,
             slow,
-            compute: Duration::from_millis(rng.range_inclusive(8, 20)),
+            compute,
             steps,
-            jitter: Duration::from_micros(rng.range_inclusive(0, 500)),
+            jitter,
+            dtype,
+            changes,
         }
     }
 
@@ -139,14 +170,17 @@ pub struct StepsReport {
     pub results: u64,
     /// Steps closed without some member.
     pub partial_steps: u64,
-    /// Results a daemon computed standing in for its late trainer.
+    /// Results of steps a trainer was left out of (its daemon stood in,
+    /// or it arrived late).
     pub stand_ins: u64,
     /// Gradients trainers skipped (they were behind).
     pub skipped: u64,
-    /// Demotions and readmissions.
+    /// Demotions, as the coordinator announced them.
     pub demotions: u64,
     /// Readmissions.
     pub readmissions: u64,
+    /// Epochs the policy changes started.
+    pub epochs: u64,
     /// When the last healthy trainer finished, and what plain sync among
     /// healthy members would take (steps x the slowest healthy compute).
     pub healthy_finish: Duration,
@@ -179,16 +213,11 @@ impl fmt::Display for StepsFailure {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 enum Packet {
     Frame(FrameHeader, Vec<u8>),
-    /// Readiness for a step, from a member.
-    Ready(OpId, usize),
-    Cut {
-        op: OpId,
-        participants: Vec<MemberId>,
-        left: Vec<MemberId>,
-    },
+    Node(NodeMessage),
+    Heartbeat,
 }
 
 #[derive(Debug)]
@@ -196,37 +225,32 @@ enum Event {
     /// A trainer finished computing its step.
     Computed(usize),
     Deliver {
+        from: usize,
         to: usize,
         packet: Packet,
     },
-    /// The coordinator's deadline.
-    Wake,
+    /// A node's deadline.
+    Wake(usize),
+    /// Everyone's heartbeats go out.
+    Heartbeats,
+    /// The control plane's epoch reaches a member.
+    Epoch(usize, GroupChange),
 }
 
-struct Run {
-    buf: Vec<u8>,
-    standin: bool,
-    participants: Vec<MemberId>,
-}
-
-struct Node {
-    core: Collectives,
+struct Trainer {
     w: Vec<f32>,
-    /// The step the trainer computes or waits for.
+    /// The step it computes or waits for.
     step: u64,
     skip: u64,
     /// This step's gradient was skipped.
     skipped: bool,
     finished_at: Option<Time>,
-    cutting: BTreeMap<OpId, Vec<f32>>,
-    runs: BTreeMap<OpId, Run>,
-    delivered: BTreeMap<OpId, (Vec<u8>, Vec<MemberId>)>,
-    late: BTreeSet<OpId>,
-    closed_upto: u64,
+    /// The gradient it submitted for its current step.
+    grad: Vec<f32>,
 }
 
 /// The simulation.
-#[allow(missing_debug_implementations)] // holds the cores and the queue; nothing to print
+#[allow(missing_debug_implementations)] // holds the nodes and the queue; nothing to print
 pub struct StepsSim {
     sc: StepsScenario,
     rng: SplitMix64,
@@ -235,51 +259,89 @@ pub struct StepsSim {
     events: BTreeMap<usize, Event>,
     next_event: usize,
     seq: u64,
-    nodes: Vec<Node>,
-    coordinator: Coordinator,
-    wake_at: Option<Time>,
+    nodes: Vec<Node<Vec<u8>>>,
+    trainers: Vec<Trainer>,
+    /// Per node, the earliest wake-up queued.
+    wake_at: Vec<Option<Time>>,
     /// Per link, the last delivery time (links deliver in order, as QUIC
     /// streams do).
     links: BTreeMap<(usize, usize), Time>,
+    /// (member, step) → the gradient its trainer submitted.
+    grads: BTreeMap<(u32, u64), Vec<f32>>,
     /// Per step, the contributors the first result named.
     history: BTreeMap<u64, Vec<MemberId>>,
+    partial: BTreeSet<u64>,
     demoted: BTreeSet<MemberId>,
+    observers: BTreeSet<MemberId>,
+    epoch: u64,
     report: StepsReport,
-    engine: ScalarEngine,
 }
 
 fn id(m: usize) -> MemberId {
     MemberId(m as u32 + 1)
 }
 
+/// A simulated trainer's gradient: multiples of 1/16 within ±2, so the sum
+/// over six members is exact in every dtype (bf16 keeps 8 significant
+/// bits) and in any order, and a result can be checked bit for bit.
+fn gradient(member: u32, step: u64, w: &[f32]) -> Vec<f32> {
+    w.iter()
+        .enumerate()
+        .map(|(j, &wj)| {
+            let x = ((member as u64 * 7 + step * 13 + j as u64 * 3) % 11) as f32 - 5.0;
+            (((wj * x - 1.0) * x * 2.0).round() / 16.0).clamp(-2.0, 2.0)
+        })
+        .collect()
+}
+
+/// `v` as raw elements of `dtype`.
+fn encode(dtype: DType, v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|&x| match dtype {
+            DType::F32 => x.to_le_bytes().to_vec(),
+            DType::BF16 => bf16::from_f32(x).to_le_bytes().to_vec(),
+            DType::F16 => f16::from_f32(x).to_le_bytes().to_vec(),
+        })
+        .collect()
+}
+
 impl StepsSim {
     /// A simulation of `sc`.
     pub fn new(sc: StepsScenario) -> StepsSim {
-        let config = Config {
-            chunk_bytes: 64,
-            small_tensor_bytes: 96,
-            op_timeout: Duration::from_secs(3600),
-            ..Config::default()
+        let config = NodeConfig {
+            collectives: Config {
+                chunk_bytes: 64,
+                small_tensor_bytes: 96,
+                op_timeout: Duration::from_secs(3600),
+                ..Config::default()
+            },
+            attribution: AttributionConfig {
+                tolerance: sc.compute / 4,
+                ..NodeConfig::default().attribution
+            },
+            ..NodeConfig::default()
         };
         let nodes = (0..sc.members)
-            .map(|m| Node {
-                core: Collectives::new(id(m), config.clone()),
+            .map(|m| {
+                let arith = Box::new(EngineArithmetic(
+                    Box::new(ScalarEngine) as Box<dyn phalanx_compute::ComputeEngine>
+                ));
+                Node::new(id(m), Incarnation(1), config.clone(), arith, Time::ZERO)
+            })
+            .collect();
+        let trainers = (0..sc.members)
+            .map(|_| Trainer {
                 w: vec![0.0; DIM],
                 step: 0,
                 skip: 0,
                 skipped: false,
                 finished_at: None,
-                cutting: BTreeMap::new(),
-                runs: BTreeMap::new(),
-                delivered: BTreeMap::new(),
-                late: BTreeSet::new(),
-                closed_upto: 0,
+                grad: Vec::new(),
             })
             .collect();
-        let tolerance = sc.compute / 4;
         StepsSim {
             rng: SplitMix64::new(sc.seed),
-            coordinator: Coordinator::new(sc.policy, Attribution::new(10, 3, 3, tolerance)),
+            wake_at: vec![None; sc.members],
             sc,
             now: Time::ZERO,
             queue: BinaryHeap::new(),
@@ -287,12 +349,15 @@ impl StepsSim {
             next_event: 0,
             seq: 0,
             nodes,
-            wake_at: None,
+            trainers,
             links: BTreeMap::new(),
+            grads: BTreeMap::new(),
             history: BTreeMap::new(),
+            partial: BTreeSet::new(),
             demoted: BTreeSet::new(),
+            observers: BTreeSet::new(),
+            epoch: 1,
             report: StepsReport::default(),
-            engine: ScalarEngine,
         }
     }
 
@@ -322,11 +387,11 @@ impl StepsSim {
         let last = self.links.get(&(from, to)).copied().unwrap_or(Time::ZERO);
         let at = at.max(last);
         self.links.insert((from, to), at);
-        self.schedule(at, Event::Deliver { to, packet });
+        self.schedule(at, Event::Deliver { from, to, packet });
     }
 
     fn compute_time(&mut self, m: usize) -> Duration {
-        let step = self.nodes[m].step;
+        let step = self.trainers[m].step;
         let base = self.sc.compute.as_micros() as u64;
         let base = if self.sc.slow_at(m, step) {
             base * SLOW
@@ -337,258 +402,244 @@ impl StepsSim {
         Duration::from_micros(base - spread + self.rng.below(2 * spread + 1))
     }
 
+    /// The group of epoch `epoch`, as every member sees it: all in the
+    /// ring since the start, steps closing by `policy`.
+    fn change(&self, epoch: u64, policy: QuorumPolicy) -> GroupChange {
+        let ring = self.ring();
+        GroupChange {
+            epoch: Epoch(epoch),
+            admitted: true,
+            removed: None,
+            joined_at: ring.iter().map(|&r| (r, Epoch(1))).collect(),
+            ring,
+            policy,
+        }
+    }
+
     /// Runs to the end; the report, or the first violation.
     pub fn run(mut self) -> Result<StepsReport, StepsFailure> {
+        // Epoch 1 as every member's control plane would apply it, its
+        // recovery exchange already done (nothing ran before it).
         for m in 0..self.sc.members {
+            let change = self.change(1, self.sc.policy);
+            self.nodes[m].handle_group(Time::ZERO, change);
+            for p in (0..self.sc.members).filter(|&p| p != m) {
+                let report = RecoveryReport {
+                    epoch: Epoch(1),
+                    member: id(p),
+                    parked: vec![],
+                    completed: vec![],
+                };
+                self.nodes[m].handle_message(Time::ZERO, id(p), NodeMessage::Recovery(report));
+            }
+            self.execute(m)?;
             let t = self.compute_time(m);
             self.schedule(Time::ZERO.after(t), Event::Computed(m));
         }
+        self.schedule(Time::ZERO, Event::Heartbeats);
+        for (at, policy) in self.sc.changes.clone() {
+            self.epoch += 1;
+            for m in 0..self.sc.members {
+                // Commits reach the members a little apart.
+                let lag = Duration::from_micros(self.rng.below(800));
+                let change = self.change(self.epoch, policy);
+                self.schedule(Time::ZERO.after(at + lag), Event::Epoch(m, change));
+            }
+        }
+        self.report.epochs = self.epoch - 1;
         let limit = Time::ZERO.after(self.sc.compute * (self.sc.steps as u32) * 4 * SLOW as u32);
         while let Some(Reverse((at, _, k))) = self.queue.pop() {
-            if at > limit {
+            if at > limit || self.trainers.iter().all(|t| t.finished_at.is_some()) {
                 break;
             }
             self.now = at;
             let event = self.events.remove(&k).expect("scheduled");
+            let member = match &event {
+                Event::Computed(m) | Event::Wake(m) | Event::Epoch(m, _) => *m,
+                Event::Deliver { to, .. } => *to,
+                Event::Heartbeats => 0,
+            };
+            let _span = tracing::info_span!("", m = member + 1, t = %self.now).entered();
             match event {
                 Event::Computed(m) => self.computed(m)?,
-                Event::Deliver { to, packet } => self.deliver(to, packet)?,
-                Event::Wake => {
-                    self.wake_at = None;
-                    let ring = self.ring();
-                    for ann in self.coordinator.poll(self.now, &ring) {
-                        self.announce(ann)?;
+                Event::Deliver { from, to, packet } => {
+                    let (now, from) = (self.now, id(from));
+                    let node = &mut self.nodes[to];
+                    match packet {
+                        Packet::Frame(header, payload) => node.handle_frame(now, header, payload),
+                        Packet::Node(msg) => node.handle_message(now, from, msg),
+                        Packet::Heartbeat => node.handle_heartbeat(now, from),
                     }
+                    self.execute(to)?;
                 }
-            }
-            if let Some(due) = self.coordinator.next_deadline() {
-                if self.wake_at.is_none_or(|w| due < w) && due >= self.now {
-                    self.wake_at = Some(due);
-                    self.schedule(due, Event::Wake);
+                Event::Wake(m) => {
+                    self.wake_at[m] = None;
+                    self.nodes[m].handle_timeout(self.now);
+                    self.execute(m)?;
+                }
+                Event::Heartbeats => {
+                    for a in 0..self.sc.members {
+                        for b in (0..self.sc.members).filter(|&b| b != a) {
+                            self.send(a, b, Packet::Heartbeat);
+                        }
+                    }
+                    let next = self.now.after(Duration::from_millis(100));
+                    self.schedule(next, Event::Heartbeats);
+                }
+                Event::Epoch(m, change) => {
+                    self.nodes[m].handle_group(self.now, change);
+                    self.execute(m)?;
                 }
             }
         }
         self.check_end()
     }
 
-    fn computed(&mut self, m: usize) -> Result<(), StepsFailure> {
-        let n = &mut self.nodes[m];
-        let step = n.step;
-        let op = OpId(step + 1);
-        let grad = if n.skipped {
-            self.report.skipped += 1;
-            vec![0.0; DIM]
-        } else {
-            step_gradient(id(m).0, step, &n.w)
-        };
-        if let Some((buf, participants)) = n.delivered.remove(&op) {
-            self.ready(m, op)?;
-            return self.result(m, op, buf, participants);
-        }
-        if n.runs.get(&op).is_some_and(|r| r.standin) {
-            n.late.insert(op);
-            return self.ready(m, op);
-        }
-        n.cutting.insert(op, grad);
-        self.ready(m, op)
-    }
-
-    fn ready(&mut self, m: usize, op: OpId) -> Result<(), StepsFailure> {
-        if m == 0 {
-            self.on_ready(0, op)
-        } else {
-            self.send(m, 0, Packet::Ready(op, m));
-            Ok(())
-        }
-    }
-
-    fn on_ready(&mut self, from: usize, op: OpId) -> Result<(), StepsFailure> {
-        let ring = self.ring();
-        match self.coordinator.ready(op.0, id(from), self.now, &ring) {
-            Some(ann) => self.announce(ann),
-            None => Ok(()),
-        }
-    }
-
-    fn announce(
-        &mut self,
-        ann: phalanx_protocol::stragglers::Announcement,
-    ) -> Result<(), StepsFailure> {
-        for s in &ann.standings {
-            match s {
-                Standing::Demoted { member, .. } => {
-                    self.report.demotions += 1;
-                    self.demoted.insert(*member);
-                }
-                Standing::Readmitted { .. } => self.report.readmissions += 1,
-            }
-        }
-        if !ann.left_out.is_empty() {
-            self.report.partial_steps += 1;
-        }
-        let packet = Packet::Cut {
-            op: OpId(ann.step),
-            participants: ann.participants.clone(),
-            left: ann.left_out.iter().map(|(m, _)| *m).collect(),
-        };
-        for to in 1..self.sc.members {
-            self.send(0, to, packet.clone());
-        }
-        self.deliver(0, packet)
-    }
-
-    fn deliver(&mut self, to: usize, packet: Packet) -> Result<(), StepsFailure> {
-        match packet {
-            Packet::Frame(header, payload) => {
-                let now = self.now;
-                if let Err(e) = self.nodes[to].core.handle_frame(now, header, payload) {
-                    return Err(self.fail(format!("m{} refused a frame: {e}", to + 1)));
-                }
-                self.execute(to)
-            }
-            Packet::Ready(op, from) => self.on_ready(from, op),
-            Packet::Cut {
-                op,
-                participants,
-                left,
-            } => self.on_cut(to, op, participants, left),
-        }
-    }
-
-    fn on_cut(
-        &mut self,
-        m: usize,
-        op: OpId,
-        participants: Vec<MemberId>,
-        left: Vec<MemberId>,
-    ) -> Result<(), StepsFailure> {
-        let me = id(m);
-        let n = &mut self.nodes[m];
-        n.closed_upto = n.closed_upto.max(op.0);
-        let contributes = participants.contains(&me);
-        let (buf, standin) = match n.cutting.remove(&op) {
-            Some(grad) if contributes => (f32_bytes(&grad), false),
-            Some(_) => (f32_bytes(&[-0.0; DIM]), false),
-            None if contributes => {
-                return Err(self.fail(format!(
-                    "m{} is named a contributor of {op} but never was ready",
-                    m + 1
-                )))
-            }
-            None => {
-                self.report.stand_ins += 1;
-                (f32_bytes(&[-0.0; DIM]), true)
-            }
-        };
-        if left.iter().chain(&participants).count() != self.sc.members {
-            return Err(self.fail(format!("the cut of {op} does not cover the ring")));
-        }
-        let spec = OpSpec {
-            op,
-            epoch: Epoch(1),
-            step: Step(op.0),
-            kind: Kind::AllReduce(ReduceOp::Sum),
-            algorithm: Algorithm::Auto,
-            dtype: DType::F32,
-            len: DIM,
-            members: self.ring(),
-        };
-        let now = self.now;
-        let n = &mut self.nodes[m];
-        n.runs.insert(
-            op,
-            Run {
-                buf,
-                standin,
-                participants,
-            },
-        );
-        if let Err(e) = n.core.start(now, spec) {
-            return Err(self.fail(format!("m{} starting {op}: {e}", m + 1)));
-        }
-        self.execute(m)
-    }
-
+    /// Executes node `m`'s actions and queues its next wake-up.
     fn execute(&mut self, m: usize) -> Result<(), StepsFailure> {
-        while let Some(action) = self.nodes[m].core.poll_action() {
+        while let Some(action) = self.nodes[m].poll_action() {
             match action {
-                Action::Send {
-                    op,
+                Action::Frame {
                     to,
                     header,
-                    range,
-                } => {
-                    let payload =
-                        self.nodes[m].runs[&op].buf[element_range(DType::F32, &range)].to_vec();
-                    self.send(m, to.0 as usize - 1, Packet::Frame(header, payload));
+                    payload,
+                } => self.send(m, to.0 as usize - 1, Packet::Frame(header, payload)),
+                Action::Message { to, msg } => self.send(m, to.0 as usize - 1, Packet::Node(msg)),
+                Action::Reply {
+                    id,
+                    buffer,
+                    outcome,
+                } => self.result(m, id, buffer, outcome)?,
+                Action::Suspect { member, reason } => {
+                    return Err(self.fail(format!(
+                        "m{} suspects {member} ({reason}): nobody dies here",
+                        m + 1
+                    )))
                 }
-                Action::Reduce { op, .. } | Action::Copy { op, .. } | Action::Divide { op, .. } => {
-                    let run = self.nodes[m].runs.get_mut(&op).expect("a known run");
-                    if let Err(e) = apply_action(&self.engine, DType::F32, &mut run.buf, &action) {
-                        return Err(self.fail(format!("m{} applying {op}: {e}", m + 1)));
+                Action::Cleared { .. } | Action::WantIn | Action::ResetLinks { .. } => {}
+            }
+        }
+        while let Some(event) = self.nodes[m].poll_event() {
+            // The coordinator's attribution, as member 1 announces it.
+            if let (0, NodeEvent::Stragglers(records)) = (m, event) {
+                for r in records {
+                    match (r.observer, self.observers.contains(&r.member)) {
+                        (true, false) => {
+                            self.report.demotions += 1;
+                            self.demoted.insert(r.member);
+                            self.observers.insert(r.member);
+                        }
+                        (false, true) => {
+                            self.report.readmissions += 1;
+                            self.observers.remove(&r.member);
+                        }
+                        _ => {}
                     }
                 }
-                Action::Complete { op, .. } => {
-                    let run = self.nodes[m].runs.remove(&op).expect("a known run");
-                    // A stand-in's result waits for its trainer, unless the
-                    // trainer asked for it meanwhile.
-                    if !run.standin || self.nodes[m].late.remove(&op) {
-                        self.result(m, op, run.buf, run.participants)?;
-                    } else {
-                        self.nodes[m]
-                            .delivered
-                            .insert(op, (run.buf, run.participants));
-                    }
-                }
-                Action::Aborted { op, reason, .. } => {
-                    return Err(self.fail(format!("m{} {op} aborted: {reason}", m + 1)));
-                }
+            }
+        }
+        if let Some(due) = self.nodes[m].poll_timeout() {
+            if self.wake_at[m].is_none_or(|w| due < w) {
+                self.wake_at[m] = Some(due);
+                self.schedule(due.max(self.now), Event::Wake(m));
             }
         }
         Ok(())
     }
 
-    /// The trainer of `m` gets the result of `op`.
+    fn computed(&mut self, m: usize) -> Result<(), StepsFailure> {
+        let t = &mut self.trainers[m];
+        let step = t.step;
+        let grad = if t.skipped {
+            self.report.skipped += 1;
+            vec![0.0; DIM]
+        } else {
+            gradient(id(m).0, step, &t.w)
+        };
+        t.grad = grad.clone();
+        self.grads.insert((id(m).0, step), grad.clone());
+        let req = Request {
+            id: RequestId(step),
+            op: OpId::new(0, step + 1),
+            kind: LocalKind::AllReduce(ReduceOp::Sum),
+            dtype: self.sc.dtype,
+            len: DIM,
+            samples: None,
+            buffer: encode(self.sc.dtype, &grad),
+        };
+        self.nodes[m].handle_submit(self.now, req);
+        self.execute(m)
+    }
+
+    /// The trainer of `m` gets the answer to its step.
     fn result(
         &mut self,
         m: usize,
-        op: OpId,
+        request: RequestId,
         buf: Vec<u8>,
-        participants: Vec<MemberId>,
+        outcome: Result<OpDone, OpError>,
     ) -> Result<(), StepsFailure> {
+        let step = self.trainers[m].step;
+        let done = match outcome {
+            Ok(done) if request.0 == step => done,
+            other => {
+                return Err(self.fail(format!(
+                    "m{} at step {step} got for request {} {other:?}",
+                    m + 1,
+                    request.0
+                )))
+            }
+        };
         self.report.results += 1;
-        let n = &self.nodes[m];
-        let step = op.0 - 1;
-        if step != n.step {
-            return Err(self.fail(format!("m{} got {op} while at step {}", m + 1, n.step)));
-        }
-        let got = f32s(&buf);
+        let participants = done.contributors.clone();
+        let got: Vec<f32> = to_f64(self.sc.dtype, &buf)
+            .into_iter()
+            .map(|x| x as f32)
+            .collect();
         let mut want: Option<Vec<f32>> = None;
         for c in &participants {
-            let g = step_gradient(c.0, step, &n.w);
+            let Some(g) = self.grads.get(&(c.0, step)) else {
+                return Err(self.fail(format!("{c} is named for step {step} it never submitted")));
+            };
             match want.as_mut() {
-                None => want = Some(g),
-                Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                None => want = Some(g.clone()),
+                Some(acc) => acc.iter_mut().zip(g).for_each(|(a, b)| *a += b),
             }
         }
         let Some(want) = want else {
-            return Err(self.fail(format!("{op} has no contributors")));
+            return Err(self.fail(format!("{} has no contributors", done.op)));
         };
         if !want
             .iter()
             .zip(&got)
             .all(|(a, b)| a.to_bits() == b.to_bits())
         {
+            let (j, (w, g)) = want
+                .iter()
+                .zip(&got)
+                .enumerate()
+                .find(|(_, (a, b))| a.to_bits() != b.to_bits())
+                .expect("a difference");
             return Err(self.fail(format!(
-                "m{} {op}: not the sum over its contributors {participants:?}",
-                m + 1
+                "m{} {}: not the sum over its contributors {participants:?} \
+                 (element {j}: {g} where the sum is {w})",
+                m + 1,
+                done.op
             )));
         }
-        if n.skipped && participants.contains(&id(m)) {
+        let t = &self.trainers[m];
+        if t.skipped && participants.contains(&id(m)) {
             return Err(self.fail(format!(
-                "m{} skipped {op}, yet is named a contributor",
-                m + 1
+                "m{} skipped {}, yet is named a contributor",
+                m + 1,
+                done.op
             )));
+        }
+        if !done.meta.left_out.is_empty() {
+            self.partial.insert(step);
+        }
+        if done.meta.left_out.iter().any(|(lm, _)| *lm == id(m)) {
+            self.report.stand_ins += 1;
         }
         let agreed = self
             .history
@@ -602,46 +653,47 @@ impl StepsSim {
             )));
         }
         let k = participants.len() as f32;
-        let steps = self.sc.steps;
-        let now = self.now;
-        let n = &mut self.nodes[m];
-        for (w, s) in n.w.iter_mut().zip(&got) {
+        let (steps, now) = (self.sc.steps, self.now);
+        let t = &mut self.trainers[m];
+        for (w, s) in t.w.iter_mut().zip(&got) {
             *w -= LR * s / k;
         }
-        n.skip = n.skip.max(n.closed_upto.saturating_sub(op.0));
-        n.step += 1;
-        if n.step == steps {
-            n.finished_at = Some(now);
+        t.skip = t.skip.max(done.meta.behind);
+        t.step += 1;
+        if t.step == steps {
+            t.finished_at = Some(now);
             return Ok(());
         }
-        n.skipped = n.skip > 0;
-        if n.skipped {
-            n.skip -= 1;
+        t.skipped = t.skip > 0;
+        if t.skipped {
+            t.skip -= 1;
             self.schedule(now, Event::Computed(m));
         } else {
-            let t = self.compute_time(m);
-            self.schedule(now.after(t), Event::Computed(m));
+            let d = self.compute_time(m);
+            self.schedule(now.after(d), Event::Computed(m));
         }
         Ok(())
     }
 
     fn check_end(mut self) -> Result<StepsReport, StepsFailure> {
-        for (m, n) in self.nodes.iter().enumerate() {
-            if n.finished_at.is_none() {
+        self.report.partial_steps = self.partial.len() as u64;
+        for (m, t) in self.trainers.iter().enumerate() {
+            if t.finished_at.is_none() {
                 return Err(self.fail(format!(
-                    "deadlock: m{} stopped at step {} of {} (cutting {:?}, running {:?}, kept {:?})",
+                    "deadlock: m{} stopped at step {} of {} (its node {} in e{}, {} ops running, {} parked)",
                     m + 1,
-                    n.step,
+                    t.step,
                     self.sc.steps,
-                    n.cutting.keys().collect::<Vec<_>>(),
-                    n.runs.keys().collect::<Vec<_>>(),
-                    n.delivered.keys().collect::<Vec<_>>()
+                    self.nodes[m].mode().name(),
+                    self.nodes[m].epoch().0,
+                    self.nodes[m].in_flight(),
+                    self.nodes[m].parked(),
                 )));
             }
         }
-        let first = &self.nodes[0].w;
-        for (m, n) in self.nodes.iter().enumerate().skip(1) {
-            if !n
+        let first = &self.trainers[0].w;
+        for (m, t) in self.trainers.iter().enumerate().skip(1) {
+            if !t
                 .w
                 .iter()
                 .zip(first)
@@ -655,7 +707,7 @@ impl StepsSim {
             .collect();
         let finish = healthy
             .iter()
-            .filter_map(|&m| self.nodes[m].finished_at)
+            .filter_map(|&m| self.trainers[m].finished_at)
             .max()
             .unwrap_or(Time::ZERO);
         self.report.healthy_finish = Duration::from_micros(finish.0);

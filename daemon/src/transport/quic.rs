@@ -857,7 +857,7 @@ pub async fn read_control(recv: &mut RecvStream, limits: &Limits) -> Result<Cont
 impl Mesh {
     /// After the hello, the control stream carries heartbeats both ways: a
     /// task sends ours every interval, another reads the peer's (and its other
-    /// control messages) and reports each heartbeat to the driver's detector.
+    /// control messages) and reports each heartbeat to the runner (its node's detector).
     fn spawn_control(
         &self,
         conn: Connection,

@@ -267,9 +267,9 @@ impl<B: Buffer> Node<B> {
             NodeMessage::Recovery(report) => self.on_recovery(from, report),
             NodeMessage::RecoveryAsk { epoch } => self.on_recovery_ask(from, epoch),
             NodeMessage::Progress { streams } => self.on_progress(from, streams),
-            msg @ (NodeMessage::StepReady { .. } | NodeMessage::StepCut { .. }) => {
-                self.on_step(from, msg)
-            }
+            msg @ (NodeMessage::StepReady { .. }
+            | NodeMessage::StepCut { .. }
+            | NodeMessage::StepLate { .. }) => self.on_step(from, msg),
             NodeMessage::JoinPoint {
                 stream,
                 op,

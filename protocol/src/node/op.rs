@@ -302,46 +302,6 @@ impl<B: Buffer> Node<B> {
                         payload,
                     });
                 }
-                CoreAction::Reduce {
-                    op,
-                    range,
-                    reduce,
-                    payload,
-                    ..
-                } => {
-                    let Some(run) = self.ops.get_mut(&op) else {
-                        continue;
-                    };
-                    let dtype = run.dtype;
-                    let bytes = &mut run.bytes_mut()[dtype.byte_range(&range)];
-                    if let Err(e) = self.arith.reduce(dtype, reduce, bytes, &payload) {
-                        warn!(%op, error = %e, "applying a received piece failed");
-                    }
-                }
-                CoreAction::Copy {
-                    op, range, payload, ..
-                } => {
-                    let Some(run) = self.ops.get_mut(&op) else {
-                        continue;
-                    };
-                    let dtype = run.dtype;
-                    let dst = &mut run.bytes_mut()[dtype.byte_range(&range)];
-                    if dst.len() == payload.len() {
-                        dst.copy_from_slice(&payload);
-                    } else {
-                        warn!(%op, "a received piece does not fit its range");
-                    }
-                }
-                CoreAction::Divide { op, range, divisor } => {
-                    let Some(run) = self.ops.get_mut(&op) else {
-                        continue;
-                    };
-                    let dtype = run.dtype;
-                    let bytes = &mut run.bytes_mut()[dtype.byte_range(&range)];
-                    if let Err(e) = self.arith.scale(dtype, bytes, 1.0 / divisor as f32) {
-                        warn!(%op, error = %e, "dividing a mean failed");
-                    }
-                }
                 CoreAction::Complete {
                     op,
                     epoch,
@@ -356,7 +316,41 @@ impl<B: Buffer> Node<B> {
                         self.aborted(run, reason);
                     }
                 }
+                piece => self.apply_piece(piece),
             }
+        }
+    }
+
+    /// A received piece, combined into or copied to its op's buffer, or a
+    /// mean's division.
+    fn apply_piece(&mut self, action: CoreAction) {
+        let (op, range) = match &action {
+            CoreAction::Reduce { op, range, .. }
+            | CoreAction::Copy { op, range, .. }
+            | CoreAction::Divide { op, range, .. } => (*op, range.clone()),
+            _ => return,
+        };
+        let Some(run) = self.ops.get_mut(&op) else {
+            return;
+        };
+        let dtype = run.dtype;
+        let bytes = &mut run.bytes_mut()[dtype.byte_range(&range)];
+        let applied = match action {
+            CoreAction::Reduce {
+                reduce, payload, ..
+            } => self.arith.reduce(dtype, reduce, bytes, &payload),
+            CoreAction::Copy { payload, .. } if payload.len() == bytes.len() => {
+                bytes.copy_from_slice(&payload);
+                Ok(())
+            }
+            CoreAction::Copy { .. } => Err("the piece does not fit its range".into()),
+            CoreAction::Divide { divisor, .. } => {
+                self.arith.scale(dtype, bytes, 1.0 / divisor as f32)
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = applied {
+            warn!(%op, error = %e, "applying a received piece failed");
         }
     }
 
@@ -366,50 +360,20 @@ impl<B: Buffer> Node<B> {
             return;
         }
         let (op, stream) = (run.op, run.op.stream());
-        let contributors = match (&run.kept, &run.cut) {
-            (Some(k), _) => k.contributors.clone(),
-            (None, Some(cut)) => cut.participants.iter().map(|(m, _)| *m).collect(),
-            (None, None) => core,
-        };
-        let task = run.task();
-        if matches!(task, Some(Task::HandOver | Task::Join { .. })) {
-            self.synced.insert(stream, epoch);
-            if let Some(j) = self.joins.remove(&stream) {
-                self.reply(
-                    j.caller.id,
-                    j.caller.buffer,
-                    Err(OpError::Rejected(
-                        "superseded: this stream's state was handed over meanwhile".into(),
-                    )),
-                );
-            }
+        if matches!(run.task(), Some(Task::HandOver | Task::Join { .. })) {
+            self.handed_over(stream, epoch);
         }
-        let waiting = match &run.kept {
-            Some(k) => k.waiting.clone(),
-            None => self.pending(stream),
-        };
+        let (contributors, waiting) = self.result_names(&run, core);
         let output = run.bytes().to_vec();
-        if let Some(Task::Join { checksum }) = task {
-            let got = state_checksum(&output);
-            if got != checksum {
-                warn!(%op, want = checksum, got, "received state fails its checksum");
-                return self.fail(
-                    run,
-                    OpError::Rejected(format!(
-                        "the state received fails its checksum ({got:#x}, the root sent \
-                         {checksum:#x}); join again"
-                    )),
-                );
-            }
-            info!(%op, bytes = output.len(), "received state verified");
+        if let Err(e) = verify(&run, &output) {
+            return self.fail(run, e);
         }
-        let meta = self.step_meta(op, run.cut.as_ref());
         let done = OpDone {
             op,
             epoch,
             contributors: contributors.clone(),
             waiting: waiting.clone(),
-            meta,
+            meta: self.step_meta(op, run.cut.as_ref()),
         };
         let kept = Retained {
             op,
@@ -435,6 +399,38 @@ impl<B: Buffer> Node<B> {
         }
     }
 
+    /// A hand-over of `stream` completed in `epoch`: every member of the
+    /// ring holds its state from now on.
+    fn handed_over(&mut self, stream: u32, epoch: crate::Epoch) {
+        self.synced.insert(stream, epoch);
+        if let Some(j) = self.joins.remove(&stream) {
+            let err = "superseded: this stream's state was handed over meanwhile";
+            self.reply(
+                j.caller.id,
+                j.caller.buffer,
+                Err(OpError::Rejected(err.into())),
+            );
+        }
+    }
+
+    /// Whose inputs a completed op's result holds, and who waits for the
+    /// stream's state, as its trainer is told: what the kept result's
+    /// holder was told, else the step's cut, else the ring it ran in.
+    fn result_names(
+        &self,
+        run: &Running<B>,
+        core: Vec<MemberId>,
+    ) -> (Vec<MemberId>, Vec<MemberId>) {
+        match (&run.kept, &run.cut) {
+            (Some(k), _) => (k.contributors.clone(), k.waiting.clone()),
+            (None, Some(cut)) => {
+                let contributors = cut.participants.iter().map(|(m, _)| *m).collect();
+                (contributors, self.pending(run.op.stream()))
+            }
+            (None, None) => (core, self.pending(run.op.stream())),
+        }
+    }
+
     fn aborted(&mut self, run: Running<B>, reason: AbortReason) {
         match reason {
             AbortReason::MemberDown(_) | AbortReason::EpochChanged(_) => {
@@ -456,4 +452,21 @@ impl<B: Buffer> Node<B> {
             }
         }
     }
+}
+
+/// A joiner's received state must have the checksum its root announced.
+fn verify<B: Buffer>(run: &Running<B>, output: &[u8]) -> Result<(), OpError> {
+    let Some(Task::Join { checksum }) = run.task() else {
+        return Ok(());
+    };
+    let got = state_checksum(output);
+    if got != checksum {
+        warn!(op = %run.op, want = checksum, got, "received state fails its checksum");
+        return Err(OpError::Rejected(format!(
+            "the state received fails its checksum ({got:#x}, the root sent {checksum:#x}); \
+             join again"
+        )));
+    }
+    info!(op = %run.op, bytes = output.len(), "received state verified");
+    Ok(())
 }

@@ -184,22 +184,7 @@ impl<B: Buffer> Node<B> {
         // A rerun plan for it is moot: the step is cut again.
         self.plans.remove(&op);
         if self.stood_in(op) {
-            // Late: the step closed without this input.
-            if self.policy.late == LatePolicy::FoldIntoNext {
-                let input = q.req.buffer.as_bytes().to_vec();
-                self.steps.folded.keep(op.stream(), op.seq(), input);
-            }
-            debug!(%op, "late for the step: telling the coordinator");
-            let r = &q.req;
-            self.send_ready(op, r.kind, r.dtype, r.len, r.samples);
-        }
-        if let Some((output, done)) = self.steps.delivered.remove(&op) {
-            return self.serve_kept(q, output, done);
-        }
-        if self.stood_in(op) {
-            debug!(%op, "the step closed without this member; its result is on the way");
-            self.steps.late.insert(op, q);
-            return;
+            return self.submit_late(q);
         }
         let Queued { req, since } = q;
         if !matches!(req.kind, LocalKind::AllReduce(_)) {
@@ -275,6 +260,43 @@ impl<B: Buffer> Node<B> {
         }
     }
 
+    /// The trainer of a step that closed without it (this daemon stood in):
+    /// its input is folded into its next step (`late=fold`) or dropped,
+    /// the coordinator hears how late it was, and it gets the result.
+    fn submit_late(&mut self, q: Queued<B>) {
+        let op = q.req.op;
+        if self.policy.late == LatePolicy::FoldIntoNext {
+            let input = q.req.buffer.as_bytes().to_vec();
+            self.steps.folded.keep(op.stream(), op.seq(), input);
+        }
+        debug!(%op, "late for the step: telling the coordinator");
+        self.send_late(op);
+        match self.steps.delivered.remove(&op) {
+            Some((output, done)) => self.serve_kept(q, output, done),
+            None => {
+                debug!(%op, "the step closed without this member; its result is on the way");
+                self.steps.late.insert(op, q);
+            }
+        }
+    }
+
+    /// Tells the step's coordinator (itself included) that this member's
+    /// trainer arrived after `op`'s step closed without it.
+    fn send_late(&mut self, op: OpId) {
+        let Some(&coordinator) = self.step_ring(op.stream()).first() else {
+            return;
+        };
+        let msg = NodeMessage::StepLate {
+            op,
+            epoch: self.epoch,
+        };
+        if coordinator == self.me {
+            self.on_step(self.me, msg);
+        } else {
+            self.send(coordinator, msg);
+        }
+    }
+
     /// Re-enters the cut path after an epoch change decided to run the op
     /// again: the input goes back into the buffer and readiness to the new
     /// coordinator.
@@ -302,7 +324,9 @@ impl<B: Buffer> Node<B> {
     /// `StepReady` or `StepCut` from `from` (or from this daemon).
     pub(super) fn on_step(&mut self, from: MemberId, msg: NodeMessage) {
         let epoch = match &msg {
-            NodeMessage::StepReady { epoch, .. } | NodeMessage::StepCut { epoch, .. } => *epoch,
+            NodeMessage::StepReady { epoch, .. }
+            | NodeMessage::StepCut { epoch, .. }
+            | NodeMessage::StepLate { epoch, .. } => *epoch,
             _ => return,
         };
         if epoch < self.epoch {
@@ -323,44 +347,61 @@ impl<B: Buffer> Node<B> {
                 samples,
                 ..
             } => self.on_ready(from, op, reduce, dtype, len, samples),
-            NodeMessage::StepCut {
-                op,
-                reduce,
-                dtype,
-                len,
-                participants,
-                left_out,
-                reason,
-                changes,
-                records,
-                ..
-            } => {
-                let closed = self.steps.closed_upto.entry(op.stream()).or_insert(0);
-                *closed = (*closed).max(op.seq());
-                for (member, demoted, why) in &changes {
-                    if *demoted {
-                        warn!(%member, %op, reason = %why, "member demoted to observer: it receives results, its inputs are not waited for");
-                    } else {
-                        info!(%member, %op, reason = %why, "observer readmitted: it contributes again");
+            NodeMessage::StepLate { op, .. } => {
+                let members = self.step_ring(op.stream());
+                let now = self.now;
+                if members.first() == Some(&self.me) {
+                    if let Some(c) = self.steps.coordinators.get_mut(&op.stream()) {
+                        c.late(op.seq(), from, now, &members);
                     }
                 }
-                if !left_out.is_empty() {
-                    debug!(%op, %reason, ?left_out, "step closed without some members");
-                }
-                self.set_records(records);
-                self.on_cut(CutMsg {
-                    op,
-                    reduce,
-                    dtype,
-                    len,
-                    meta: CutMeta {
-                        participants,
-                        left_out,
-                    },
-                });
             }
+            msg @ NodeMessage::StepCut { .. } => self.on_announced(msg),
             _ => {}
         }
+    }
+
+    /// A step's cut, as its coordinator announced it.
+    fn on_announced(&mut self, msg: NodeMessage) {
+        let NodeMessage::StepCut {
+            op,
+            reduce,
+            dtype,
+            len,
+            participants,
+            left_out,
+            reason,
+            changes,
+            records,
+            ..
+        } = msg
+        else {
+            return;
+        };
+        let closed = self.steps.closed_upto.entry(op.stream()).or_insert(0);
+        *closed = (*closed).max(op.seq());
+        for (member, demoted, why) in &changes {
+            if *demoted {
+                warn!(%member, %op, reason = %why, "member demoted to observer: it receives results, its inputs are not waited for");
+            } else {
+                info!(%member, %op, reason = %why, "observer readmitted: it contributes again");
+            }
+        }
+        if !left_out.is_empty() {
+            debug!(%op, %reason, ?left_out, "step closed without some members");
+        }
+        self.set_records(records);
+        let meta = CutMeta {
+            participants,
+            left_out,
+        };
+        self.on_cut(CutMsg {
+            op,
+            reduce,
+            dtype,
+            len,
+            meta,
+        });
     }
 
     /// Handles the step messages held back while this daemon was not in
@@ -689,6 +730,7 @@ impl<B: Buffer> Node<B> {
             NodeMessage::StepReady { epoch: e, .. } | NodeMessage::StepCut { epoch: e, .. } => {
                 *e >= epoch
             }
+            // A late arrival belongs to the epoch it was sent in.
             _ => false,
         });
     }

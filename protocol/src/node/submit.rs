@@ -36,16 +36,10 @@ impl<B: Buffer> Node<B> {
             return self.submit_cut(q);
         }
         let Queued { req, since } = q;
-        let stream = req.op.stream();
-        let pending = self.pending(stream);
-        let (kind, task) = if req.kind == LocalKind::StateSync {
-            let Some(&root) = self.ring.iter().find(|m| !pending.contains(m)) else {
-                let err = OpError::Rejected("no member holds the state".into());
-                return self.reply(req.id, req.buffer, Err(err));
-            };
-            (LocalKind::Broadcast(root), Task::HandOver)
-        } else {
-            (req.kind, Task::Collective)
+        let pending = self.pending(req.op.stream());
+        let (kind, task) = match self.resolve(req.kind, &pending) {
+            Ok(resolved) => resolved,
+            Err(e) => return self.reply(req.id, req.buffer, Err(e)),
         };
         let members: Vec<MemberId> = match self.plans.remove(&req.op) {
             Some(Plan::Rerun { members }) => self.runners(req.op, members, Some(task)),
@@ -88,6 +82,18 @@ impl<B: Buffer> Node<B> {
         // gone the control plane removes it and the op is finished in that
         // epoch.
         self.start(run)
+    }
+
+    /// What runs for a trainer's `kind`: a hand-over is a broadcast from the
+    /// lowest member that holds the state (not `pending`).
+    fn resolve(&self, kind: LocalKind, pending: &[MemberId]) -> Result<(LocalKind, Task), OpError> {
+        if kind != LocalKind::StateSync {
+            return Ok((kind, Task::Collective));
+        }
+        match self.ring.iter().find(|m| !pending.contains(m)) {
+            Some(&root) => Ok((LocalKind::Broadcast(root), Task::HandOver)),
+            None => Err(OpError::Rejected("no member holds the state".into())),
+        }
     }
 
     /// Keeps the trainer's input for a re-run, after checking its buffer

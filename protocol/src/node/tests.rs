@@ -664,13 +664,9 @@ fn a_late_trainer_gets_the_result_its_daemon_stood_in_for() {
         vec![
             Action::Message {
                 to: m(1),
-                msg: NodeMessage::StepReady {
+                msg: NodeMessage::StepLate {
                     op,
                     epoch: Epoch(2),
-                    reduce: ReduceOp::Sum,
-                    dtype: DType::F32,
-                    len: 1,
-                    samples: None,
                 },
             },
             Action::Reply {
@@ -679,7 +675,71 @@ fn a_late_trainer_gets_the_result_its_daemon_stood_in_for() {
                 outcome: Ok(want),
             }
         ],
-        "its readiness still counts for attribution; the result is exactly m1's input"
+        "its lateness still counts for attribution; the result is exactly m1's input"
+    );
+}
+
+/// Found by the steps simulator with epoch changes: a trainer late for a
+/// step its daemon (the coordinator) stood in for, after an epoch change
+/// made the coordinator forget the step, must not cut it a second time.
+#[test]
+fn a_late_arrival_after_an_epoch_change_does_not_cut_the_step_again() {
+    let mut node = active(1, &[1, 2], NodeConfig::default());
+    let policy: QuorumPolicy = "backup=1".parse().unwrap();
+    node.handle_group(
+        ms(1),
+        GroupChange {
+            policy,
+            ..change(2, &[1, 2], 1)
+        },
+    );
+    node.handle_message(ms(1), m(2), NodeMessage::Recovery(report(2, 2)));
+    drain(&mut node);
+    let op = OpId::new(0, 1);
+    let ready = NodeMessage::StepReady {
+        op,
+        epoch: Epoch(2),
+        reduce: ReduceOp::Sum,
+        dtype: DType::F32,
+        len: 1,
+        samples: None,
+    };
+    node.handle_message(ms(2), m(2), ready);
+    assert!(
+        matches!(&drain(&mut node)[0], Action::Message { msg: NodeMessage::StepCut { participants, .. }, .. } if participants == &vec![(m(2), None)]),
+        "m2 alone closes the step; m1 stands in"
+    );
+    node.handle_frame(ms(3), header(op, 2, 2, PAIR, 1), bytes(&[4.0]));
+    assert_eq!(drain(&mut node), vec![], "the stand-in's result waits");
+    // A policy change: a new epoch with the same ring.
+    node.handle_group(
+        ms(4),
+        GroupChange {
+            policy,
+            ..change(3, &[1, 2], 1)
+        },
+    );
+    let theirs = RecoveryReport {
+        completed: vec![KeptResult {
+            op,
+            contributors: members(&[2]),
+            waiting: vec![],
+        }],
+        ..report(3, 2)
+    };
+    node.handle_message(ms(4), m(2), NodeMessage::Recovery(theirs));
+    drain(&mut node);
+    node.handle_submit(ms(5), all_reduce(3, 1, &[100.0]));
+    let mut want = done(op, 2, &[2]);
+    want.meta.left_out = vec![(m(1), LeftOut::Backup.to_string())];
+    assert_eq!(
+        drain(&mut node),
+        vec![Action::Reply {
+            id: RequestId(3),
+            buffer: bytes(&[4.0]),
+            outcome: Ok(want),
+        }],
+        "served from the stand-in; no second cut"
     );
 }
 

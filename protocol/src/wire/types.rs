@@ -273,6 +273,17 @@ pub enum NodeMessage {
         /// trainer said (the mean is then weighted by them).
         samples: Option<u64>,
     },
+    /// To the step's coordinator: the sender's trainer submitted `op` after
+    /// the step closed without it (its daemon stood in). For attribution
+    /// only: it never opens or closes a step — after an epoch change the
+    /// coordinator has forgotten the step, and a readiness would cut it
+    /// a second time.
+    StepLate {
+        /// The op (its seq is the step).
+        op: OpId,
+        /// The epoch the sender is in.
+        epoch: Epoch,
+    },
     /// From the step's coordinator to every member of the step's ring,
     /// before the reduction runs: who contributes to `op`, who is left out
     /// and why. Every member then runs the reduction over the whole ring,
