@@ -11,12 +11,11 @@
 //! (never behind data frames) and the latest [`GroupView`] on a watch.
 
 use bytes::Bytes;
-use phalanx_protocol::local::LocalKind;
 use phalanx_protocol::membership::GroupState;
-use phalanx_protocol::node::{OpDone, OpError};
+use phalanx_protocol::node::{ControlRequest, JoinRequest, OpDone, OpError, Request};
 use phalanx_protocol::stragglers::QuorumPolicy;
-use phalanx_protocol::wire::{ControlMessage, DType, FrameHeader, NodeMessage};
-use phalanx_protocol::{MemberId, OpId};
+use phalanx_protocol::wire::{ControlMessage, FrameHeader, NodeMessage};
+use phalanx_protocol::MemberId;
 use tokio::sync::oneshot;
 
 /// What the transport hands the runner.
@@ -64,39 +63,15 @@ pub struct Reply<B> {
     pub buffer: B,
 }
 
-/// What the local plane hands the runner for a trainer.
+/// What the local plane hands the runner for a trainer: the request (the
+/// runner gives it its id) and where the answer goes.
 #[derive(Debug)]
 pub enum TrainerCall<B> {
     /// A collective.
-    Submit {
-        /// The op's id, from the trainer's stream and call count.
-        op: OpId,
-        /// What to compute.
-        kind: LocalKind,
-        /// Element type.
-        dtype: DType,
-        /// Elements per member.
-        len: usize,
-        /// All-reduce: the samples the input was computed from.
-        samples: Option<u64>,
-        /// The working buffer.
-        buffer: B,
-        /// Where the answer goes.
-        reply: oneshot::Sender<Reply<B>>,
-    },
-    /// A join on `stream`: the live trainers' state goes into `buffer`.
-    Join {
-        /// The stream.
-        stream: u32,
-        /// Element type of the state.
-        dtype: DType,
-        /// Elements of state.
-        len: usize,
-        /// Where the state goes.
-        buffer: B,
-        /// Where the answer goes (its op: the stream goes on after it).
-        reply: oneshot::Sender<Reply<B>>,
-    },
+    Submit(Request<B>, oneshot::Sender<Reply<B>>),
+    /// A join: the live trainers' state goes into its buffer; the answer
+    /// names the hand-over's op (the stream goes on after it).
+    Join(JoinRequest<B>, oneshot::Sender<Reply<B>>),
 }
 
 /// What the control task is told.
@@ -119,20 +94,8 @@ pub enum ControlInput {
         /// Where it listens.
         addr: String,
     },
-    /// The node suspects `member` (possibly this daemon itself).
-    Suspect {
-        /// The member.
-        member: MemberId,
-        /// Why.
-        reason: String,
-    },
-    /// The node hears from `member` again.
-    Cleared {
-        /// The member.
-        member: MemberId,
-    },
-    /// A local trainer wants this daemon in the ring (it is joining).
-    WantIn,
+    /// What the runner's node asks (suspicions, readmission).
+    Node(ControlRequest),
     /// `phalanxctl policy`: propose closing steps by `policy`; the answer
     /// says whether Raft took the proposal (it applies once committed).
     SetPolicy {

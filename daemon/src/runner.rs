@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use metrics::{counter, gauge, histogram};
-use phalanx_protocol::node::{
-    Action, Buffer, Event, GroupChange, JoinRequest, Node, Outcome, Request, RequestId,
-};
+use phalanx_protocol::node::{Action, Buffer, Event, GroupChange, Node, Outcome, RequestId};
 use phalanx_protocol::stragglers::StragglerRecord;
 use phalanx_protocol::wire::{encode_frame_header, ControlMessage};
 use phalanx_protocol::Time;
@@ -85,7 +83,8 @@ impl<B: Buffer + Send + 'static> Runner<B> {
                 .map(|t| self.origin + Duration::from_micros(t.0));
             tokio::select! {
                 // Biased: group changes before anything else (they are rare
-                // and decide what the rest means), trainers before frames.
+                // and decide what the rest means), then trainers and due
+                // deadlines, so a steady stream of frames starves neither.
                 biased;
                 _ = shutdown.changed() => break,
                 change = inputs.group.recv(), if group_open => match change {
@@ -99,14 +98,14 @@ impl<B: Buffer + Send + 'static> Runner<B> {
                     Some(call) => self.trainer(call),
                     None => trainers_open = false,
                 },
-                input = inputs.net.recv() => match input {
-                    Some(input) => self.net(input),
-                    None => break,
-                },
                 _ = sleep_until(deadline) => {
                     let now = self.now();
                     self.node.handle_timeout(now);
                 }
+                input = inputs.net.recv() => match input {
+                    Some(input) => self.net(input),
+                    None => break,
+                },
             }
             self.execute();
         }
@@ -137,42 +136,14 @@ impl<B: Buffer + Send + 'static> Runner<B> {
         let id = RequestId(self.next_request);
         self.next_request += 1;
         match call {
-            TrainerCall::Submit {
-                op,
-                kind,
-                dtype,
-                len,
-                samples,
-                buffer,
-                reply,
-            } => {
+            TrainerCall::Submit(mut req, reply) => {
                 self.replies.insert(id, reply);
-                let req = Request {
-                    id,
-                    op,
-                    kind,
-                    dtype,
-                    len,
-                    samples,
-                    buffer,
-                };
+                req.id = id;
                 self.node.handle_submit(now, req);
             }
-            TrainerCall::Join {
-                stream,
-                dtype,
-                len,
-                buffer,
-                reply,
-            } => {
+            TrainerCall::Join(mut join, reply) => {
                 self.replies.insert(id, reply);
-                let join = JoinRequest {
-                    id,
-                    stream,
-                    dtype,
-                    len,
-                    buffer,
-                };
+                join.id = id;
                 self.node.handle_join(now, join);
             }
         }
@@ -212,17 +183,10 @@ impl<B: Buffer + Send + 'static> Runner<B> {
                     }
                     None => warn!(request = id.0, "an answer for a request nobody asked"),
                 },
-                Action::Suspect { member, reason } => {
-                    let _ = self
-                        .out
-                        .control
-                        .send(ControlInput::Suspect { member, reason });
-                }
-                Action::Cleared { member } => {
-                    let _ = self.out.control.send(ControlInput::Cleared { member });
-                }
-                Action::WantIn => {
-                    let _ = self.out.control.send(ControlInput::WantIn);
+                // Unbounded: a suspicion is never lost to a full queue (the
+                // control task is gone only while the daemon stops).
+                Action::Control(req) => {
+                    let _ = self.out.control.send(ControlInput::Node(req));
                 }
                 Action::ResetLinks { member } => self.out.links.reset(member),
             }

@@ -15,7 +15,7 @@ use phalanx_daemon::runner::{Runner, RunnerInputs, RunnerOutputs};
 use phalanx_daemon::transport::mem::MemNet;
 use phalanx_protocol::local::LocalKind;
 use phalanx_protocol::membership::{Command, GroupState};
-use phalanx_protocol::node::{GroupChange, Node, NodeConfig};
+use phalanx_protocol::node::{ControlRequest, GroupChange, Node, NodeConfig, Request, RequestId};
 use phalanx_protocol::wire::{DType, ReduceOp};
 use phalanx_protocol::{Incarnation, MemberId, OpId, Time};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -55,15 +55,16 @@ async fn train(
     let mut seen = Vec::new();
     for step in 0..steps {
         let (reply, rx) = oneshot::channel();
-        let call = TrainerCall::Submit {
+        let req = Request {
+            id: RequestId(0),
             op: OpId::new(0, step + 1),
             kind: LocalKind::AllReduce(ReduceOp::Sum),
             dtype: DType::F32,
             len: DIM,
             samples: None,
             buffer: bytes(&gradient(me, step)),
-            reply,
         };
+        let call = TrainerCall::Submit(req, reply);
         calls.send(call).await.expect("runner up");
         let Reply { outcome, buffer } = rx.await.expect("answered");
         let done = outcome.unwrap_or_else(|e| panic!("m{me} step {step}: {e}"));
@@ -145,7 +146,7 @@ async fn runners_over_the_in_memory_transport_finish_without_a_member_that_dies(
         .collect();
     let control = tokio::spawn(async move {
         while let Some(input) = control_rx.recv().await {
-            let ControlInput::Suspect { member, reason } = input else {
+            let ControlInput::Node(ControlRequest::Suspect { member, reason }) = input else {
                 continue;
             };
             if !group.is_active(member) {

@@ -546,9 +546,7 @@ impl ClusterSim {
                     buffer,
                     outcome,
                 } => self.answered(i, id, buffer, outcome)?,
-                Action::Suspect { member, reason } => self.members[i].plane.suspect(member, reason),
-                Action::Cleared { member } => self.members[i].plane.cleared(member),
-                Action::WantIn => self.members[i].plane.want_in(),
+                Action::Control(req) => self.members[i].plane.handle(req),
                 Action::ResetLinks { member } => self.reset(i, member.0 as usize),
             }
         }

@@ -34,8 +34,8 @@ use phalanx_protocol::collective::Config;
 use phalanx_protocol::local::LocalKind;
 use phalanx_protocol::membership::RecoveryReport;
 use phalanx_protocol::node::{
-    Action, AttributionConfig, Event as NodeEvent, GroupChange, Node, NodeConfig, OpDone, OpError,
-    Request, RequestId,
+    Action, AttributionConfig, ControlRequest, Event as NodeEvent, GroupChange, Node, NodeConfig,
+    OpDone, OpError, Request, RequestId,
 };
 use phalanx_protocol::rng::SplitMix64;
 use phalanx_protocol::stragglers::{DeadlinePolicy, LatePolicy, QuorumPolicy};
@@ -510,13 +510,13 @@ impl StepsSim {
                     buffer,
                     outcome,
                 } => self.result(m, id, buffer, outcome)?,
-                Action::Suspect { member, reason } => {
+                Action::Control(ControlRequest::Suspect { member, reason }) => {
                     return Err(self.fail(format!(
                         "m{} suspects {member} ({reason}): nobody dies here",
                         m + 1
                     )))
                 }
-                Action::Cleared { .. } | Action::WantIn | Action::ResetLinks { .. } => {}
+                Action::Control(_) | Action::ResetLinks { .. } => {}
             }
         }
         while let Some(event) = self.nodes[m].poll_event() {

@@ -259,9 +259,7 @@ impl ControlTask {
                 }
                 Err(e) => warn!(peer = %from, error = %e, "bad raft message"),
             },
-            ControlInput::Suspect { member, reason } => self.plane.suspect(member, reason),
-            ControlInput::Cleared { member } => self.plane.cleared(member),
-            ControlInput::WantIn => self.plane.want_in(),
+            ControlInput::Node(req) => self.plane.handle(req),
             ControlInput::SetPolicy { policy, reply } => {
                 let result = if let Err(why) = policy.validate() {
                     Err(why)

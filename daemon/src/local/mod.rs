@@ -23,7 +23,7 @@ use phalanx_protocol::local::{
     decode_local, encode_local, local_limits, stream_op_id, LocalErrorCode, LocalKind,
     LocalRequest, LocalResponse,
 };
-use phalanx_protocol::node::{Buffer, OpDone, OpError};
+use phalanx_protocol::node::{Buffer, JoinRequest, OpDone, OpError, Request, RequestId};
 use phalanx_protocol::wire::{DType, EnvelopeHeader, ENVELOPE_LEN, PROTOCOL_VERSION};
 use phalanx_protocol::{MemberId, OpId};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
@@ -337,13 +337,15 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                 Err(message) => error(LocalErrorCode::BadRequest, message),
                 Ok((stream, region)) => {
                     let (reply, rx) = oneshot::channel();
-                    let join = TrainerCall::Join {
+                    let join = JoinRequest {
+                        // The runner names the request.
+                        id: RequestId(0),
                         stream,
                         dtype,
                         len: len as usize,
                         buffer: region,
-                        reply,
                     };
+                    let join = TrainerCall::Join(join, reply);
                     match call(ctx, join, rx) {
                         Ok(done) => {
                             // The stream goes on after the hand-over op.
@@ -372,15 +374,16 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                 Err(message) => error(LocalErrorCode::BadRequest, message),
                 Ok((op, region)) => {
                     let (reply, rx) = oneshot::channel();
-                    let submit = TrainerCall::Submit {
+                    let req = Request {
+                        id: RequestId(0),
                         op,
                         kind,
                         dtype,
                         len: len as usize,
                         samples,
                         buffer: region,
-                        reply,
                     };
+                    let submit = TrainerCall::Submit(req, reply);
                     match call(ctx, submit, rx) {
                         Ok(done) => done_response(done),
                         Err(e) => op_error(e),

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::control::{propose, ControlNode, Durable, Event, Housekeeper};
 use super::group::{Applied, Change};
 use super::suspicions::Suspicions;
-use crate::node::GroupChange;
+use crate::node::{ControlRequest, GroupChange};
 use crate::{Incarnation, MemberId, Time};
 
 /// What one [`ControlPlane::step`] produced.
@@ -74,19 +74,14 @@ impl ControlPlane {
         &mut self.node
     }
 
-    /// The node suspects `member` (it may be this daemon itself).
-    pub fn suspect(&mut self, member: MemberId, reason: String) {
-        self.suspicions.raise(member, reason);
-    }
-
-    /// The node hears from `member` again.
-    pub fn cleared(&mut self, member: MemberId) {
-        self.suspicions.clear(member);
-    }
-
-    /// A local trainer is joining: ask to be in the ring.
-    pub fn want_in(&mut self) {
-        self.want_in = true;
+    /// What the daemon's node asks.
+    pub fn handle(&mut self, req: ControlRequest) {
+        match req {
+            ControlRequest::Suspect { member, reason } => self.suspicions.raise(member, reason),
+            ControlRequest::Cleared { member } => self.suspicions.clear(member),
+            // A local trainer is joining: ask to be in the ring.
+            ControlRequest::WantIn => self.want_in = true,
+        }
     }
 
     /// Proposes what is due at `now`, runs the ready loop (persisting

@@ -6,7 +6,7 @@ use tracing::{debug, info, warn};
 
 use super::mode::{Judging, Mode};
 use super::op::{KeptNames, Role, Running};
-use super::types::{Action, Buffer, Event, GroupChange, OpError};
+use super::types::{Action, Buffer, ControlRequest, Event, GroupChange, OpError};
 use super::Node;
 use crate::local::LocalKind;
 use crate::membership::{Plan, Recovery, RecoveryReport};
@@ -90,7 +90,8 @@ impl<B: Buffer> Node<B> {
             // Out of the ring again (removed just after its admission, say,
             // while it was still starting up) with a trainer waiting in
             // join(): ask to be readmitted again.
-            self.actions.push_back(Action::WantIn);
+            self.actions
+                .push_back(Action::Control(ControlRequest::WantIn));
         }
         if admitted {
             self.start_recovery();
@@ -134,15 +135,7 @@ impl<B: Buffer> Node<B> {
         let mut rec = Recovery::new(self.epoch, self.ring.clone());
         rec.add(report.clone()).expect("own report");
         self.report = Some(report.clone());
-        let peers: Vec<MemberId> = self
-            .ring
-            .iter()
-            .copied()
-            .filter(|&p| p != self.me)
-            .collect();
-        for peer in peers {
-            self.send(peer, NodeMessage::Recovery(report.clone()));
-        }
+        self.tell_ring(&NodeMessage::Recovery(report));
         for (from, r) in std::mem::take(&mut self.early_reports) {
             if r.epoch == self.epoch {
                 let _ = rec.add(r);

@@ -6,7 +6,7 @@
 use tracing::{info, warn};
 
 use super::op::{Caller, Role, Running, Task};
-use super::types::{Action, Buffer, JoinRequest, OpError};
+use super::types::{Action, Buffer, ControlRequest, JoinRequest, OpError};
 use super::Node;
 use crate::local::LocalKind;
 use crate::wire::DType;
@@ -41,7 +41,8 @@ impl<B: Buffer> Node<B> {
             stream = join.stream,
             "trainer joining: asking to be in the ring and for the state"
         );
-        self.actions.push_back(Action::WantIn);
+        self.actions
+            .push_back(Action::Control(ControlRequest::WantIn));
         let stream = join.stream;
         if self.mode.admitted() && !self.pending(stream).contains(&self.me) {
             // The group counts this member's trainer as holding the stream's

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use tracing::{debug, info, warn};
 
 use super::mode::Judging;
-use super::types::{Action, Buffer, Event};
+use super::types::{Action, Buffer, ControlRequest, Event};
 use super::Node;
 use crate::membership::{judge_progress, Decision};
 use crate::wire::NodeMessage;
@@ -36,7 +36,8 @@ impl<B: Buffer> Node<B> {
             // Reconnected: a fresh window, as after any sign of life.
             self.detector.watch(member, now);
         }
-        self.actions.push_back(Action::Cleared { member });
+        self.actions
+            .push_back(Action::Control(ControlRequest::Cleared { member }));
         // A report sent while the peer was not connected was dropped.
         if let Some(report) = self.report.clone() {
             if self.ring.contains(&member) {
@@ -60,7 +61,8 @@ impl<B: Buffer> Node<B> {
     /// Asks the control plane to take `member` out of the ring.
     pub(super) fn suspect(&mut self, member: MemberId, reason: String) {
         if self.ring.contains(&member) {
-            self.actions.push_back(Action::Suspect { member, reason });
+            let suspect = ControlRequest::Suspect { member, reason };
+            self.actions.push_back(Action::Control(suspect));
         }
     }
 
@@ -91,7 +93,8 @@ impl<B: Buffer> Node<B> {
                 Decision::Cleared { member } => {
                     info!(peer = %member, "suspected peer heard from again");
                     self.down.remove(&member);
-                    self.actions.push_back(Action::Cleared { member });
+                    self.actions
+                        .push_back(Action::Control(ControlRequest::Cleared { member }));
                 }
             }
         }
@@ -143,20 +146,7 @@ impl<B: Buffer> Node<B> {
         if now >= self.next_progress {
             self.next_progress = now.after(self.config.progress_interval());
             let streams: Vec<(u32, u64)> = self.issued.iter().map(|(&s, &q)| (s, q)).collect();
-            let peers: Vec<MemberId> = self
-                .ring
-                .iter()
-                .copied()
-                .filter(|&p| p != self.me)
-                .collect();
-            for peer in peers {
-                self.send(
-                    peer,
-                    NodeMessage::Progress {
-                        streams: streams.clone(),
-                    },
-                );
-            }
+            self.tell_ring(&NodeMessage::Progress { streams });
         }
         if !self.mode.admitted() {
             return;

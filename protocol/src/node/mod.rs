@@ -79,8 +79,8 @@ use tracing::warn;
 pub use mode::{Judging, Mode};
 pub use steps::neutral;
 pub use types::{
-    Action, Arithmetic, AttributionConfig, Buffer, Event, GroupChange, JoinRequest, NodeConfig,
-    OpDone, OpError, Outcome, Request, RequestId,
+    Action, Arithmetic, AttributionConfig, Buffer, ControlRequest, Event, GroupChange, JoinRequest,
+    NodeConfig, OpDone, OpError, Outcome, Request, RequestId,
 };
 
 use crate::collective::Collectives;

@@ -264,6 +264,19 @@ impl<B: Buffer> Node<B> {
         self.actions.push_back(Action::Message { to, msg });
     }
 
+    /// Sends `msg` to every other member of the ring.
+    pub(super) fn tell_ring(&mut self, msg: &NodeMessage) {
+        let peers: Vec<MemberId> = self
+            .ring
+            .iter()
+            .copied()
+            .filter(|&p| p != self.me)
+            .collect();
+        for peer in peers {
+            self.send(peer, msg.clone());
+        }
+    }
+
     /// Holds an interrupted op until the next epoch decides it (the
     /// daemon's own forwarding ops are dropped: the next recovery redoes
     /// them).

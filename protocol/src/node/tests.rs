@@ -115,6 +115,25 @@ fn active(me: u32, ring: &[u32], config: NodeConfig) -> TestNode {
     node
 }
 
+/// Member `me` of `ring`, active in epoch 2 whose steps close by `policy`.
+fn under_policy(me: u32, ring: &[u32], policy: &str) -> TestNode {
+    let mut node = active(me, ring, NodeConfig::default());
+    let policy: QuorumPolicy = policy.parse().unwrap();
+    node.handle_group(
+        ms(1),
+        GroupChange {
+            policy,
+            ..change(2, ring, me)
+        },
+    );
+    for &p in ring.iter().filter(|&&p| p != me) {
+        node.handle_message(ms(1), m(p), NodeMessage::Recovery(report(2, p)));
+    }
+    assert!(node.mode().is_active());
+    drain(&mut node);
+    node
+}
+
 fn all_reduce(id: u64, seq: u64, input: &[f32]) -> Request<Vec<u8>> {
     Request {
         id: RequestId(id),
@@ -395,15 +414,22 @@ fn hear(node: &mut TestNode, from: &[u32], at: Time) {
     }
 }
 
+/// Heartbeats from `from` every 100 ms, from `start` up to `end` ms; the
+/// actions are dropped. Returns the next heartbeat's time.
+fn beat(node: &mut TestNode, from: &[u32], start: u64, end: u64) -> u64 {
+    let mut t = start;
+    while t <= end {
+        hear(node, from, ms(t));
+        t += 100;
+    }
+    drain(node);
+    t
+}
+
 #[test]
 fn a_silent_peer_is_suspected_after_the_start_up_grace() {
     let mut node = active(1, &[1, 2, 3], NodeConfig::default());
-    let mut t = 0;
-    while t <= 2_000 {
-        hear(&mut node, &[2, 3], ms(t));
-        t += 100;
-    }
-    drain(&mut node);
+    let mut t = beat(&mut node, &[2, 3], 0, 2_000);
     // m3 falls silent at 2 s; m2 goes on.
     while t < 2_400 {
         hear(&mut node, &[2], ms(t));
@@ -413,17 +439,17 @@ fn a_silent_peer_is_suspected_after_the_start_up_grace() {
     assert_eq!(node.poll_timeout(), Some(ms(2_400)));
     node.handle_timeout(ms(2_400));
     let want = vec![
-        Action::Suspect {
+        Action::Control(ControlRequest::Suspect {
             member: m(3),
             reason: "no heartbeat for 400 ms".into(),
-        },
+        }),
         Action::ResetLinks { member: m(3) },
     ];
     assert_eq!(without_progress(drain(&mut node)), want);
     hear(&mut node, &[2, 3], ms(2_450));
     assert_eq!(
         without_progress(drain(&mut node)),
-        vec![Action::Cleared { member: m(3) }]
+        vec![Action::Control(ControlRequest::Cleared { member: m(3) })]
     );
 }
 
@@ -439,12 +465,7 @@ fn during_the_start_up_grace_nobody_is_suspected() {
 #[test]
 fn waking_far_past_a_deadline_excuses_the_silence() {
     let mut node = active(1, &[1, 2, 3], NodeConfig::default());
-    let mut t = 0;
-    while t <= 2_100 {
-        hear(&mut node, &[2, 3], ms(t));
-        t += 100;
-    }
-    drain(&mut node);
+    beat(&mut node, &[2, 3], 0, 2_100);
     let due = node.poll_timeout().expect("a deadline");
     assert!(due <= ms(2_500));
     // This daemon was stopped for three seconds: the silence is its own.
@@ -473,12 +494,12 @@ fn a_peer_whose_trainer_is_stuck_is_suspected_with_the_reason() {
     node.handle_timeout(ms(1_002));
     assert_eq!(
         without_progress(drain(&mut node)),
-        vec![Action::Suspect {
+        vec![Action::Control(ControlRequest::Suspect {
             member: m(2),
             reason:
                 "no progress: its trainer has not issued op1 (stream 0 is at op 0) after 1000 ms"
                     .into(),
-        }]
+        })]
     );
 }
 
@@ -510,7 +531,10 @@ fn a_joiner_receives_the_state_and_checks_it() {
                 buffer: vec![0; 8],
             },
         );
-        assert_eq!(drain(&mut node), vec![Action::WantIn]);
+        assert_eq!(
+            drain(&mut node),
+            vec![Action::Control(ControlRequest::WantIn)]
+        );
         let state = bytes(&[4.0, 8.0]);
         let op = OpId::new(0, 5);
         node.handle_message(
@@ -556,19 +580,7 @@ fn a_joiner_receives_the_state_and_checks_it() {
 
 #[test]
 fn under_backup_workers_the_coordinator_closes_without_the_last() {
-    let mut node = active(1, &[1, 2, 3], NodeConfig::default());
-    let policy: QuorumPolicy = "backup=1".parse().unwrap();
-    node.handle_group(
-        ms(1),
-        GroupChange {
-            policy,
-            ..change(2, &[1, 2, 3], 1)
-        },
-    );
-    for p in [2, 3] {
-        node.handle_message(ms(1), m(p), NodeMessage::Recovery(report(2, p)));
-    }
-    drain(&mut node);
+    let mut node = under_policy(1, &[1, 2, 3], "backup=1");
     let op = OpId::new(0, 1);
     node.handle_submit(ms(2), all_reduce(1, 1, &[1.0]));
     assert_eq!(drain(&mut node), vec![], "one ready of three: not yet");
@@ -620,17 +632,7 @@ fn node_records() -> Vec<crate::stragglers::StragglerRecord> {
 
 #[test]
 fn a_late_trainer_gets_the_result_its_daemon_stood_in_for() {
-    let mut node = active(2, &[1, 2], NodeConfig::default());
-    let policy: QuorumPolicy = "backup=1".parse().unwrap();
-    node.handle_group(
-        ms(1),
-        GroupChange {
-            policy,
-            ..change(2, &[1, 2], 2)
-        },
-    );
-    node.handle_message(ms(1), m(1), NodeMessage::Recovery(report(2, 1)));
-    drain(&mut node);
+    let mut node = under_policy(2, &[1, 2], "backup=1");
     let op = OpId::new(0, 1);
     let cut = NodeMessage::StepCut {
         op,
@@ -684,17 +686,8 @@ fn a_late_trainer_gets_the_result_its_daemon_stood_in_for() {
 /// made the coordinator forget the step, must not cut it a second time.
 #[test]
 fn a_late_arrival_after_an_epoch_change_does_not_cut_the_step_again() {
-    let mut node = active(1, &[1, 2], NodeConfig::default());
+    let mut node = under_policy(1, &[1, 2], "backup=1");
     let policy: QuorumPolicy = "backup=1".parse().unwrap();
-    node.handle_group(
-        ms(1),
-        GroupChange {
-            policy,
-            ..change(2, &[1, 2], 1)
-        },
-    );
-    node.handle_message(ms(1), m(2), NodeMessage::Recovery(report(2, 2)));
-    drain(&mut node);
     let op = OpId::new(0, 1);
     let ready = NodeMessage::StepReady {
         op,

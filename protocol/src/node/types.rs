@@ -203,10 +203,24 @@ pub enum Action<B> {
         /// The outcome.
         outcome: Result<OpDone, OpError>,
     },
-    /// Ask the control plane to take `member` out of the ring in a new
-    /// epoch (it may be this daemon itself, leaving to be readmitted).
-    /// Raised once per suspicion: the control plane keeps proposing it
-    /// until it takes effect or is cleared.
+    /// Tell this daemon's control plane.
+    Control(ControlRequest),
+    /// Drop the connections to `member` and dial again (a suspected peer
+    /// that restarted is reached in its new life at once).
+    ResetLinks {
+        /// The member.
+        member: MemberId,
+    },
+}
+
+/// What a node asks of its daemon's control plane
+/// ([`crate::membership::ControlPlane::handle`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlRequest {
+    /// Take `member` out of the ring in a new epoch (it may be this daemon
+    /// itself, leaving to be readmitted). Raised once per suspicion: the
+    /// control plane keeps proposing it until it takes effect or is
+    /// cleared.
     Suspect {
         /// The member.
         member: MemberId,
@@ -218,14 +232,8 @@ pub enum Action<B> {
         /// The member.
         member: MemberId,
     },
-    /// A trainer is joining: ask the control plane to (re)admit this daemon.
+    /// A trainer is joining: (re)admit this daemon.
     WantIn,
-    /// Drop the connections to `member` and dial again (a suspected peer
-    /// that restarted is reached in its new life at once).
-    ResetLinks {
-        /// The member.
-        member: MemberId,
-    },
 }
 
 /// How a trainer's op ended, for metrics.
