@@ -179,3 +179,124 @@ fn a_member_cut_off_gets_no_quorum_then_rejoins_after_the_heal() {
     training::finish_all(&shared, trainers, 10);
     eprintln!("cut-off member got NoQuorum after {waited:?}");
 }
+
+/// Elements of the state the hand-over test's trainers hold (128 MiB of
+/// f32): large enough that the root is killed while it sends.
+const BIG_STATE: usize = 32 << 20;
+
+/// The state every trainer of the hand-over test holds (a step counter is
+/// kept apart: this test is about the bytes arriving intact).
+fn big_state() -> Vec<f32> {
+    (0..BIG_STATE).map(|i| (i % 1021) as f32 * 0.5).collect()
+}
+
+/// A trainer of the hand-over test: optionally joins (and checks what
+/// arrived), then steps a small all-reduce, handing its state over when a
+/// result reports members waiting, until `stop`. Counts its steps in `steps`.
+fn big_state_trainer(
+    socket: std::path::PathBuf,
+    join: bool,
+    steps: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Result<(), String>> {
+    std::thread::spawn(move || {
+        let mut c = phalanx_client::Client::connect(&socket).map_err(|e| e.to_string())?;
+        let mut state = if join {
+            vec![0.0; BIG_STATE]
+        } else {
+            big_state()
+        };
+        if join {
+            c.join(&mut state).map_err(|e| format!("join: {e}"))?;
+            if state != big_state() {
+                return Err("the joiner's state differs from the live trainers'".into());
+            }
+        }
+        while !stop.load(Ordering::SeqCst) {
+            let mut g = vec![1.0f32; 256];
+            let info = c
+                .all_reduce(&mut g, phalanx_client::ReduceOp::Sum)
+                .map_err(|e| format!("all_reduce: {e}"))?;
+            steps.fetch_add(1, Ordering::SeqCst);
+            if !info.waiting.is_empty() {
+                c.admit(&mut state).map_err(|e| format!("admit: {e}"))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+// Issue 13, item 1: the survivors' trainers re-ran the hand-over as planned,
+// but every re-run broadcast whose root was gone failed, and with it every
+// live trainer's admit(). Every live trainer holds the same state: the
+// hand-over goes on from the next holder, and the joiner waits for it.
+#[test]
+fn a_hand_over_whose_source_dies_goes_on_from_another_holder() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::Arc;
+    let _serial = common::one_at_a_time();
+    let (mut cluster, _) = start(5, "");
+    let stop = Arc::new(AtomicBool::new(false));
+    let steps: Vec<Arc<AtomicU64>> = (0..5).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let mut trainers: Vec<_> = (0..4)
+        .map(|i| {
+            Some(big_state_trainer(
+                cluster.members[i].socket.clone(),
+                false,
+                steps[i].clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    // m5 comes in late, as a restarted member does: its trainer joins.
+    cluster
+        .terminate(4, std::time::Duration::from_secs(30))
+        .unwrap();
+    training::wait_until("warm-up", 60, || steps[1].load(Ordering::SeqCst) >= 10);
+    cluster.spawn(4).unwrap();
+    cluster
+        .wait_ready(std::time::Duration::from_secs(60))
+        .unwrap();
+    let joiner = big_state_trainer(
+        cluster.members[4].socket.clone(),
+        true,
+        steps[4].clone(),
+        stop.clone(),
+    );
+    // The root (m1, the lowest holder) dies as soon as it starts sending.
+    let root_log = cluster.members[0].log.clone();
+    training::wait_until("the hand-over starts", 60, || {
+        std::fs::read_to_string(&root_log)
+            .unwrap_or_default()
+            .contains("handing the trainers' state to a joining member")
+    });
+    cluster.signal(0, KILL).unwrap();
+    let root_trainer = trainers[0].take().unwrap();
+    training::wait_until("the joiner trains", 90, || {
+        steps[4].load(Ordering::SeqCst) >= 5
+    });
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        root_trainer.join().unwrap().is_err(),
+        "the killed member's trainer fails"
+    );
+    for (i, t) in trainers.into_iter().enumerate().skip(1) {
+        t.unwrap()
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("survivor m{} failed: {e}", i + 1));
+    }
+    joiner
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the joiner failed: {e}"));
+    let went_on = (1..4).any(|i| {
+        std::fs::read_to_string(&cluster.members[i].log)
+            .unwrap_or_default()
+            .contains("hand-over source is gone: handing over from another holder")
+    });
+    assert!(
+        went_on,
+        "the root died after its hand-over completed: nothing was re-run"
+    );
+}

@@ -76,6 +76,10 @@ pub enum ClusterFault {
     Pause(usize, Duration),
     /// Connectivity returns.
     Heal,
+    /// The next member to start handing its state to a joiner from here on
+    /// while another member also holds it dies as it starts (before any of
+    /// it arrives), unless a member has crashed already.
+    CrashHandOverRoot,
 }
 
 impl ClusterScenario {
@@ -106,13 +110,20 @@ impl ClusterScenario {
             };
             faults.push((at, fault));
         }
+        let jitter = Duration::from_micros(rng.range_inclusive(0, 2_000));
+        // Drawn last, so the schedules above stay those of earlier versions.
+        if !crashed && rng.below(3) == 0 {
+            let at =
+                Duration::from_millis(rng.range_inclusive(300, fault_phase.as_millis() as u64));
+            faults.push((at, ClusterFault::CrashHandOverRoot));
+        }
         faults.sort_by_key(|(at, _)| *at);
         ClusterScenario {
             seed,
             members,
             fault_phase,
             heal_phase: Duration::from_secs(8),
-            jitter: Duration::from_micros(rng.range_inclusive(0, 2_000)),
+            jitter,
             faults,
         }
     }
@@ -143,6 +154,8 @@ pub struct ClusterReport {
     pub rejoined: u64,
     /// State hand-overs by live trainers.
     pub hand_overs: u64,
+    /// Hand-over roots crashed as they started.
+    pub roots_crashed: u64,
     /// The step the survivors reached together.
     pub final_step: u64,
     /// A majority of the trainers had their calls fail with `NoQuorum` at
@@ -243,6 +256,8 @@ pub struct ClusterSim {
     /// When each trainer's call failed for want of an epoch (`NoQuorum`).
     no_quorum: Vec<(Time, usize)>,
     stop_at: u64,
+    /// A [`ClusterFault::CrashHandOverRoot`] is armed.
+    crash_root: bool,
     report: ClusterReport,
 }
 
@@ -329,6 +344,7 @@ impl ClusterSim {
             history: vec![BTreeMap::new(); sc.members],
             no_quorum: Vec::new(),
             stop_at: u64::MAX,
+            crash_root: false,
             report: ClusterReport::default(),
             sc,
         }
@@ -413,6 +429,9 @@ impl ClusterSim {
             }
             ClusterFault::Pause(m, d) => self.members[*m].paused_until = Some(self.now.after(*d)),
             ClusterFault::Heal => self.side = vec![0; self.sc.members],
+            ClusterFault::CrashHandOverRoot => {
+                self.crash_root = self.members.iter().all(|m| m.alive);
+            }
         }
     }
 
@@ -540,6 +559,15 @@ impl ClusterSim {
                     header,
                     payload,
                 } => self.send(i, to.0 as usize, Packet::Frame(header, payload)),
+                Action::Message {
+                    to,
+                    msg: NodeMessage::JoinPoint { stream, .. },
+                } if self.crash_root && self.other_holder(i, stream) => {
+                    tracing::info!(m = i, joiner = %to, "the hand-over's root dies as it starts");
+                    self.crash_root = false;
+                    self.report.roots_crashed += 1;
+                    self.members[i].alive = false;
+                }
                 Action::Message { to, msg } => self.send(i, to.0 as usize, Packet::Node(msg)),
                 Action::Reply {
                     id,
@@ -818,6 +846,19 @@ impl ClusterSim {
 }
 
 impl ClusterSim {
+    /// Whether a member of node `i`'s ring other than itself holds
+    /// `stream`'s state (with none, nobody can take a hand-over over: the
+    /// joiners' own states are all that is left, a case for checkpoints).
+    fn other_holder(&self, i: usize, stream: u32) -> bool {
+        // (The node's own view has moved on by now: a broadcast's root is
+        // done as it sends. A trainer outside join() holds the state.)
+        debug_assert_eq!(stream, 0, "the trainers use one stream");
+        let ring = self.members[i].node.ring();
+        self.members.iter().enumerate().any(|(j, m)| {
+            j != i && m.alive && ring.contains(&m.id) && !matches!(m.trainer.task, Task::Join(_))
+        })
+    }
+
     /// Whether a majority of the `alive` members' trainers failed for want
     /// of an epoch within one recovery timeout of each other.
     fn stalled(&self, alive: usize) -> bool {

@@ -170,6 +170,7 @@ fn seeded_cluster_scenarios() {
                 total.stopped += r.stopped;
                 total.rejoined += r.rejoined;
                 total.hand_overs += r.hand_overs;
+                total.roots_crashed += r.roots_crashed;
                 stalled += u64::from(r.stalled);
             }
             Err(failure) => {
@@ -197,6 +198,10 @@ fn seeded_cluster_scenarios() {
         assert!(
             total.from_results > 0,
             "no scenario finished an op from a kept result"
+        );
+        assert!(
+            total.roots_crashed > 0,
+            "no scenario crashed a hand-over's source"
         );
     }
 }

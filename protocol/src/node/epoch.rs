@@ -4,8 +4,9 @@
 
 use tracing::{debug, info, warn};
 
+use super::joins::Joiner;
 use super::mode::{Judging, Mode};
-use super::op::{KeptNames, Role, Running};
+use super::op::{KeptNames, Role, Running, Task};
 use super::types::{Action, Buffer, ControlRequest, Event, GroupChange, OpError};
 use super::Node;
 use crate::local::LocalKind;
@@ -262,7 +263,26 @@ impl<B: Buffer> Node<B> {
                 run.cut = None;
                 if let LocalKind::Broadcast(root) = run.kind {
                     if !members.contains(&root) {
-                        return self.fail(run, OpError::Aborted(AbortReason::MemberDown(root)));
+                        match run.task() {
+                            // Every trainer that handed over holds the same
+                            // state: the hand-over goes on from one of them.
+                            Some(Task::HandOver) => match self.holder(run.op, &members) {
+                                Some(holder) => {
+                                    info!(op = %run.op, gone = %root, root = %holder, "hand-over source is gone: handing over from another holder");
+                                    run.kind = LocalKind::Broadcast(holder);
+                                }
+                                None => {
+                                    return self
+                                        .fail(run, OpError::Aborted(AbortReason::MemberDown(root)))
+                                }
+                            },
+                            // The new root announces the hand-over again.
+                            Some(Task::Join { .. }) => return self.wait_for_state(run),
+                            _ => {
+                                return self
+                                    .fail(run, OpError::Aborted(AbortReason::MemberDown(root)))
+                            }
+                        }
                     }
                 }
                 run.restore_input();
@@ -309,16 +329,39 @@ impl<B: Buffer> Node<B> {
         &self,
         op: OpId,
         mut members: Vec<MemberId>,
-        task: Option<super::op::Task>,
+        task: Option<Task>,
     ) -> Vec<MemberId> {
-        if !matches!(
-            task,
-            Some(super::op::Task::HandOver | super::op::Task::Join { .. })
-        ) {
+        if !matches!(task, Some(Task::HandOver | Task::Join { .. })) {
             let pending = self.pending(op.stream());
             members.retain(|m| !pending.contains(m));
         }
         members
+    }
+
+    /// The root a re-run hand-over of `op` among `members` takes: the first
+    /// member of the ring that holds the stream's state, as at its first
+    /// run (every member computes the same one).
+    fn holder(&self, op: OpId, members: &[MemberId]) -> Option<MemberId> {
+        let pending = self.pending(op.stream());
+        self.ring
+            .iter()
+            .copied()
+            .find(|m| members.contains(m) && !pending.contains(m))
+    }
+
+    /// A joiner whose hand-over lost its root waits in `join()` again for
+    /// the new root's announcement (unless its trainer joined anew since).
+    fn wait_for_state(&mut self, run: Running<B>) {
+        let (stream, dtype, len) = (run.op.stream(), run.dtype, run.len);
+        let Role::Trainer { caller, .. } = run.role else {
+            unreachable!("a join is its trainer's");
+        };
+        info!(op = %run.op, "the hand-over's source is gone: waiting for another holder to hand over");
+        if self.joins.contains_key(&stream) {
+            let err = OpError::Rejected("superseded by a newer join on the same stream".into());
+            return self.reply(caller.id, caller.buffer, Err(err));
+        }
+        self.joins.insert(stream, Joiner { caller, dtype, len });
     }
 
     /// A step this daemon ran for its lagging trainer, whose result nobody

@@ -374,7 +374,7 @@ impl<B: Buffer> Node<B> {
         }
         let (op, stream) = (run.op, run.op.stream());
         if matches!(run.task(), Some(Task::HandOver | Task::Join { .. })) {
-            self.handed_over(stream, epoch);
+            self.handed_over(stream, &run.members);
         }
         let (contributors, waiting) = self.result_names(&run, core);
         let output = run.bytes().to_vec();
@@ -412,10 +412,18 @@ impl<B: Buffer> Node<B> {
         }
     }
 
-    /// A hand-over of `stream` completed in `epoch`: every member of the
-    /// ring holds its state from now on.
-    fn handed_over(&mut self, stream: u32, epoch: crate::Epoch) {
-        self.synced.insert(stream, epoch);
+    /// A hand-over of `stream` among `members` completed: they hold its
+    /// state from now on. A member admitted after the latest of them was
+    /// not in it (a re-run runs among those of its first run) and still
+    /// waits: the stream counts as agreed up to that admission, the same at
+    /// every member of the epoch.
+    fn handed_over(&mut self, stream: u32, members: &[MemberId]) {
+        let agreed = members
+            .iter()
+            .filter_map(|m| self.joined_at.get(m).copied())
+            .max()
+            .unwrap_or(self.epoch);
+        self.synced.insert(stream, agreed);
         if let Some(j) = self.joins.remove(&stream) {
             let err = "superseded: this stream's state was handed over meanwhile";
             self.reply(

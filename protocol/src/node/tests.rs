@@ -758,3 +758,153 @@ fn shutting_down_answers_everyone_waiting() {
         BTreeMap::from([(1, OpError::ShuttingDown), (2, OpError::ShuttingDown)])
     );
 }
+
+/// Member `me` of ring [1, 2, 3] in epoch 2, where m3 was (re)admitted in
+/// epoch 2 and waits for the state on stream 0.
+fn with_a_joiner(me: u32) -> TestNode {
+    let mut node = Node::new(
+        m(me),
+        Incarnation(if me == 3 { 2 } else { 1 }),
+        NodeConfig::default(),
+        Box::new(F32),
+        Time::ZERO,
+    );
+    let mut admitted = change(2, &[1, 2, 3], me);
+    admitted.joined_at.insert(m(3), Epoch(2));
+    node.handle_group(Time::ZERO, admitted);
+    for p in [1, 2, 3].into_iter().filter(|&p| p != me) {
+        node.handle_message(Time::ZERO, m(p), NodeMessage::Recovery(report(2, p)));
+    }
+    assert!(node.mode().is_active());
+    drain(&mut node);
+    node
+}
+
+/// Epoch 3 drops m1, the hand-over's root; m2 and m3 both parked `op`.
+fn lose_the_root(node: &mut TestNode, me: u32, op: OpId, at: Time) {
+    let mut next = change(3, &[2, 3], me);
+    next.joined_at.insert(m(3), Epoch(2));
+    node.handle_group(at, next);
+    let peer = 5 - me;
+    let theirs = RecoveryReport {
+        epoch: Epoch(3),
+        member: m(peer),
+        parked: vec![(op, members(&[1, 2, 3]))],
+        completed: vec![],
+    };
+    node.handle_message(at, m(peer), NodeMessage::Recovery(theirs));
+}
+
+#[test]
+fn a_hand_over_whose_root_dies_goes_on_from_another_holder() {
+    let mut node = with_a_joiner(2);
+    let state = bytes(&[4.0, 8.0]);
+    let op = OpId::new(0, 5);
+    node.handle_submit(
+        ms(1),
+        Request {
+            id: RequestId(4),
+            op,
+            kind: LocalKind::StateSync,
+            dtype: DType::F32,
+            len: 2,
+            samples: None,
+            buffer: state.clone(),
+        },
+    );
+    // m1 is the root: m2 waits for its frames (none come: m1 dies).
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    lose_the_root(&mut node, 2, op, ms(10));
+    let actions: Vec<_> = without_progress(drain(&mut node))
+        .into_iter()
+        .filter(|a| {
+            !matches!(
+                a,
+                Action::Message {
+                    msg: NodeMessage::Recovery(_),
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            Action::Message {
+                to: m(3),
+                msg: NodeMessage::JoinPoint {
+                    stream: 0,
+                    op,
+                    epoch: Epoch(3),
+                    root: m(2),
+                    dtype: DType::F32,
+                    len: 2,
+                    checksum: state_checksum(&state),
+                },
+            },
+            Action::Frame {
+                to: m(3),
+                header: header(op, 3, 2, 0, 2),
+                payload: state.clone(),
+            },
+            Action::Reply {
+                id: RequestId(4),
+                buffer: state,
+                outcome: Ok(done(op, 3, &[2, 3])),
+            },
+        ],
+        "the next holder in the ring (m2) announces the hand-over and sends its copy"
+    );
+}
+
+#[test]
+fn a_joiner_whose_hand_over_lost_its_root_waits_for_the_next() {
+    let mut node = with_a_joiner(3);
+    node.handle_join(
+        ms(1),
+        JoinRequest {
+            id: RequestId(9),
+            stream: 0,
+            dtype: DType::F32,
+            len: 2,
+            buffer: vec![0; 8],
+        },
+    );
+    drain(&mut node);
+    let state = bytes(&[4.0, 8.0]);
+    let op = OpId::new(0, 5);
+    let point = |epoch: u64, root: u32| NodeMessage::JoinPoint {
+        stream: 0,
+        op,
+        epoch: Epoch(epoch),
+        root: m(root),
+        dtype: DType::F32,
+        len: 2,
+        checksum: state_checksum(&state),
+    };
+    node.handle_message(ms(2), m(1), point(2, 1));
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    lose_the_root(&mut node, 3, op, ms(10));
+    let actions = without_progress(drain(&mut node));
+    assert!(
+        actions.iter().all(|a| matches!(
+            a,
+            Action::Message {
+                msg: NodeMessage::Recovery(_),
+                ..
+            }
+        )),
+        "the joiner's trainer is not failed: {actions:?}"
+    );
+    node.handle_message(ms(11), m(2), point(3, 2));
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    node.handle_frame(ms(12), header(op, 3, 2, 0, 2), state.clone());
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Reply {
+            id: RequestId(9),
+            buffer: state,
+            outcome: Ok(done(op, 3, &[2, 3])),
+        }]
+    );
+}
