@@ -84,11 +84,19 @@ enum Command {
     /// all-reducing in a loop; SIGKILL one member per trial (rotating, so the
     /// Raft leader is among the victims) and time until every survivor has
     /// completed an all-reduce without it. Also the commit latency of the
-    /// epoch change. Default bounds (100 ms heartbeats, 400 ms suspicion).
+    /// epoch change, the stall the survivors' trainers see, and — the
+    /// victim restarted, its trainer joining — the rejoin time. Default
+    /// bounds (100 ms heartbeats, 400 ms suspicion).
     Failover {
         /// Members per cluster (at least 3).
         #[arg(long, default_value_t = 5)]
         members: usize,
+        /// Quorum policy the steps close by (`sync`, `backup=1`, `deadline=p50`...).
+        #[arg(long, default_value = "sync")]
+        policy: String,
+        /// Compute time per step in each trainer, ms (standing for a model's).
+        #[arg(long, default_value_t = 0)]
+        compute_ms: u64,
         /// Trials (a fresh cluster each).
         #[arg(long, default_value_t = 10)]
         trials: usize,
@@ -271,6 +279,8 @@ fn main() -> ExitCode {
         })(),
         Command::Failover {
             members,
+            policy,
+            compute_ms,
             trials,
             elems,
             json,
@@ -283,6 +293,8 @@ fn main() -> ExitCode {
                     trials: trials.max(1),
                     elems,
                     phalanxd,
+                    policy,
+                    compute_ms,
                 },
                 json.as_deref(),
             )

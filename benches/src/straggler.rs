@@ -44,6 +44,9 @@ struct Run {
     slow_contributed: usize,
     /// Steps the slow member's trainer skipped computing (it was behind).
     slow_skipped: usize,
+    /// Demotions and readmissions, as member 1's log announced them.
+    demotions: usize,
+    readmissions: usize,
 }
 
 /// Steps at the start of a run left out of the figures (connections,
@@ -124,6 +127,9 @@ fn run_one(o: &Options, name: &'static str, policy: &str, slow: bool) -> Result<
         );
     }
     healthy_steps.sort_by(f64::total_cmp);
+    let log = std::fs::read_to_string(&cluster.members[0].log).unwrap_or_default();
+    let demotions = log.matches("member demoted to observer").count();
+    let readmissions = log.matches("observer readmitted").count();
     drop(cluster);
     Ok(Run {
         name,
@@ -131,6 +137,8 @@ fn run_one(o: &Options, name: &'static str, policy: &str, slow: bool) -> Result<
         healthy_steps,
         slow_contributed,
         slow_skipped,
+        demotions,
+        readmissions,
     })
 }
 
@@ -147,8 +155,8 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
         o.members, o.steps, o.compute_ms, o.slow, o.elems
     );
     println!(
-        "{:<9} {:<44} {:>8} {:>8} {:>9} {:>12} {:>8}",
-        "run", "policy", "p50 ms", "p99 ms", "/healthy", "slow in/all", "skipped"
+        "{:<9} {:<44} {:>8} {:>8} {:>9} {:>12} {:>8} {:>13}",
+        "run", "policy", "p50 ms", "p99 ms", "/healthy", "slow in/all", "skipped", "demoted/back"
     );
     let plan: [(&'static str, &str, bool); 4] = [
         ("healthy", "sync", false),
@@ -165,14 +173,15 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
     for r in &runs {
         let p50 = quantile(&r.healthy_steps, 0.5);
         println!(
-            "{:<9} {:<44} {:>8.2} {:>8.2} {:>9.2} {:>12} {:>8}",
+            "{:<9} {:<44} {:>8.2} {:>8.2} {:>9.2} {:>12} {:>8} {:>13}",
             r.name,
             r.policy,
             p50 * 1e3,
             quantile(&r.healthy_steps, 0.99) * 1e3,
             p50 / healthy_p50,
             format!("{}/{}", r.slow_contributed, o.steps),
-            r.slow_skipped
+            r.slow_skipped,
+            format!("{}/{}", r.demotions, r.readmissions)
         );
     }
     let ratio = |i: usize| quantile(&runs[i].healthy_steps, 0.5) / healthy_p50;
@@ -191,6 +200,8 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
             "step_p99_ms": quantile(&r.healthy_steps, 0.99) * 1e3,
             "slow_member_contributed": r.slow_contributed,
             "slow_member_skipped": r.slow_skipped,
+            "demotions": r.demotions,
+            "readmissions": r.readmissions,
         })).collect::<Vec<_>>(),
         "summary": {
             "healthy_p50_ms": healthy_p50 * 1e3,

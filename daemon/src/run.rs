@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use phalanx_compute::{ComputeEngine, EngineArithmetic, ScalarEngine, SimdEngine};
 use phalanx_protocol::node::Node;
-use phalanx_protocol::{MemberId, Time};
+use phalanx_protocol::{Incarnation, MemberId, Time};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn};
@@ -73,26 +73,29 @@ fn engine(name: &str) -> Box<dyn ComputeEngine> {
 
 /// Keeps the mesh in step with the group: every member the group records
 /// (a node that joined, or — on a joining node — the whole group once its
-/// snapshot arrives) becomes a peer.
+/// snapshot arrives) becomes a peer, and a new life or address it records
+/// is dialled at once.
 async fn learn_peers(mesh: Arc<Mesh>, mut view: watch::Receiver<GroupView>) {
     loop {
-        let members: Vec<(MemberId, String, String)> = view
+        let members: Vec<(MemberId, String, String, Incarnation)> = view
             .borrow_and_update()
             .group
             .members
             .iter()
-            .map(|(&id, r)| (id, r.name.clone(), r.addr.clone()))
+            .map(|(&id, r)| (id, r.name.clone(), r.addr.clone(), r.incarnation))
             .collect();
-        for (id, name, addr) in members {
-            if mesh.knows(id) {
-                continue;
-            }
+        for (id, name, addr, life) in members {
             match addr.parse() {
-                Ok(addr) => mesh.add_peer(config::MemberConfig {
-                    id: id.0,
-                    name,
-                    addr,
-                }),
+                // A restarted (or moved) peer is redialled at once.
+                Ok(addr) if mesh.knows(id) => mesh.record_life(id, life, addr),
+                Ok(addr) => {
+                    mesh.add_peer(config::MemberConfig {
+                        id: id.0,
+                        name,
+                        addr,
+                    });
+                    mesh.record_life(id, life, addr);
+                }
                 Err(e) => {
                     warn!(member = %id, %addr, error = %e, "the group records an address that does not parse")
                 }
@@ -141,7 +144,8 @@ async fn ask_to_join(
 }
 
 /// The mesh's tasks: accepting peers, dialling the configured ones with a
-/// higher id, learning the ones the group records, and (`--join`) asking
+/// higher id (knocking once at those with a lower one, so they dial this
+/// life at once), learning the ones the group records, and (`--join`) asking
 /// to be enrolled.
 fn connect(
     mesh: &Arc<Mesh>,
@@ -162,9 +166,13 @@ fn connect(
         let asking = ask_to_join(mesh.clone(), endpoint.clone(), client, addr, view.clone());
         background.spawn(asking);
     }
-    for peer in config.members.iter().filter(|p| p.id > config.member_id) {
-        for link in 0..mesh.links() {
-            background.spawn(mesh.clone().dial(endpoint.clone(), peer.clone(), link));
+    for peer in config.members.iter().filter(|p| p.id != config.member_id) {
+        if peer.id > config.member_id {
+            for link in 0..mesh.links() {
+                background.spawn(mesh.clone().dial(endpoint.clone(), peer.clone(), link));
+            }
+        } else {
+            background.spawn(mesh.clone().knock(endpoint.clone(), peer.clone()));
         }
     }
     Ok(())

@@ -445,9 +445,25 @@ pub struct MemberRecord {
     pub missed_by: Duration,
     /// Consecutive steps it was ready in time while an observer.
     on_time: usize,
+    /// Demotions not yet forgiven: each doubles the in-time steps the next
+    /// readmission takes, so a member that stays slow stays demoted (it is
+    /// in time now and then, when the group itself is slow for a few steps
+    /// or it skipped computing steps it was behind on) while one that
+    /// recovered comes back.
+    demotions: u32,
+    /// Consecutive steps it took part in without a miss since its last
+    /// demotion; every [`FORGIVE_AFTER`] of them forgives one.
+    clean: usize,
     /// Demoted.
     pub observer: bool,
 }
+
+/// Steps in a row a readmitted member must take part in without a miss for
+/// one of its demotions to be forgiven.
+pub const FORGIVE_AFTER: usize = 200;
+
+/// Of the doublings of `readmit_after` (at most 2^6 times as long).
+const MAX_BACKOFF: u32 = 6;
 
 impl Attribution {
     /// Demotes a member that missed `demote_after` of the last `window`
@@ -482,6 +498,11 @@ impl Attribution {
         for &m in participants {
             let r = self.members.entry(m).or_default();
             push(&mut r.recent, false, self.window);
+            r.clean += 1;
+            if r.clean >= FORGIVE_AFTER {
+                r.clean = 0;
+                r.demotions = r.demotions.saturating_sub(1);
+            }
         }
         for &m in left_out {
             let r = self.members.entry(m).or_default();
@@ -504,10 +525,11 @@ impl Attribution {
 
     /// An observer was ready in time for a step; readmits it after enough.
     fn on_time(&mut self, member: MemberId) -> Vec<Standing> {
-        let readmit_after = self.readmit_after;
         let Some(r) = self.members.get_mut(&member) else {
             return Vec::new();
         };
+        let backoff = r.demotions.saturating_sub(1).min(MAX_BACKOFF);
+        let readmit_after = self.readmit_after << backoff;
         r.on_time += 1;
         if r.on_time < readmit_after {
             return Vec::new();
@@ -538,12 +560,16 @@ impl Attribution {
         }
         r.missed_by += by;
         let missed = by > self.tolerance;
+        if missed {
+            r.clean = 0;
+        }
         r.missed += u64::from(missed);
         push(&mut r.recent, missed, self.window);
         let count = r.recent.iter().filter(|&&x| x).count();
         if missed && !r.observer && count >= self.demote_after {
             r.observer = true;
             r.on_time = 0;
+            r.demotions += 1;
             return vec![Standing::Demoted {
                 member,
                 reason: format!(
@@ -1045,6 +1071,55 @@ mod tests {
         // Readmitted with a clean window: one miss does not demote again.
         a.record(&others, &[slow], &[]);
         assert!(a.late_arrival(slow, ms(50)).is_empty());
+    }
+
+    /// Misses `slow` three steps in a row (demoted on the third).
+    fn demote(a: &mut Attribution, others: &[MemberId], slow: MemberId) {
+        for k in 0..3 {
+            a.record(others, &[slow], &[]);
+            let changes = a.late_arrival(slow, Duration::from_millis(50));
+            assert_eq!(
+                matches!(&changes[..], [Standing::Demoted { .. }]),
+                k == 2,
+                "{changes:?}"
+            );
+        }
+    }
+
+    /// In time `n - 1` steps as an observer without a change, then readmitted.
+    fn readmitted_after(a: &mut Attribution, others: &[MemberId], slow: MemberId, n: usize) {
+        for k in 1..n {
+            assert!(a.record(others, &[slow], &[slow]).is_empty(), "step {k}");
+        }
+        let back = a.record(others, &[slow], &[slow]);
+        assert!(
+            matches!(&back[..], [Standing::Readmitted { reason, .. }] if reason.contains(&format!("in {n} consecutive"))),
+            "{back:?}"
+        );
+    }
+
+    // Issue 13, item 8: a member that stayed 3x slow was readmitted after 3
+    // in-time steps (the group slow for a moment, or it skipped steps it was
+    // behind on) and demoted again every 50-70 steps. Each demotion doubles
+    // the next readmission's bar; a long clean run forgives one.
+    #[test]
+    fn each_demotion_doubles_the_next_readmissions_bar_and_a_clean_run_forgives_one() {
+        let mut a = Attribution::new(10, 3, 3, Duration::from_millis(2));
+        let others = m(&[0, 1]);
+        let slow = MemberId(2);
+        let all = m(&[0, 1, 2]);
+        demote(&mut a, &others, slow);
+        readmitted_after(&mut a, &others, slow, 3);
+        demote(&mut a, &others, slow);
+        readmitted_after(&mut a, &others, slow, 6);
+        demote(&mut a, &others, slow);
+        readmitted_after(&mut a, &others, slow, 12);
+        // Recovered for good: a clean run forgives a demotion.
+        for _ in 0..FORGIVE_AFTER {
+            a.record(&all, &[], &[]);
+        }
+        demote(&mut a, &others, slow);
+        readmitted_after(&mut a, &others, slow, 12);
     }
 
     /// Four members, one three times slower: arrivals at 10 ms for the

@@ -40,6 +40,9 @@ pub mod close {
     /// The peer was suspected (silent): the link is dropped and redialled,
     /// so a peer that restarted is reached in its new life at once.
     pub const SUSPECTED: u32 = 3;
+    /// The group recorded a newer life of the peer: the link to the old
+    /// one is dropped and the new one dialled.
+    pub const RESTARTED: u32 = 4;
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -128,6 +131,9 @@ pub struct Mesh {
     fault: FaultGate,
     /// Connections closed by [`Mesh::reset`]: their dial loop redials.
     resets: std::sync::Mutex<std::collections::HashSet<usize>>,
+    /// Per peer, the life the group records for it (see
+    /// [`Mesh::record_life`]): its dial loops watch it.
+    lives: Mutex<HashMap<MemberId, watch::Sender<Incarnation>>>,
 }
 
 /// The queues of one peer's data channels.
@@ -195,6 +201,7 @@ pub fn mesh(
         limits,
         fault: FaultGate::from_env(),
         resets: Default::default(),
+        lives: Default::default(),
     };
     (Arc::new(mesh), writers)
 }
@@ -344,11 +351,13 @@ impl Mesh {
             .expect("poisoned")
             .insert(id, Outbox { channels });
         info!(peer = %id, name = %peer.name, addr = %peer.addr, "new peer learnt from the group");
-        if self.me < id {
-            if let Some(endpoint) = self.endpoint.get() {
+        if let Some(endpoint) = self.endpoint.get() {
+            if self.me < id {
                 for link in 0..self.links {
                     tokio::spawn(self.clone().dial(endpoint.clone(), peer.clone(), link));
                 }
+            } else {
+                tokio::spawn(self.clone().knock(endpoint.clone(), peer.clone()));
             }
         }
     }
@@ -404,32 +413,143 @@ impl Mesh {
         Ok(roster)
     }
 
+    /// The life the group records for `peer` (a watch its dial loops hold).
+    fn life(&self, peer: MemberId) -> watch::Receiver<Incarnation> {
+        let mut lives = self.lives.lock().expect("poisoned");
+        lives
+            .entry(peer)
+            .or_insert_with(|| watch::channel(Incarnation(0)).0)
+            .subscribe()
+    }
+
+    /// The group recorded `peer` in life `incarnation` at `addr`. A new life
+    /// (the peer restarted) is redialled at once, at its recorded address:
+    /// a dial loop backing off after the old life died, or still waiting
+    /// on a handshake with it, would leave the restarted peer unconnected —
+    /// without a leader to ask to be admitted — for up to a second or
+    /// longer. A connection to an older life is closed first.
+    pub fn record_life(
+        &self,
+        peer: MemberId,
+        incarnation: Incarnation,
+        addr: std::net::SocketAddr,
+    ) {
+        if peer == self.me {
+            return;
+        }
+        if let Some(entry) = self.members.write().expect("poisoned").get_mut(&peer) {
+            if entry.addr != addr {
+                info!(%peer, from = %entry.addr, to = %addr, "peer recorded at a new address: redialling it there");
+                entry.addr = addr;
+            }
+        }
+        self.saw_life(peer, incarnation);
+    }
+
+    /// `peer` is alive in life `incarnation` (the group recorded it, or it
+    /// said hello from there): dial loops still on an older life redial.
+    fn saw_life(&self, peer: MemberId, incarnation: Incarnation) {
+        let mut lives = self.lives.lock().expect("poisoned");
+        let life = lives
+            .entry(peer)
+            .or_insert_with(|| watch::channel(Incarnation(0)).0);
+        life.send_if_modified(|known| {
+            let newer = incarnation > *known;
+            if newer {
+                *known = incarnation;
+            }
+            newer
+        });
+    }
+
+    /// Says hello once to `peer`, a member with a lower id (which dials this
+    /// daemon, not the other way round), and hangs up: a peer whose dial
+    /// loop is still backing off from this daemon's previous life, or
+    /// waiting on a handshake with it, redials at once. Without it a
+    /// restarted daemon can wait seconds for its dialler — the Raft leader,
+    /// say — and cannot ask to be admitted meanwhile.
+    pub async fn knock(self: Arc<Self>, endpoint: Endpoint, peer: MemberConfig) {
+        let attempt = async {
+            let connecting = endpoint
+                .connect(peer.addr, &peer.name)
+                .context("starting the connection")?;
+            let (conn, _send, mut recv) = self.hello(connecting, 0).await?;
+            let reply = read_control(&mut recv, &self.limits).await?;
+            conn.close(VarInt::from_u32(close::SHUTDOWN), b"knock answered");
+            anyhow::Ok(reply)
+        };
+        match tokio::time::timeout(HELLO_TIMEOUT, attempt).await {
+            Ok(Ok(_)) => debug!(peer = %peer.id, "knocked: the peer dials this life now"),
+            Ok(Err(e)) => debug!(peer = %peer.id, error = %format!("{e:#}"), "knock unanswered"),
+            Err(_) => debug!(peer = %peer.id, "knock unanswered in time"),
+        }
+    }
+
     /// Dials link `link` to `peer` until connected, keeps it, redials when it
-    /// drops. Only the lower id dials, so each link of a pair is one connection.
+    /// drops or when the group records a newer life of the peer. Only the
+    /// lower id dials, so each link of a pair is one connection.
     pub async fn dial(self: Arc<Self>, endpoint: Endpoint, peer: MemberConfig, link: usize) {
         let id = MemberId(peer.id);
+        let mut life = self.life(id);
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.connect_once(&endpoint, &peer, link).await {
-                Ok(conn) => {
+            // The address the group records now (a readmitted peer may have
+            // moved).
+            let peer = self
+                .members
+                .read()
+                .expect("poisoned")
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| peer.clone());
+            life.mark_unchanged();
+            let attempt = tokio::select! {
+                r = self.connect_once(&endpoint, &peer, link) => Some(r),
+                // A new life while a handshake with the old one hangs.
+                _ = life.changed() => None,
+            };
+            match attempt {
+                Some(Ok((conn, theirs))) => {
                     backoff = Duration::from_millis(50);
-                    info!(peer = %id, addr = %peer.addr, link, mtu = conn.stats().path.current_mtu, "connected");
+                    info!(peer = %id, addr = %peer.addr, link, life = theirs.0, mtu = conn.stats().path.current_mtu, "connected");
                     self.serve(conn.clone(), id, Some(link)).await;
-                    let reason = conn.closed().await;
-                    let was_reset = self
-                        .resets
-                        .lock()
-                        .expect("poisoned")
-                        .remove(&conn.stable_id());
-                    if let (quinn::ConnectionError::LocallyClosed, false) = (reason, was_reset) {
-                        return; // shutting down
+                    let newer = async {
+                        if life.wait_for(|&rec| rec > theirs).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        reason = conn.closed() => {
+                            let was_reset = self
+                                .resets
+                                .lock()
+                                .expect("poisoned")
+                                .remove(&conn.stable_id());
+                            if let (quinn::ConnectionError::LocallyClosed, false) = (reason, was_reset) {
+                                return; // shutting down
+                            }
+                        }
+                        _ = newer => {
+                            info!(peer = %id, link, "the group records a newer life of the peer: redialling now");
+                            self.resets.lock().expect("poisoned").insert(conn.stable_id());
+                            conn.close(VarInt::from_u32(close::RESTARTED), b"the peer restarted");
+                            continue;
+                        }
                     }
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     debug!(peer = %id, addr = %peer.addr, error = %format!("{e:#}"), "dial failed; retrying")
                 }
+                None => {
+                    info!(peer = %id, link, "the group records a new life of the peer: redialling now");
+                    backoff = Duration::from_millis(50);
+                    continue;
+                }
             }
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = life.changed() => backoff = Duration::from_millis(50),
+            }
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
@@ -460,7 +580,7 @@ impl Mesh {
         endpoint: &Endpoint,
         peer: &MemberConfig,
         link: usize,
-    ) -> Result<Connection> {
+    ) -> Result<(Connection, Incarnation)> {
         let connecting = endpoint
             .connect(peer.addr, &peer.name)
             .context("starting the connection")?;
@@ -470,9 +590,13 @@ impl Mesh {
             .await
             .context("no answer to hello")??;
         match reply {
-            ControlMessage::Welcome { member, .. } if member == MemberId(peer.id) => {
+            ControlMessage::Welcome {
+                member,
+                incarnation,
+                ..
+            } if member == MemberId(peer.id) => {
                 self.spawn_control(conn.clone(), send, recv, MemberId(peer.id), link == 0);
-                Ok(conn)
+                Ok((conn, incarnation))
             }
             ControlMessage::Reject { code, detail } => {
                 bail!("refused by {}: {code:?}: {detail}", peer.name)
@@ -497,13 +621,18 @@ impl Mesh {
                     }
                 };
                 match mesh.accept_hello(&conn).await {
-                    Ok((member, link)) if link == usize::from(JOIN_LINK) => {
+                    Ok((member, link, _)) if link == usize::from(JOIN_LINK) => {
                         debug!(peer = %member, %remote, "join request answered");
                     }
-                    Ok((member, link)) => {
+                    Ok((member, link, life)) => {
                         // The expected direction (the lower id dials us) makes
                         // this a primary link; any other is served read-only.
                         let primary = member < mesh.me;
+                        if !primary {
+                            // A knock (see `Mesh::knock`): our dial loops to
+                            // it go to this life now.
+                            mesh.saw_life(member, life);
+                        }
                         info!(peer = %member, %remote, link, primary, "peer accepted");
                         mesh.serve(conn, member, primary.then_some(link)).await;
                     }
@@ -517,12 +646,15 @@ impl Mesh {
         }
     }
 
-    async fn accept_hello(&self, conn: &Connection) -> Result<(MemberId, usize), String> {
+    async fn accept_hello(
+        &self,
+        conn: &Connection,
+    ) -> Result<(MemberId, usize, Incarnation), String> {
         let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
             .await
             .map_err(|_| "no hello within 5 s".to_string())?
             .map_err(|e| format!("no control stream: {e}"))?;
-        let (member, link) = match self.check_hello(conn, &mut recv).await {
+        let (member, link, life) = match self.check_hello(conn, &mut recv).await {
             Ok(checked) => checked,
             Err((code, detail)) => return Err(reject(send, code, detail).await),
         };
@@ -544,13 +676,13 @@ impl Mesh {
                 .map_err(|e| format!("sending the roster: {e}"))?;
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-            return Ok((member, link));
+            return Ok((member, link, life));
         }
         // Only the expected direction's link 0 carries Raft: a second
         // connection claiming the same member must not take it over.
         let carries = link == 0 && member < self.me;
         self.spawn_control(conn.clone(), send, recv, member, carries);
-        Ok((member, link))
+        Ok((member, link, life))
     }
 
     /// A new node's `JoinRequest`: its certificate must name the name it
@@ -621,7 +753,7 @@ impl Mesh {
         &self,
         conn: &Connection,
         recv: &mut RecvStream,
-    ) -> Result<(MemberId, usize), (RejectCode, String)> {
+    ) -> Result<(MemberId, usize, Incarnation), (RejectCode, String)> {
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_control(recv, &self.limits))
             .await
         {
@@ -642,7 +774,7 @@ impl Mesh {
             cluster,
             member,
             link,
-            ..
+            incarnation,
         } = hello
         else {
             return Err((
@@ -666,7 +798,7 @@ impl Mesh {
         }
         if link == JOIN_LINK {
             // Checked with its request (see `answer_join`).
-            return Ok((member, usize::from(link)));
+            return Ok((member, usize::from(link), incarnation));
         }
         let Some(entry) = self.members.read().expect("poisoned").get(&member).cloned() else {
             return Err((
@@ -694,7 +826,7 @@ impl Mesh {
                 ),
             ));
         }
-        Ok((member, usize::from(link)))
+        Ok((member, usize::from(link), incarnation))
     }
 
     /// Reads frames from `conn`'s streams; a primary link also carries our

@@ -505,6 +505,30 @@ impl ControlNode {
         }
     }
 
+    /// Campaigns at once, as the target of a leadership transfer does: no
+    /// pre-vote, and voters that still count the silent leader's lease grant
+    /// their vote (Raft's safety is untouched: one vote per term, for an
+    /// up-to-date log only). For when the data plane has found the leader
+    /// silent: waiting for the election timeout (0.5–1 s, longer after a
+    /// split vote) is most of a failover that kills the leader. Returns
+    /// whether the campaign started.
+    pub fn take_over(&mut self) -> bool {
+        let Some(leader) = self.leader else {
+            return false;
+        };
+        if self.is_leader() || !self.roles.voters.contains(&self.me) {
+            return false;
+        }
+        let mut m = Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgTimeoutNow);
+        m.from = raft_id(leader);
+        m.to = raft_id(self.me);
+        m.term = self.raw.raft.term;
+        let started = self.raw.step(m).is_ok() && self.raw.raft.state == StateRole::Candidate;
+        self.redraw_election_timeout();
+        started
+    }
+
     /// A Raft message from a peer.
     pub fn step(&mut self, msg: Message) -> Result<(), String> {
         let r = self.raw.step(msg).map_err(|e| e.to_string());

@@ -77,10 +77,34 @@ impl ControlPlane {
     /// What the daemon's node asks.
     pub fn handle(&mut self, req: ControlRequest) {
         match req {
-            ControlRequest::Suspect { member, reason } => self.suspicions.raise(member, reason),
+            ControlRequest::Suspect { member, reason } => {
+                self.suspicions.raise(member, reason);
+                self.take_over_from(member);
+            }
             ControlRequest::Cleared { member } => self.suspicions.clear(member),
             // A local trainer is joining: ask to be in the ring.
             ControlRequest::WantIn => self.want_in = true,
+        }
+    }
+
+    /// The leader `member` was found silent: the lowest voter that is not
+    /// suspected campaigns at once (one candidate, chosen alike by every
+    /// member that suspects the leader, so the votes do not split), and the
+    /// removal commits as soon as it leads.
+    fn take_over_from(&mut self, member: MemberId) {
+        if self.node.leader() != Some(member) {
+            return;
+        }
+        let successor = self
+            .node
+            .roles()
+            .voters
+            .iter()
+            .copied()
+            .filter(|&v| v != member && !self.suspicions.contains(v))
+            .min();
+        if successor == Some(self.me()) && self.node.take_over() {
+            info!(leader = %member, term = self.node.term(), "the leader is silent: campaigning now");
         }
     }
 

@@ -7,7 +7,7 @@ use tracing::{debug, info, warn};
 use super::joins::Joiner;
 use super::mode::{Judging, Mode};
 use super::op::{KeptNames, Role, Running, Task};
-use super::types::{Action, Buffer, ControlRequest, Event, GroupChange, OpError};
+use super::types::{Buffer, Event, GroupChange, OpError};
 use super::Node;
 use crate::local::LocalKind;
 use crate::membership::{Plan, Recovery, RecoveryReport};
@@ -91,8 +91,7 @@ impl<B: Buffer> Node<B> {
             // Out of the ring again (removed just after its admission, say,
             // while it was still starting up) with a trainer waiting in
             // join(): ask to be readmitted again.
-            self.actions
-                .push_back(Action::Control(ControlRequest::WantIn));
+            self.ask_in();
         }
         if admitted {
             self.start_recovery();

@@ -6,7 +6,7 @@
 use tracing::{info, warn};
 
 use super::op::{Caller, Role, Running, Task};
-use super::types::{Action, Buffer, ControlRequest, JoinRequest, OpError};
+use super::types::{Buffer, JoinRequest, OpError};
 use super::Node;
 use crate::local::LocalKind;
 use crate::wire::DType;
@@ -41,8 +41,7 @@ impl<B: Buffer> Node<B> {
             stream = join.stream,
             "trainer joining: asking to be in the ring and for the state"
         );
-        self.actions
-            .push_back(Action::Control(ControlRequest::WantIn));
+        self.ask_in();
         let stream = join.stream;
         if self.mode.admitted() && !self.pending(stream).contains(&self.me) {
             // The group counts this member's trainer as holding the stream's
@@ -68,6 +67,8 @@ impl<B: Buffer> Node<B> {
             dtype: join.dtype,
             len: join.len,
         };
+        // A hand-over missed by an earlier join says nothing about this one.
+        self.missed.remove(&stream);
         if let Some(old) = self.joins.insert(stream, joiner) {
             let err = OpError::Rejected("superseded by a newer join on the same stream".into());
             self.reply(old.caller.id, old.caller.buffer, Err(err));
@@ -114,7 +115,10 @@ impl<B: Buffer> Node<B> {
         for stream in streams {
             let jp = self.join_points[&stream].clone();
             if jp.epoch < self.epoch {
+                // A re-run announces again — unless the hand-over completed
+                // without this member (see `check_missed_hand_overs`).
                 self.join_points.remove(&stream);
+                self.missed.insert(stream, jp.op);
                 continue;
             }
             if jp.epoch > self.epoch {
@@ -124,7 +128,36 @@ impl<B: Buffer> Node<B> {
                 continue;
             };
             self.join_points.remove(&stream);
+            self.missed.remove(&stream);
             self.receive_state(joiner, jp);
+        }
+    }
+
+    /// A joiner dropped the announcement of hand-over `op` (it came for an
+    /// epoch this daemon had left) and a peer's trainer has since issued a
+    /// later op of the stream: the hand-over finished without this member,
+    /// which its peers now count as holding the state, so none hands it
+    /// over again. It leaves the ring to be readmitted as a joiner (without
+    /// this, its peers wait for its input until `stuck_after`).
+    pub(super) fn check_missed_hand_overs(&mut self, from: MemberId) {
+        let passed: Vec<(u32, OpId)> = self
+            .missed
+            .iter()
+            .filter(|(stream, op)| {
+                self.joins.contains_key(stream) && self.issued_by(from, **stream) > op.seq()
+            })
+            .map(|(&s, &op)| (s, op))
+            .collect();
+        for (stream, op) in passed {
+            self.missed.remove(&stream);
+            if !self.mode.admitted() {
+                continue;
+            }
+            warn!(%op, peer = %from, "the group went on past a hand-over this member missed: leaving the ring to be readmitted as a joiner");
+            self.suspect(
+                self.me,
+                format!("its trainer missed the hand-over {op} of the group's state"),
+            );
         }
     }
 

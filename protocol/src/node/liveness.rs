@@ -25,6 +25,7 @@ impl<B: Buffer> Node<B> {
         } else {
             self.detector.watch(member, now);
         }
+        self.connected.insert(member);
         self.after_input();
     }
 
@@ -32,6 +33,7 @@ impl<B: Buffer> Node<B> {
     pub fn handle_peer_up(&mut self, now: Time, member: MemberId) {
         self.enter(now);
         self.down.remove(&member);
+        self.connected.insert(member);
         if self.detector.watches(member) {
             // Reconnected: a fresh window, as after any sign of life.
             self.detector.watch(member, now);
@@ -55,7 +57,44 @@ impl<B: Buffer> Node<B> {
         self.enter(now);
         warn!(peer = %member, %reason, "peer connection lost; reconnecting");
         self.down.entry(member).or_insert(now);
+        self.connected.remove(&member);
         self.after_input();
+    }
+
+    /// A trainer waits in `join()`: asks the control plane to let this
+    /// member in. In the ring already, at once; outside it, once this daemon
+    /// is connected to every member of the ring — admitted earlier, a peer
+    /// that has not reconnected to this life yet hears nothing from it,
+    /// suspects it and the group removes it again (issue 13: restarted
+    /// members were admitted and evicted three times in a row).
+    pub(super) fn ask_in(&mut self) {
+        self.want_in = true;
+        let missing = self.unconnected();
+        if !self.mode.admitted() && !missing.is_empty() {
+            info!(
+                ?missing,
+                "waiting to be connected to every ring member before asking to be let in"
+            );
+        }
+        self.ask_in_when_connected();
+    }
+
+    /// Ring members this daemon is not connected to.
+    fn unconnected(&self) -> Vec<MemberId> {
+        self.ring
+            .iter()
+            .copied()
+            .filter(|&m| m != self.me && !self.connected.contains(&m))
+            .collect()
+    }
+
+    pub(super) fn ask_in_when_connected(&mut self) {
+        if !self.want_in || (!self.mode.admitted() && !self.unconnected().is_empty()) {
+            return;
+        }
+        self.want_in = false;
+        self.actions
+            .push_back(Action::Control(ControlRequest::WantIn));
     }
 
     /// Asks the control plane to take `member` out of the ring.
@@ -124,6 +163,7 @@ impl<B: Buffer> Node<B> {
             self.stuck.remove(&from);
         }
         self.peer_progress.insert(from, streams);
+        self.check_missed_hand_overs(from);
     }
 
     /// The last op of `stream` that `member`'s trainer issued, as known here.

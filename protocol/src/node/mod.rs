@@ -147,6 +147,9 @@ pub struct Node<B> {
     joins: BTreeMap<u32, Joiner<B>>,
     /// Hand-overs announced before this daemon could take part.
     join_points: BTreeMap<u32, JoinPoint>,
+    /// Per stream, a hand-over announced to this daemon for an epoch it had
+    /// left by the time it came (see [`Node::check_missed_hand_overs`]).
+    missed: BTreeMap<u32, OpId>,
 
     // Liveness.
     detector: FailureDetector,
@@ -154,6 +157,11 @@ pub struct Node<B> {
     /// op that needs one fails with `NoQuorum` if no epoch without it comes
     /// within the recovery timeout (this member is cut off from a majority).
     down: BTreeMap<MemberId, Time>,
+    /// Peers heard from (a heartbeat, or every link up) and not lost since.
+    connected: BTreeSet<MemberId>,
+    /// A trainer waits to be let in: asked for once this daemon is
+    /// connected to every member of the ring (see [`Node::ask_in`]).
+    want_in: bool,
     /// Per stream, the last op this daemon's trainers issued.
     issued: BTreeMap<u32, u64>,
     /// What each peer reported of its trainers'.
@@ -193,6 +201,8 @@ impl<B: Buffer> Node<B> {
             policy: QuorumPolicy::SYNC,
             mode: Mode::Outside,
             judging: Judging::NotYet,
+            connected: BTreeSet::new(),
+            want_in: false,
             recovered: Epoch(0),
             report: None,
             asked_reports: now,
@@ -205,6 +215,7 @@ impl<B: Buffer> Node<B> {
             synced: BTreeMap::new(),
             joins: BTreeMap::new(),
             join_points: BTreeMap::new(),
+            missed: BTreeMap::new(),
             down: BTreeMap::new(),
             issued: BTreeMap::new(),
             peer_progress: BTreeMap::new(),
@@ -368,6 +379,7 @@ impl<B: Buffer> Node<B> {
     /// deadlines, the core's actions, giving up.
     fn after_input(&mut self) {
         self.judge_peers();
+        self.ask_in_when_connected();
         self.report_progress();
         self.ask_reports();
         self.poll_coordinators();

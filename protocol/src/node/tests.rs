@@ -908,3 +908,126 @@ fn a_joiner_whose_hand_over_lost_its_root_waits_for_the_next() {
         }]
     );
 }
+
+// Issue 13, item 3: a restarted member asked in at once, was admitted
+// before the member that dials it had reconnected to its new life, was
+// suspected by that member ("no heartbeat for 400 ms") and removed again —
+// three times in a row. Outside the ring, it asks once connected to every
+// ring member.
+#[test]
+fn a_member_outside_asks_in_once_connected_to_the_whole_ring() {
+    let mut node = Node::new(
+        m(3),
+        Incarnation(2),
+        NodeConfig::default(),
+        Box::new(F32),
+        Time::ZERO,
+    );
+    node.handle_group(Time::ZERO, change(2, &[1, 2], 3));
+    drain(&mut node);
+    node.handle_join(
+        ms(1),
+        JoinRequest {
+            id: RequestId(9),
+            stream: 0,
+            dtype: DType::F32,
+            len: 2,
+            buffer: vec![0; 8],
+        },
+    );
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![],
+        "m1 and m2 not heard yet"
+    );
+    node.handle_heartbeat(ms(2), m(2));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![],
+        "m1 not heard yet"
+    );
+    node.handle_peer_up(ms(3), m(1));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![
+            Action::Control(ControlRequest::Cleared { member: m(1) }),
+            Action::Control(ControlRequest::WantIn),
+        ]
+    );
+    node.handle_heartbeat(ms(4), m(1));
+    assert_eq!(without_progress(drain(&mut node)), vec![], "asked once");
+}
+
+// Found by the cluster simulator (seed 107, with the join gate above): a
+// joiner that installed the next epoch before the hand-over's announcement
+// arrived dropped it, the hand-over completed without it, and its peers,
+// counting it as holding the state, waited for its inputs until the stuck
+// bound. Once a peer's trainer is past that hand-over, it leaves the ring
+// to be readmitted as a joiner.
+#[test]
+fn a_joiner_that_missed_its_hand_over_leaves_to_be_readmitted() {
+    let mut node = with_a_joiner(3);
+    node.handle_join(
+        ms(1),
+        JoinRequest {
+            id: RequestId(9),
+            stream: 0,
+            dtype: DType::F32,
+            len: 2,
+            buffer: vec![0; 8],
+        },
+    );
+    drain(&mut node);
+    let mut next = change(3, &[1, 2, 3], 3);
+    next.joined_at.insert(m(3), Epoch(2));
+    node.handle_group(ms(2), next);
+    for p in [1, 2] {
+        node.handle_message(ms(2), m(p), NodeMessage::Recovery(report(3, p)));
+    }
+    drain(&mut node);
+    let op = OpId::new(0, 5);
+    node.handle_message(
+        ms(3),
+        m(1),
+        NodeMessage::JoinPoint {
+            stream: 0,
+            op,
+            epoch: Epoch(2),
+            root: m(1),
+            dtype: DType::F32,
+            len: 2,
+            checksum: 0,
+        },
+    );
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![],
+        "a re-run may announce again"
+    );
+    node.handle_message(
+        ms(4),
+        m(2),
+        NodeMessage::Progress {
+            streams: vec![(0, 5)],
+        },
+    );
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![],
+        "m2 has not gone past it"
+    );
+    node.handle_message(
+        ms(5),
+        m(1),
+        NodeMessage::Progress {
+            streams: vec![(0, 6)],
+        },
+    );
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Control(ControlRequest::Suspect {
+            member: m(3),
+            reason: "its trainer missed the hand-over op5 of the group's state".into(),
+        })]
+    );
+}
