@@ -100,6 +100,15 @@ fn trainer(
     })
 }
 
+/// `e`, with the tail of member index `i`'s log.
+fn with_log(e: anyhow::Error, cluster: &LocalCluster, i: usize) -> anyhow::Error {
+    e.context(format!(
+        "member {}; log:\n{}",
+        i + 1,
+        phalanx_testkit::tail(&cluster.members[i].log)
+    ))
+}
+
 /// Waits (polling, up to `bound`) for `find` to return an instant.
 fn wait_for(
     bound: Duration,
@@ -202,13 +211,7 @@ fn run_trial(o: &Options, trial: usize) -> Result<Trial> {
                     .map(|c| c.0)
             },
         )
-        .map_err(|e| {
-            e.context(format!(
-                "member {}; log:\n{}",
-                i + 1,
-                phalanx_testkit::tail(&cluster.members[i].log)
-            ))
-        })?;
+        .map_err(|e| with_log(e, &cluster, i))?;
         failover = failover.max(at - killed_at);
         let log = logs[i].lock().expect("poisoned");
         let before = log
@@ -245,13 +248,7 @@ fn run_trial(o: &Options, trial: usize) -> Result<Trial> {
                 .map(|c| c.0)
         },
     )
-    .map_err(|e| {
-        e.context(format!(
-            "restarted member {}; log:\n{}",
-            victim + 1,
-            phalanx_testkit::tail(&cluster.members[victim].log)
-        ))
-    })?;
+    .map_err(|e| with_log(e, &cluster, victim))?;
     stop.store(true, Ordering::Relaxed);
     drop(cluster); // the trainers' next op fails: the daemons are gone
     for t in threads {

@@ -521,16 +521,7 @@ fn a_joiner_receives_the_state_and_checks_it() {
         }
         drain(&mut node);
         assert_eq!(node.pending(0), members(&[3]));
-        node.handle_join(
-            ms(1),
-            JoinRequest {
-                id: RequestId(9),
-                stream: 0,
-                dtype: DType::F32,
-                len: 2,
-                buffer: vec![0; 8],
-            },
-        );
+        node.handle_join(ms(1), join_request());
         assert_eq!(
             drain(&mut node),
             vec![Action::Control(ControlRequest::WantIn)]
@@ -759,6 +750,17 @@ fn shutting_down_answers_everyone_waiting() {
     );
 }
 
+/// A trainer joining on stream 0 with room for two f32.
+fn join_request() -> JoinRequest<Vec<u8>> {
+    JoinRequest {
+        id: RequestId(9),
+        stream: 0,
+        dtype: DType::F32,
+        len: 2,
+        buffer: vec![0; 8],
+    }
+}
+
 /// Member `me` of ring [1, 2, 3] in epoch 2, where m3 was (re)admitted in
 /// epoch 2 and waits for the state on stream 0.
 fn with_a_joiner(me: u32) -> TestNode {
@@ -860,16 +862,7 @@ fn a_hand_over_whose_root_dies_goes_on_from_another_holder() {
 #[test]
 fn a_joiner_whose_hand_over_lost_its_root_waits_for_the_next() {
     let mut node = with_a_joiner(3);
-    node.handle_join(
-        ms(1),
-        JoinRequest {
-            id: RequestId(9),
-            stream: 0,
-            dtype: DType::F32,
-            len: 2,
-            buffer: vec![0; 8],
-        },
-    );
+    node.handle_join(ms(1), join_request());
     drain(&mut node);
     let state = bytes(&[4.0, 8.0]);
     let op = OpId::new(0, 5);
@@ -925,16 +918,7 @@ fn a_member_outside_asks_in_once_connected_to_the_whole_ring() {
     );
     node.handle_group(Time::ZERO, change(2, &[1, 2], 3));
     drain(&mut node);
-    node.handle_join(
-        ms(1),
-        JoinRequest {
-            id: RequestId(9),
-            stream: 0,
-            dtype: DType::F32,
-            len: 2,
-            buffer: vec![0; 8],
-        },
-    );
+    node.handle_join(ms(1), join_request());
     assert_eq!(
         without_progress(drain(&mut node)),
         vec![],
@@ -967,16 +951,7 @@ fn a_member_outside_asks_in_once_connected_to_the_whole_ring() {
 #[test]
 fn a_joiner_that_missed_its_hand_over_leaves_to_be_readmitted() {
     let mut node = with_a_joiner(3);
-    node.handle_join(
-        ms(1),
-        JoinRequest {
-            id: RequestId(9),
-            stream: 0,
-            dtype: DType::F32,
-            len: 2,
-            buffer: vec![0; 8],
-        },
-    );
+    node.handle_join(ms(1), join_request());
     drain(&mut node);
     let mut next = change(3, &[1, 2, 3], 3);
     next.joined_at.insert(m(3), Epoch(2));
