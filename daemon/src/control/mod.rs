@@ -65,6 +65,45 @@ pub enum Start {
     Join,
 }
 
+/// Left in the data directory by a first start with `--join` until a later
+/// start finds the group in the Raft log.
+const JOINING_MARKER: &str = "JOINING";
+
+/// A first start with `--join` leaves a marker; a restart that finds the
+/// marker but no group in the log (the snapshot never came) must join
+/// again: started with a roster or `--bootstrap` it would form a group of
+/// its own beside the one it asked to join. Once the log holds the group,
+/// the start flag no longer matters and the marker goes.
+fn check_start(dir: &std::path::Path, start: Start, restored: bool) -> Result<()> {
+    let marker = dir.join(JOINING_MARKER);
+    if restored {
+        if marker.exists() {
+            std::fs::remove_file(&marker)
+                .with_context(|| format!("removing {}", marker.display()))?;
+        }
+        return Ok(());
+    }
+    match start {
+        Start::Join => std::fs::write(
+            &marker,
+            "this node was started with --join and has not received its group yet\n",
+        )
+        .with_context(|| format!("writing {}", marker.display())),
+        _ if marker.exists() => anyhow::bail!(
+            "this node was first started with --join and never received the group it asked to join \
+             (no group in {}): start it with --join ADDR again, or remove that directory to start \
+             afresh; starting it {} would form a second group beside that one",
+            dir.display(),
+            if start == Start::Bootstrap {
+                "with --bootstrap"
+            } else {
+                "from the configured roster"
+            }
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// How a daemon's control plane starts.
 #[derive(Debug)]
 pub struct ControlSetup {
@@ -97,6 +136,7 @@ impl ControlTask {
         group: mpsc::UnboundedSender<GroupChange>,
     ) -> Result<(ControlTask, watch::Receiver<GroupView>)> {
         let (log, persisted) = RaftLog::open(&setup.dir)?;
+        check_start(&setup.dir, setup.start, persisted.is_some())?;
         let roster: Vec<(MemberId, String, String)> = match setup.start {
             Start::Roster => setup.roster.clone(),
             Start::Bootstrap => setup
@@ -375,5 +415,32 @@ fn view_of(node: &ControlNode) -> GroupView {
         term: node.term(),
         voters: node.roles().voters.clone(),
         learners: node.roles().learners.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Issue 13, item 7: a node first started with --join and restarted
+    // without it before the group's snapshot arrived bootstrapped a group
+    // of its own.
+    #[test]
+    fn a_join_that_never_got_its_group_must_be_started_with_join_again() {
+        let dir = std::env::temp_dir().join(format!("phalanx-start-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        check_start(&dir, Start::Join, false).unwrap();
+        let err = check_start(&dir, Start::Roster, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("start it with --join ADDR again"), "{err}");
+        assert!(check_start(&dir, Start::Bootstrap, false).is_err());
+        check_start(&dir, Start::Join, false).expect("joining again is fine");
+        // The group arrived: any flag goes, and the marker is gone.
+        check_start(&dir, Start::Roster, true).unwrap();
+        assert!(!dir.join(JOINING_MARKER).exists());
+        check_start(&dir, Start::Roster, false).expect("no marker left");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
