@@ -2,13 +2,15 @@
 //! `fault-injection` feature (the daemon's own integration tests turn it
 //! on; release builds of `phalanxd` leave it off): when `PHALANX_FAULT_FILE`
 //! names a file, the member ids listed in it (whitespace-separated) are cut
-//! off — everything they send is dropped on arrival, as a network partition
-//! would. The file is read every 50 ms, so a test cuts and heals by
-//! rewriting it.
+//! off: what they send is held on arrival until the cut heals, as a network
+//! partition holds a QUIC connection's traffic (it is retransmitted after
+//! the heal, never lost while the connection lives; the connection's own
+//! keep-alives go on, so a cut does not end it). The file is read every
+//! 50 ms, so a test cuts and heals by rewriting it.
 
 use phalanx_protocol::MemberId;
 
-/// Which peers' traffic is dropped on arrival.
+/// Which peers' traffic is held on arrival.
 #[derive(Clone, Debug, Default)]
 pub struct FaultGate {
     #[cfg(feature = "fault-injection")]
@@ -16,16 +18,24 @@ pub struct FaultGate {
 }
 
 impl FaultGate {
-    /// Whether traffic from `peer` is dropped.
+    /// Whether traffic from `peer` is held.
     #[cfg(feature = "fault-injection")]
     pub fn is_cut(&self, peer: MemberId) -> bool {
         self.cut.read().expect("poisoned").contains(&peer)
     }
 
-    /// Whether traffic from `peer` is dropped: never, in this build.
+    /// Whether traffic from `peer` is held: never, in this build.
     #[cfg(not(feature = "fault-injection"))]
     pub fn is_cut(&self, _peer: MemberId) -> bool {
         false
+    }
+
+    /// Returns once traffic from `peer` may pass (at once unless it is cut
+    /// off; in a build without the feature, always at once).
+    pub async fn pass(&self, peer: MemberId) {
+        while self.is_cut(peer) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// Starts reading the file `PHALANX_FAULT_FILE` names, if it is set.

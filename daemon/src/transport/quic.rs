@@ -937,9 +937,7 @@ impl Mesh {
                 .read_exact(&mut payload)
                 .await
                 .map_err(|e| format!("reading a frame payload: {e}"))?;
-            if self.fault.is_cut(peer) {
-                continue;
-            }
+            self.fault.pass(peer).await;
             if self
                 .net
                 .send(NetInput::Frame {
@@ -1042,8 +1040,8 @@ impl Mesh {
         tokio::spawn(async move {
             loop {
                 let msg = read_control(&mut recv, &limits).await;
-                if msg.is_ok() && fault.is_cut(peer) {
-                    continue;
+                if msg.is_ok() {
+                    fault.pass(peer).await;
                 }
                 match msg {
                     Ok(ControlMessage::Heartbeat { member, .. }) if member == peer => {
