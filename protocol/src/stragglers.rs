@@ -462,7 +462,7 @@ pub struct MemberRecord {
 /// one of its demotions to be forgiven.
 pub const FORGIVE_AFTER: usize = 200;
 
-/// Of the doublings of `readmit_after` (at most 2^6 times as long).
+/// At most this many doublings of `readmit_after` (64 times as many steps).
 const MAX_BACKOFF: u32 = 6;
 
 impl Attribution {
