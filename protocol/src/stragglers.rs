@@ -446,9 +446,8 @@ pub struct MemberRecord {
     /// Consecutive steps it was ready in time while an observer.
     on_time: usize,
     /// Demotions not yet forgiven: each doubles the in-time steps the next
-    /// readmission takes, so a member that stays slow stays demoted (it is
-    /// in time now and then, when the group itself is slow for a few steps
-    /// or it skipped computing steps it was behind on) while one that
+    /// readmission takes, so a member that stays slow but is in time for a
+    /// few steps now and then comes back ever more rarely, while one that
     /// recovered comes back.
     demotions: u32,
     /// Consecutive steps it took part in without a miss since its last
