@@ -504,6 +504,9 @@ impl Mesh {
                 .unwrap_or_else(|| peer.clone());
             life.mark_unchanged();
             let attempt = tokio::select! {
+                // A finished handshake wins over a life change seen at the
+                // same time: dropping it would orphan its control tasks.
+                biased;
                 r = self.connect_once(&endpoint, &peer, link) => Some(r),
                 // A new life while a handshake with the old one hangs.
                 _ = life.changed() => None,
