@@ -103,6 +103,17 @@ fn without_progress(actions: Vec<Action<Vec<u8>>>) -> Vec<Action<Vec<u8>>> {
         .collect()
 }
 
+/// A node of member `me` in life `life`, with no group yet.
+fn fresh(me: u32, life: Incarnation) -> TestNode {
+    Node::new(
+        m(me),
+        life,
+        NodeConfig::default(),
+        Box::new(F32),
+        Time::ZERO,
+    )
+}
+
 /// Member `me` of `ring`, active in epoch 1 (every peer reported).
 fn active(me: u32, ring: &[u32], config: NodeConfig) -> TestNode {
     let mut node = Node::new(m(me), Incarnation(1), config, Box::new(F32), Time::ZERO);
@@ -215,13 +226,7 @@ fn an_op_runs_with_its_peer_and_answers_with_the_sum() {
 
 #[test]
 fn a_trainer_waits_while_its_daemon_gathers_the_epochs_reports() {
-    let mut node = Node::new(
-        m(1),
-        Incarnation(1),
-        NodeConfig::default(),
-        Box::new(F32),
-        Time::ZERO,
-    );
+    let mut node = fresh(1, Incarnation(1));
     node.handle_group(Time::ZERO, change(1, &[1, 2], 1));
     assert_eq!(
         without_progress(drain(&mut node)),
@@ -249,13 +254,7 @@ fn a_trainer_waits_while_its_daemon_gathers_the_epochs_reports() {
 
 #[test]
 fn a_missing_report_is_asked_for_again_every_two_heartbeats() {
-    let mut node = Node::new(
-        m(1),
-        Incarnation(1),
-        NodeConfig::default(),
-        Box::new(F32),
-        Time::ZERO,
-    );
+    let mut node = fresh(1, Incarnation(1));
     node.handle_group(Time::ZERO, change(1, &[1, 2, 3], 1));
     drain(&mut node);
     node.handle_message(ms(5), m(2), NodeMessage::Recovery(report(1, 2)));
@@ -506,13 +505,7 @@ fn a_peer_whose_trainer_is_stuck_is_suspected_with_the_reason() {
 #[test]
 fn a_joiner_receives_the_state_and_checks_it() {
     for corrupt in [false, true] {
-        let mut node = Node::new(
-            m(3),
-            Incarnation(2),
-            NodeConfig::default(),
-            Box::new(F32),
-            Time::ZERO,
-        );
+        let mut node = fresh(3, Incarnation(2));
         let mut admitted = change(2, &[1, 2, 3], 3);
         admitted.joined_at.insert(m(3), Epoch(2));
         node.handle_group(Time::ZERO, admitted);
@@ -764,13 +757,7 @@ fn join_request() -> JoinRequest<Vec<u8>> {
 /// Member `me` of ring [1, 2, 3] in epoch 2, where m3 was (re)admitted in
 /// epoch 2 and waits for the state on stream 0.
 fn with_a_joiner(me: u32) -> TestNode {
-    let mut node = Node::new(
-        m(me),
-        Incarnation(if me == 3 { 2 } else { 1 }),
-        NodeConfig::default(),
-        Box::new(F32),
-        Time::ZERO,
-    );
+    let mut node = fresh(me, Incarnation(if me == 3 { 2 } else { 1 }));
     let mut admitted = change(2, &[1, 2, 3], me);
     admitted.joined_at.insert(m(3), Epoch(2));
     node.handle_group(Time::ZERO, admitted);
@@ -909,13 +896,7 @@ fn a_joiner_whose_hand_over_lost_its_root_waits_for_the_next() {
 // ring member.
 #[test]
 fn a_member_outside_asks_in_once_connected_to_the_whole_ring() {
-    let mut node = Node::new(
-        m(3),
-        Incarnation(2),
-        NodeConfig::default(),
-        Box::new(F32),
-        Time::ZERO,
-    );
+    let mut node = fresh(3, Incarnation(2));
     node.handle_group(Time::ZERO, change(2, &[1, 2], 3));
     drain(&mut node);
     node.handle_join(ms(1), join_request());
