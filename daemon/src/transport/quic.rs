@@ -134,6 +134,12 @@ pub struct Mesh {
     /// Per peer, the life the group records for it (see
     /// [`Mesh::record_life`]): its dial loops watch it.
     lives: Mutex<HashMap<MemberId, watch::Sender<Incarnation>>>,
+    /// Held from a primary link's change to the `PeerUp`/`PeerDown` it
+    /// causes being queued: the tasks of an old connection and of its
+    /// replacement race, and a `PeerDown` queued after the replacement's
+    /// `PeerUp` left the node believing a connected peer down — its ops
+    /// then failed with `NoQuorum` 5 s later although every link was up.
+    link_events: tokio::sync::Mutex<()>,
 }
 
 /// The queues of one peer's data channels.
@@ -202,6 +208,7 @@ pub fn mesh(
         fault: FaultGate::from_env(),
         resets: Default::default(),
         lives: Default::default(),
+        link_events: Default::default(),
     };
     (Arc::new(mesh), writers)
 }
@@ -835,6 +842,7 @@ impl Mesh {
     /// Reads frames from `conn`'s streams; a primary link also carries our
     /// frames to the peer and its loss takes the peer down.
     async fn serve(self: &Arc<Self>, conn: Connection, peer: MemberId, link: Option<usize>) {
+        let order = self.link_events.lock().await;
         let up = link.is_some_and(|link| {
             let primaries = self.primaries.read().expect("poisoned");
             primaries.get(&peer).is_some_and(|slots| {
@@ -846,6 +854,7 @@ impl Mesh {
         if up {
             let _ = self.net.send(NetInput::PeerUp { member: peer }).await;
         }
+        drop(order);
         gauge!(m::CONNECTIONS).increment(1.0);
         let mesh = self.clone();
         tokio::spawn(async move {
@@ -854,6 +863,7 @@ impl Mesh {
                     Ok(s) => s,
                     Err(e) => {
                         gauge!(m::CONNECTIONS).decrement(1.0);
+                        let _order = mesh.link_events.lock().await;
                         let lost = link.is_some_and(|link| {
                             let primaries = mesh.primaries.read().expect("poisoned");
                             primaries.get(&peer).is_some_and(|slots| {
