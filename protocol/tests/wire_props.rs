@@ -99,9 +99,10 @@ fn control() -> impl Strategy<Value = ControlMessage> {
             member(),
             dtype(),
             any::<u64>(),
-            any::<u64>()
+            any::<u64>(),
+            proptest::collection::vec(member(), 0..5)
         )
-            .prop_map(|(stream, op, e, root, dtype, len, checksum)| {
+            .prop_map(|(stream, op, e, root, dtype, len, checksum, members)| {
                 ControlMessage::Node(NodeMessage::JoinPoint {
                     stream,
                     op: OpId(op),
@@ -110,6 +111,7 @@ fn control() -> impl Strategy<Value = ControlMessage> {
                     dtype,
                     len,
                     checksum,
+                    members,
                 })
             }),
         (

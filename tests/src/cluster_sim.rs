@@ -36,6 +36,7 @@ use phalanx_protocol::node::{
     RequestId,
 };
 use phalanx_protocol::rng::SplitMix64;
+use phalanx_protocol::stragglers::QuorumPolicy;
 use phalanx_protocol::wire::{DType, FrameHeader, NodeMessage, ReduceOp};
 use phalanx_protocol::{Incarnation, MemberId, OpId, Time};
 
@@ -63,6 +64,13 @@ pub struct ClusterScenario {
     pub jitter: Duration,
     /// Faults at times.
     pub faults: Vec<(Duration, ClusterFault)>,
+    /// The policy steps close by (the cut path, its stand-ins and
+    /// observers, when not sync).
+    pub policy: QuorumPolicy,
+    /// A member whose trainer computes this long before each step it does
+    /// not skip (it skips the steps that closed without it, as the README's
+    /// loop does).
+    pub slow: Option<(usize, Duration)>,
 }
 
 /// A fault.
@@ -117,6 +125,20 @@ impl ClusterScenario {
                 Duration::from_millis(rng.range_inclusive(300, fault_phase.as_millis() as u64));
             faults.push((at, ClusterFault::CrashHandOverRoot));
         }
+        // Drawn after the faults, for the same reason: half the seeds close
+        // steps by `backup=1` with one trainer a few times slower than the
+        // group's step.
+        let (policy, slow) = if rng.below(2) == 0 {
+            let policy = QuorumPolicy {
+                backup: 1,
+                ..QuorumPolicy::SYNC
+            };
+            let m = rng.below(members as u64) as usize;
+            let compute = Duration::from_micros(rng.range_inclusive(2_000, 12_000));
+            (policy, Some((m, compute)))
+        } else {
+            (QuorumPolicy::SYNC, None)
+        };
         faults.sort_by_key(|(at, _)| *at);
         ClusterScenario {
             seed,
@@ -125,6 +147,8 @@ impl ClusterScenario {
             heal_phase: Duration::from_secs(8),
             jitter,
             faults,
+            policy,
+            slow,
         }
     }
 
@@ -156,6 +180,8 @@ pub struct ClusterReport {
     pub hand_overs: u64,
     /// Hand-over roots crashed as they started.
     pub roots_crashed: u64,
+    /// Steps completed without some member (a quorum policy cut them).
+    pub cut_steps: u64,
     /// The step the survivors reached together.
     pub final_step: u64,
     /// A majority of the trainers had their calls fail with `NoQuorum` at
@@ -220,6 +246,10 @@ struct Trainer {
     step: u64,
     next_seq: u64,
     task: Task,
+    /// Steps that closed without it: it does not compute them.
+    skip: u64,
+    /// A slow trainer computing its next step: when it is done.
+    computed_at: Option<Time>,
 }
 
 struct Member {
@@ -285,10 +315,11 @@ impl ClusterSim {
     /// A cluster for `sc`.
     pub fn new(sc: ClusterScenario) -> ClusterSim {
         let ids: Vec<MemberId> = (0..sc.members).map(|i| MemberId(i as u32)).collect();
-        let bootstrap = GroupState::bootstrap(
+        let mut bootstrap = GroupState::bootstrap(
             ids.iter()
                 .map(|&m| (m, format!("node{}", m.0), format!("127.0.0.{}:1", 10 + m.0))),
         );
+        bootstrap.policy = sc.policy;
         let roles = initial_roles(&ids, 3);
         let mut rng = SplitMix64::new(sc.seed);
         let members = ids
@@ -325,6 +356,8 @@ impl ClusterSim {
                         step: 0,
                         next_seq: 1,
                         task: Task::Starting,
+                        skip: 0,
+                        computed_at: None,
                     },
                 }
             })
@@ -609,8 +642,8 @@ impl ClusterSim {
 
     /// Issues the trainer's next call when it may.
     fn train(&mut self, i: usize) {
-        let t = &self.members[i].trainer;
-        match t.task {
+        let (task, step) = (self.members[i].trainer.task, self.members[i].trainer.step);
+        match task {
             // A trainer starts once its daemon runs ops, or is told it is
             // out of the ring (its first call fails and it joins).
             Task::Starting
@@ -621,7 +654,8 @@ impl ClusterSim {
             {
                 self.members[i].trainer.task = Task::Idle;
             }
-            Task::Idle if t.step >= self.stop_at => self.members[i].trainer.task = Task::Done,
+            Task::Idle if step >= self.stop_at => self.members[i].trainer.task = Task::Done,
+            Task::Idle if self.computing(i) => {}
             Task::Idle => {
                 let id = self.request();
                 let m = &mut self.members[i];
@@ -641,6 +675,33 @@ impl ClusterSim {
                 m.node.handle_submit(self.now, req);
             }
             _ => {}
+        }
+    }
+
+    /// Whether trainer `i` (the slow one) is still computing its next step.
+    fn computing(&mut self, i: usize) -> bool {
+        let Some((slow, compute)) = self.sc.slow else {
+            return false;
+        };
+        let now = self.now;
+        let t = &mut self.members[i].trainer;
+        if slow != i {
+            return false;
+        }
+        if t.skip > 0 {
+            t.skip -= 1;
+            return false;
+        }
+        match t.computed_at {
+            None => {
+                t.computed_at = Some(now.after(compute));
+                true
+            }
+            Some(at) if now < at => true,
+            Some(_) => {
+                t.computed_at = None;
+                false
+            }
         }
     }
 
@@ -668,6 +729,7 @@ impl ClusterSim {
         outcome: Result<OpDone, OpError>,
     ) -> Result<(), ClusterFailure> {
         let task = self.members[i].trainer.task;
+        tracing::debug!(m = i, ?task, answer = ?outcome.as_ref().map(|d| (d.op, &d.waiting, d.meta.behind)), "trainer answered");
         match (task, outcome) {
             (Task::Step(want), Ok(done)) if want == id => self.completed(i, done, &buffer),
             (Task::Admit(want), Ok(_)) if want == id => {
@@ -682,6 +744,7 @@ impl ClusterSim {
                 t.step = state[DIM] as u64;
                 t.next_seq = done.op.seq() + 1;
                 t.task = Task::Idle;
+                t.skip = 0;
                 // Its history is the group's from here on: what it saw before
                 // may differ (cut off just as a step completed, it kept a
                 // result the others re-ran without it — fenced, never
@@ -738,6 +801,10 @@ impl ClusterSim {
             *w -= 1e-3 * s / k;
         }
         t.step += 1;
+        t.skip = t.skip.max(done.meta.behind);
+        if !done.meta.left_out.is_empty() {
+            self.report.cut_steps += 1;
+        }
         self.history[i].insert(step, done.contributors);
         self.report.completions += 1;
         if done.waiting.is_empty() {

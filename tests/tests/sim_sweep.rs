@@ -171,6 +171,7 @@ fn seeded_cluster_scenarios() {
                 total.rejoined += r.rejoined;
                 total.hand_overs += r.hand_overs;
                 total.roots_crashed += r.roots_crashed;
+                total.cut_steps += r.cut_steps;
                 stalled += u64::from(r.stalled);
             }
             Err(failure) => {
@@ -202,6 +203,10 @@ fn seeded_cluster_scenarios() {
         assert!(
             total.roots_crashed > 0,
             "no scenario crashed a hand-over's source"
+        );
+        assert!(
+            total.cut_steps > 0,
+            "no scenario closed a step without its slow member"
         );
     }
 }

@@ -29,6 +29,7 @@ pub(super) struct JoinPoint {
     pub dtype: DType,
     pub len: u64,
     pub checksum: u64,
+    pub members: Vec<MemberId>,
 }
 
 impl<B: Buffer> Node<B> {
@@ -170,6 +171,14 @@ impl<B: Buffer> Node<B> {
             ));
             return self.reply(caller.id, caller.buffer, Err(err));
         }
+        if !jp.members.contains(&self.me) {
+            // The announcement names the members the broadcast runs among;
+            // one without this member cannot be run here.
+            warn!(op = %jp.op, members = ?jp.members, "a hand-over announced to this member does not include it: waiting for the next");
+            self.joins
+                .insert(jp.op.stream(), Joiner { caller, dtype, len });
+            return;
+        }
         info!(op = %jp.op, root = %jp.root, "receiving the trainers' state");
         let run = Running {
             op: jp.op,
@@ -177,7 +186,11 @@ impl<B: Buffer> Node<B> {
             name: "state_sync",
             dtype,
             len,
-            members: self.ring.clone(),
+            // The hand-over's own members, not this ring: a re-run leaves
+            // out members admitted after its first run, and a joiner that
+            // counted them as holding the state after it never handed it
+            // to them (cluster simulator, seed 294 with `backup=1`).
+            members: jp.members,
             started: caller.since,
             role: Role::Trainer {
                 caller,

@@ -127,6 +127,7 @@ impl<B: Buffer> Node<B> {
                     self.event(Event::Suspected { reason: "silent" });
                     self.suspect(member, reason.to_string());
                     self.core.handle_member_down(now, member);
+                    self.park_steps_coordinated_by(member);
                     self.actions.push_back(Action::ResetLinks { member });
                 }
                 Decision::Cleared { member } => {

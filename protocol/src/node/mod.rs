@@ -289,6 +289,7 @@ impl<B: Buffer> Node<B> {
                 dtype,
                 len,
                 checksum,
+                members,
             } => {
                 let jp = JoinPoint {
                     op,
@@ -297,6 +298,7 @@ impl<B: Buffer> Node<B> {
                     dtype,
                     len,
                     checksum,
+                    members,
                 };
                 self.on_join_point(from, stream, jp)
             }
@@ -384,6 +386,10 @@ impl<B: Buffer> Node<B> {
         self.ask_reports();
         self.poll_coordinators();
         self.drain_core();
+        if std::mem::take(&mut self.steps.replay) {
+            self.replay_early_steps();
+            self.drain_core();
+        }
         self.expire();
         self.check_invariants();
     }

@@ -255,6 +255,7 @@ impl<B: Buffer> Node<B> {
                     dtype: run.dtype,
                     len: run.len as u64,
                     checksum,
+                    members: run.members.clone(),
                 },
             );
         }
@@ -424,6 +425,7 @@ impl<B: Buffer> Node<B> {
             .max()
             .unwrap_or(self.epoch);
         self.synced.insert(stream, agreed);
+        self.steps.replay = true;
         if let Some(j) = self.joins.remove(&stream) {
             let err = "superseded: this stream's state was handed over meanwhile";
             self.reply(

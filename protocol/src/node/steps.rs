@@ -86,6 +86,9 @@ pub(super) struct Steps<B> {
     pub records: Vec<StragglerRecord>,
     /// Per stream, this trainer's last late input (`late=fold`).
     pub folded: Folded,
+    /// A hand-over completed here: held step messages may be this
+    /// member's to handle now.
+    pub replay: bool,
 }
 
 impl<B> Default for Steps<B> {
@@ -100,6 +103,7 @@ impl<B> Default for Steps<B> {
             closed_upto: BTreeMap::new(),
             records: Vec::new(),
             folded: Folded::default(),
+            replay: false,
         }
     }
 }
@@ -426,6 +430,28 @@ impl<B: Buffer> Node<B> {
     ) {
         let stream = op.stream();
         let members = self.step_ring(stream);
+        let pending = self.pending(stream);
+        // The members of a hand-over finish it at different times: one
+        // that did goes on to the next step, whose ring holds the joiner,
+        // while the joiner (the step's coordinator if its id is lowest) or
+        // the coordinator still waits to finish it. Its readiness is held
+        // until then; dropped, the step never closed (cluster simulator,
+        // `backup=1` with a joiner of the lowest id).
+        let early = (members.first() != Some(&self.me) && pending.contains(&self.me))
+            || (!members.contains(&from) && pending.contains(&from));
+        if early {
+            debug!(peer = %from, %op, "readiness for a step after a hand-over not finished here: held");
+            let msg = NodeMessage::StepReady {
+                op,
+                epoch: self.epoch,
+                reduce,
+                dtype,
+                len,
+                samples,
+            };
+            self.steps.early.push((from, msg));
+            return;
+        }
         if members.first() != Some(&self.me) {
             warn!(peer = %from, %op, "readiness for a step this member does not coordinate: ignored");
             return;
@@ -709,6 +735,30 @@ impl<B: Buffer> Node<B> {
     fn set_records(&mut self, records: Vec<StragglerRecord>) {
         self.event(Event::Stragglers(records.clone()));
         self.steps.records = records;
+    }
+
+    /// The links to `member` are being reset: readiness sent to it, and the
+    /// cut it announced, may be lost with what was in flight. The steps it
+    /// coordinates are parked like the ops the reset interrupts, for the
+    /// next epoch to decide. Left waiting, a step whose cut was lost never
+    /// started here while its other members ran it, and — the suspicion
+    /// cleared before any removal — nothing ended the wait (cluster
+    /// simulator, seed 837 with `backup=1`).
+    pub(super) fn park_steps_coordinated_by(&mut self, member: MemberId) {
+        let lost: Vec<OpId> = self
+            .steps
+            .cutting
+            .iter()
+            .filter(|(_, run)| run.members.first() == Some(&member))
+            .map(|(&op, _)| op)
+            .collect();
+        for op in lost {
+            let run = self.steps.cutting.remove(&op).expect("listed");
+            self.park(
+                run,
+                format!("interrupted: the links to {member}, the step's coordinator, were reset"),
+            );
+        }
     }
 
     /// A new epoch: cut steps not started are parked like interrupted ops

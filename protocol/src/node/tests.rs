@@ -452,6 +452,51 @@ fn a_silent_peer_is_suspected_after_the_start_up_grace() {
     );
 }
 
+// Found by the cluster simulator (`backup=1`, seed 837): this member's
+// readiness went to the step's coordinator, the coordinator fell silent,
+// this member reset the links to it — losing the cut the coordinator had
+// sent — and heard from it again before any removal committed. The other
+// members ran the step; this one waited for its cut for ever. Parked with
+// the ops the reset interrupted, the trainer's call fails in time and its
+// rejoin moves the group to a new epoch, which decides the step again.
+#[test]
+fn a_step_whose_coordinators_links_were_reset_gives_up_without_a_new_epoch() {
+    let mut node = under_policy(2, &[1, 2, 3], "backup=1");
+    let t = beat(&mut node, &[1, 3], 0, 2_000);
+    node.handle_submit(ms(t), all_reduce(1, 1, &[1.0]));
+    let sent = drain(&mut node);
+    assert!(
+        matches!(&sent[..], [Action::Message { to, msg: NodeMessage::StepReady { .. } }] if *to == m(1)),
+        "{sent:?}"
+    );
+    // m1 falls silent; m3 goes on.
+    beat(&mut node, &[3], t, 2_300);
+    node.handle_timeout(ms(2_400));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![
+            Action::Control(ControlRequest::Suspect {
+                member: m(1),
+                reason: "no heartbeat for 400 ms".into(),
+            }),
+            Action::ResetLinks { member: m(1) },
+        ]
+    );
+    hear(&mut node, &[1, 3], ms(2_450));
+    drain(&mut node);
+    beat(&mut node, &[1, 3], 2_550, 7_350);
+    node.handle_timeout(ms(7_400));
+    let actions = without_progress(drain(&mut node));
+    assert!(
+        matches!(
+            &actions[..],
+            [Action::Reply { id: RequestId(1), outcome: Err(OpError::NoQuorum(why)), .. }]
+                if why.contains("the step's coordinator, were reset")
+        ),
+        "{actions:?}"
+    );
+}
+
 #[test]
 fn during_the_start_up_grace_nobody_is_suspected() {
     let mut node = active(1, &[1, 2, 3], NodeConfig::default());
@@ -532,6 +577,7 @@ fn a_joiner_receives_the_state_and_checks_it() {
                 dtype: DType::F32,
                 len: 2,
                 checksum: state_checksum(&state),
+                members: members(&[1, 2, 3]),
             },
         );
         assert_eq!(drain(&mut node), vec![]);
@@ -558,6 +604,131 @@ fn a_joiner_receives_the_state_and_checks_it() {
                 buffer: arrived,
                 outcome,
             }]
+        );
+    }
+}
+
+// Found by the cluster simulator (seed 294, `backup=1`): a hand-over re-run
+// among the members of its first run (m1–m3) left out m4, admitted since.
+// The joiner ran it as if among its whole ring, so it counted m4 as holding
+// the state: its results told its trainer nobody was waiting, its trainer
+// never handed the state to m4, and the group stopped.
+#[test]
+fn a_joiner_runs_its_hand_over_among_the_members_announced() {
+    let mut node = fresh(3, Incarnation(2));
+    let mut admitted = change(3, &[1, 2, 3, 4], 3);
+    admitted.joined_at.insert(m(3), Epoch(2));
+    admitted.joined_at.insert(m(4), Epoch(3));
+    node.handle_group(Time::ZERO, admitted);
+    for p in [1, 2, 4] {
+        node.handle_message(Time::ZERO, m(p), NodeMessage::Recovery(report(3, p)));
+    }
+    drain(&mut node);
+    assert_eq!(node.pending(0), members(&[3, 4]));
+    node.handle_join(ms(1), join_request());
+    drain(&mut node);
+    let state = bytes(&[4.0, 8.0]);
+    let op = OpId::new(0, 5);
+    node.handle_message(
+        ms(2),
+        m(1),
+        NodeMessage::JoinPoint {
+            stream: 0,
+            op,
+            epoch: Epoch(3),
+            root: m(1),
+            dtype: DType::F32,
+            len: 2,
+            checksum: state_checksum(&state),
+            members: members(&[1, 2, 3]),
+        },
+    );
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    // The chain m1 → m2 → m3 of three members (of four, m3 would relay).
+    node.handle_frame(ms(3), header(op, 3, 2, 1, 2), state.clone());
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Reply {
+            id: RequestId(9),
+            buffer: state,
+            outcome: Ok(OpDone {
+                waiting: members(&[4]),
+                ..done(op, 3, &[1, 2, 3])
+            }),
+        }]
+    );
+    assert_eq!(node.pending(0), members(&[4]), "m4 still waits");
+}
+
+// Found by the cluster simulator (`backup=1`, seed 214): the holders finish
+// a hand-over before its joiner and go on to the next step, whose
+// coordinator is the joiner when its id is the lowest. Readiness that
+// reached it before it had the state was dropped, and the step never closed.
+#[test]
+fn readiness_that_reaches_a_joiner_before_its_state_waits_for_it() {
+    let mut node = fresh(1, Incarnation(2));
+    let mut admitted = GroupChange {
+        policy: "backup=1".parse().unwrap(),
+        ..change(2, &[1, 2, 3], 1)
+    };
+    admitted.joined_at.insert(m(1), Epoch(2));
+    node.handle_group(Time::ZERO, admitted);
+    for p in [2, 3] {
+        node.handle_message(Time::ZERO, m(p), NodeMessage::Recovery(report(2, p)));
+    }
+    drain(&mut node);
+    node.handle_join(ms(1), join_request());
+    drain(&mut node);
+    let state = bytes(&[4.0, 8.0]);
+    let op = OpId::new(0, 5);
+    node.handle_message(
+        ms(2),
+        m(2),
+        NodeMessage::JoinPoint {
+            stream: 0,
+            op,
+            epoch: Epoch(2),
+            root: m(2),
+            dtype: DType::F32,
+            len: 2,
+            checksum: state_checksum(&state),
+            members: members(&[1, 2, 3]),
+        },
+    );
+    let next = OpId::new(0, 6);
+    let ready = NodeMessage::StepReady {
+        op: next,
+        epoch: Epoch(2),
+        reduce: ReduceOp::Sum,
+        dtype: DType::F32,
+        len: 1,
+        samples: None,
+    };
+    node.handle_message(ms(3), m(3), ready.clone());
+    assert_eq!(without_progress(drain(&mut node)), vec![], "held");
+    // The chain m2 → m3 → m1.
+    node.handle_frame(ms(4), header(op, 2, 3, 1, 2), state.clone());
+    let actions = without_progress(drain(&mut node));
+    assert!(
+        matches!(
+            &actions[..],
+            [Action::Reply {
+                id: RequestId(9),
+                outcome: Ok(_),
+                ..
+            }]
+        ),
+        "{actions:?}"
+    );
+    node.handle_message(ms(5), m(2), ready);
+    let actions = without_progress(drain(&mut node));
+    for to in [2, 3] {
+        assert!(
+            actions.iter().any(|a| matches!(a,
+                Action::Message { to: t, msg: NodeMessage::StepCut { op, participants, .. } }
+                    if *t == m(to) && *op == next && participants == &[(m(2), None), (m(3), None)]
+            )),
+            "the coordinator closes the step with the two ready, telling m{to}: {actions:?}"
         );
     }
 }
@@ -829,6 +1000,7 @@ fn a_hand_over_whose_root_dies_goes_on_from_another_holder() {
                     dtype: DType::F32,
                     len: 2,
                     checksum: state_checksum(&state),
+                    members: members(&[2, 3]),
                 },
             },
             Action::Frame {
@@ -861,6 +1033,12 @@ fn a_joiner_whose_hand_over_lost_its_root_waits_for_the_next() {
         dtype: DType::F32,
         len: 2,
         checksum: state_checksum(&state),
+        // Epoch 3 lost m1.
+        members: if epoch == 2 {
+            members(&[1, 2, 3])
+        } else {
+            members(&[2, 3])
+        },
     };
     node.handle_message(ms(2), m(1), point(2, 1));
     assert_eq!(without_progress(drain(&mut node)), vec![]);
@@ -953,6 +1131,7 @@ fn a_joiner_that_missed_its_hand_over_leaves_to_be_readmitted() {
             dtype: DType::F32,
             len: 2,
             checksum: 0,
+            members: members(&[1, 2, 3]),
         },
     );
     assert_eq!(

@@ -330,5 +330,10 @@ pub enum NodeMessage {
         /// [`crate::membership::state_checksum`] of the state as the root
         /// sends it; the joiner checks what it received against it.
         checksum: u64,
+        /// The members that run it, ascending: the ring it started in, or
+        /// a re-run's (which leaves out members admitted since). The joiner
+        /// runs the same schedule and counts the same members as holding
+        /// the state after it.
+        members: Vec<MemberId>,
     },
 }
