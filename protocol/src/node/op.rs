@@ -448,7 +448,23 @@ impl<B: Buffer> Node<B> {
             (Some(k), _) => (k.contributors.clone(), k.waiting.clone()),
             (None, Some(cut)) => {
                 let contributors = cut.participants.iter().map(|(m, _)| *m).collect();
-                (contributors, self.pending(run.op.stream()))
+                // Who waits is who the coordinator left out of the step's
+                // ring: the same at every member. This daemon's own view
+                // may lag — a stand-in runs ahead of its trainer, before
+                // the trainer has run an earlier hand-over here.
+                let cut_members: Vec<MemberId> = cut
+                    .participants
+                    .iter()
+                    .map(|(m, _)| *m)
+                    .chain(cut.left_out.iter().map(|(m, _)| *m))
+                    .collect();
+                let waiting = self
+                    .ring
+                    .iter()
+                    .copied()
+                    .filter(|m| !cut_members.contains(m))
+                    .collect();
+                (contributors, waiting)
             }
             (None, None) => (core, self.pending(run.op.stream())),
         }

@@ -836,6 +836,72 @@ fn a_late_trainer_gets_the_result_its_daemon_stood_in_for() {
     );
 }
 
+// Found by `phalanx-bench continuity`: the slow member's daemon stood in
+// for the step after a hand-over its trainer had not run yet, and the kept
+// result said the joiner still waited (this daemon's view then), while
+// every other member's said nobody did. Its trainer handed the state over
+// a second time, the group ran that op as a step, and the trainer failed.
+// A cut step's waiting members are the ring less the cut's: what its
+// coordinator counted, the same at every member.
+#[test]
+fn a_stand_in_result_says_who_waits_as_the_cut_does() {
+    let policy: QuorumPolicy = "backup=1".parse().unwrap();
+    let mut node = under_policy(2, &[1, 2, 3], "backup=1");
+    let mut readmitted = GroupChange {
+        policy,
+        ..change(3, &[1, 2, 3], 2)
+    };
+    readmitted.joined_at.insert(m(3), Epoch(3));
+    node.handle_group(ms(1), readmitted);
+    for p in [1, 3] {
+        node.handle_message(ms(1), m(p), NodeMessage::Recovery(report(3, p)));
+    }
+    drain(&mut node);
+    assert_eq!(
+        node.pending(0),
+        members(&[3]),
+        "its hand-over has not run here"
+    );
+    let op = OpId::new(0, 2);
+    let cut = NodeMessage::StepCut {
+        op,
+        epoch: Epoch(3),
+        reduce: ReduceOp::Sum,
+        dtype: DType::F32,
+        len: 1,
+        participants: vec![(m(1), None), (m(3), None)],
+        left_out: vec![(m(2), LeftOut::Observer)],
+        reason: "every member ready".into(),
+        changes: vec![],
+        records: vec![],
+    };
+    node.handle_message(ms(2), m(1), cut);
+    assert_eq!(
+        drain(&mut node),
+        vec![],
+        "a stand-in: it waits for m1's fold"
+    );
+    // Recursive doubling over three: m1 folds into m2, m2 and m3 exchange,
+    // m2 hands the sum back to m1.
+    node.handle_frame(ms(3), header(op, 3, 1, 0, 1), bytes(&[3.0]));
+    drain(&mut node);
+    node.handle_frame(ms(3), header(op, 3, 3, 1, 1), bytes(&[5.0]));
+    drain(&mut node);
+    node.handle_submit(ms(4), all_reduce(5, 2, &[100.0]));
+    let actions = without_progress(drain(&mut node));
+    let mut want = done(op, 3, &[1, 3]);
+    want.meta.left_out = vec![(m(2), LeftOut::Observer.to_string())];
+    assert_eq!(
+        actions.last(),
+        Some(&Action::Reply {
+            id: RequestId(5),
+            buffer: bytes(&[8.0]),
+            outcome: Ok(want),
+        }),
+        "nobody waits: the cut counted m3 in ({actions:?})"
+    );
+}
+
 /// Found by the steps simulator with epoch changes: a trainer late for a
 /// step its daemon (the coordinator) stood in for, after an epoch change
 /// made the coordinator forget the step, must not cut it a second time.
