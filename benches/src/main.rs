@@ -2,6 +2,7 @@
 //! `--json FILE`, writes the raw figures and a `summary` object.
 
 mod allreduce;
+mod continuity;
 mod failover;
 mod kernels;
 mod straggler;
@@ -103,6 +104,53 @@ enum Command {
         /// f32 elements per all-reduce.
         #[arg(long, default_value_t = 16384)]
         elems: usize,
+        /// Write the figures and the summary as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The phalanxd binary (default: next to this one).
+        #[arg(long)]
+        phalanxd: Option<PathBuf>,
+    },
+    /// Continuity: real `phalanxd` processes, one trainer per member; a
+    /// member SIGKILLed every KILL_EVERY_S (rotating, the Raft leader
+    /// included) and restarted DOWN_S later, its trainer rejoining, while
+    /// the last member computes SLOW times longer; against the same
+    /// training without the kills in the same invocation. Then both again with
+    /// every core kept busy by spinning processes. JSON summary:
+    /// goodput_ratio (steps per second), steps_lost, false_suspicions
+    /// (removals of members that were not killed), and the same
+    /// `*_cpu_busy`. Every trainer must end with the same state.
+    Continuity {
+        /// Members (the last one is slow; the others are killed in turn).
+        #[arg(long, default_value_t = 5)]
+        members: usize,
+        /// Minutes of each run with faults.
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Minutes of each baseline run (the same training, no kills).
+        #[arg(long, default_value_t = 1.0)]
+        baseline_minutes: f64,
+        /// Seconds between kills.
+        #[arg(long, default_value_t = 30.0)]
+        kill_every_s: f64,
+        /// Seconds a killed member stays down before its daemon restarts.
+        #[arg(long, default_value_t = 3.0)]
+        down_s: f64,
+        /// How many times slower the slow member computes.
+        #[arg(long, default_value_t = 3.0)]
+        slow: f64,
+        /// A healthy member's compute time per step, ms.
+        #[arg(long, default_value_t = 8)]
+        compute_ms: u64,
+        /// Quorum policy the steps close by.
+        #[arg(long, default_value = "backup=1")]
+        policy: String,
+        /// f32 elements per all-reduce.
+        #[arg(long, default_value_t = 16384)]
+        elems: usize,
+        /// Skip the two runs with every core kept busy.
+        #[arg(long)]
+        no_busy: bool,
         /// Write the figures and the summary as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -298,6 +346,42 @@ fn main() -> ExitCode {
                 },
                 json.as_deref(),
             )
+        })(),
+        Command::Continuity {
+            members,
+            minutes,
+            baseline_minutes,
+            kill_every_s,
+            down_s,
+            slow,
+            compute_ms,
+            policy,
+            elems,
+            no_busy,
+            json,
+            phalanxd,
+        } => (|| {
+            let secs = |what: &str, s: f64| {
+                if s.is_finite() && s > 0.0 {
+                    Ok(std::time::Duration::from_secs_f64(s))
+                } else {
+                    anyhow::bail!("{what} must be a positive number, not {s}")
+                }
+            };
+            let o = continuity::Options {
+                members,
+                duration: secs("--minutes", minutes * 60.0)?,
+                baseline: secs("--baseline-minutes", baseline_minutes * 60.0)?,
+                kill_every: secs("--kill-every-s", kill_every_s)?,
+                down: secs("--down-s", down_s)?,
+                slow,
+                compute_ms,
+                elems,
+                policy,
+                busy: !no_busy,
+                phalanxd: phalanxd_or_sibling(phalanxd)?,
+            };
+            continuity::run(&o, json.as_deref())
         })(),
         Command::Cuda { json, samples } => cuda(json.as_deref(), samples),
         Command::Straggler {
