@@ -566,20 +566,7 @@ fn a_joiner_receives_the_state_and_checks_it() {
         );
         let state = bytes(&[4.0, 8.0]);
         let op = OpId::new(0, 5);
-        node.handle_message(
-            ms(2),
-            m(1),
-            NodeMessage::JoinPoint {
-                stream: 0,
-                op,
-                epoch: Epoch(2),
-                root: m(1),
-                dtype: DType::F32,
-                len: 2,
-                checksum: state_checksum(&state),
-                members: members(&[1, 2, 3]),
-            },
-        );
+        node.handle_message(ms(2), m(1), join_point(op, 2, 1, &state, &[1, 2, 3]));
         assert_eq!(drain(&mut node), vec![]);
         let arrived = if corrupt {
             bytes(&[4.0, 8.5])
@@ -629,20 +616,7 @@ fn a_joiner_runs_its_hand_over_among_the_members_announced() {
     drain(&mut node);
     let state = bytes(&[4.0, 8.0]);
     let op = OpId::new(0, 5);
-    node.handle_message(
-        ms(2),
-        m(1),
-        NodeMessage::JoinPoint {
-            stream: 0,
-            op,
-            epoch: Epoch(3),
-            root: m(1),
-            dtype: DType::F32,
-            len: 2,
-            checksum: state_checksum(&state),
-            members: members(&[1, 2, 3]),
-        },
-    );
+    node.handle_message(ms(2), m(1), join_point(op, 3, 1, &state, &[1, 2, 3]));
     assert_eq!(without_progress(drain(&mut node)), vec![]);
     // The chain m1 → m2 → m3 of three members (of four, m3 would relay).
     node.handle_frame(ms(3), header(op, 3, 2, 1, 2), state.clone());
@@ -681,20 +655,7 @@ fn readiness_that_reaches_a_joiner_before_its_state_waits_for_it() {
     drain(&mut node);
     let state = bytes(&[4.0, 8.0]);
     let op = OpId::new(0, 5);
-    node.handle_message(
-        ms(2),
-        m(2),
-        NodeMessage::JoinPoint {
-            stream: 0,
-            op,
-            epoch: Epoch(2),
-            root: m(2),
-            dtype: DType::F32,
-            len: 2,
-            checksum: state_checksum(&state),
-            members: members(&[1, 2, 3]),
-        },
-    );
+    node.handle_message(ms(2), m(2), join_point(op, 2, 2, &state, &[1, 2, 3]));
     let next = OpId::new(0, 6);
     let ready = NodeMessage::StepReady {
         op: next,
@@ -981,6 +942,21 @@ fn shutting_down_answers_everyone_waiting() {
 }
 
 /// A trainer joining on stream 0 with room for two f32.
+/// The announcement of hand-over `op` of `state` (two f32) on stream 0,
+/// from `root` among `ring`.
+fn join_point(op: OpId, epoch: u64, root: u32, state: &[u8], ring: &[u32]) -> NodeMessage {
+    NodeMessage::JoinPoint {
+        stream: 0,
+        op,
+        epoch: Epoch(epoch),
+        root: m(root),
+        dtype: DType::F32,
+        len: 2,
+        checksum: state_checksum(state),
+        members: members(ring),
+    }
+}
+
 fn join_request() -> JoinRequest<Vec<u8>> {
     JoinRequest {
         id: RequestId(9),
@@ -1058,16 +1034,7 @@ fn a_hand_over_whose_root_dies_goes_on_from_another_holder() {
         vec![
             Action::Message {
                 to: m(3),
-                msg: NodeMessage::JoinPoint {
-                    stream: 0,
-                    op,
-                    epoch: Epoch(3),
-                    root: m(2),
-                    dtype: DType::F32,
-                    len: 2,
-                    checksum: state_checksum(&state),
-                    members: members(&[2, 3]),
-                },
+                msg: join_point(op, 3, 2, &state, &[2, 3]),
             },
             Action::Frame {
                 to: m(3),
@@ -1091,20 +1058,10 @@ fn a_joiner_whose_hand_over_lost_its_root_waits_for_the_next() {
     drain(&mut node);
     let state = bytes(&[4.0, 8.0]);
     let op = OpId::new(0, 5);
-    let point = |epoch: u64, root: u32| NodeMessage::JoinPoint {
-        stream: 0,
-        op,
-        epoch: Epoch(epoch),
-        root: m(root),
-        dtype: DType::F32,
-        len: 2,
-        checksum: state_checksum(&state),
-        // Epoch 3 lost m1.
-        members: if epoch == 2 {
-            members(&[1, 2, 3])
-        } else {
-            members(&[2, 3])
-        },
+    // Epoch 3 lost m1.
+    let point = |epoch: u64, root: u32| {
+        let ring: &[u32] = if epoch == 2 { &[1, 2, 3] } else { &[2, 3] };
+        join_point(op, epoch, root, &state, ring)
     };
     node.handle_message(ms(2), m(1), point(2, 1));
     assert_eq!(without_progress(drain(&mut node)), vec![]);
