@@ -89,6 +89,10 @@ struct Run {
     /// than killed).
     false_suspicions: usize,
     removals: usize,
+    /// Demotions to observer and readmissions the slow member's log
+    /// announces (of any member; the slow one, as a rule).
+    demotions: usize,
+    readmissions: usize,
 }
 
 impl Run {
@@ -427,6 +431,8 @@ fn run_one(o: &Options, name: &'static str, faults: bool, busy: bool) -> Result<
         live_errors,
         false_suspicions,
         removals: removed.values().sum(),
+        demotions: log.matches("member demoted to observer").count(),
+        readmissions: log.matches("observer readmitted").count(),
     })
 }
 
@@ -469,7 +475,7 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
         runs.push(run_one(o, name, faults, busy).with_context(|| format!("run {name}"))?);
     }
     println!(
-        "{:<18} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>10} {:>11} {:>9}",
+        "{:<18} {:>7} {:>8} {:>8} {:>6} {:>7} {:>8} {:>10} {:>11} {:>9} {:>13}",
         "run",
         "s",
         "steps",
@@ -479,11 +485,12 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
         "rejoins",
         "steps lost",
         "live errors",
-        "false sus"
+        "false sus",
+        "demoted/back"
     );
     for r in &runs {
         println!(
-            "{:<18} {:>7.1} {:>8} {:>8.1} {:>6} {:>7} {:>8} {:>10} {:>11} {:>9}",
+            "{:<18} {:>7.1} {:>8} {:>8.1} {:>6} {:>7} {:>8} {:>10} {:>11} {:>9} {:>13}",
             r.name,
             r.seconds,
             r.steps,
@@ -493,7 +500,8 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
             r.rejoins,
             r.steps_lost,
             r.live_errors.len(),
-            r.false_suspicions
+            r.false_suspicions,
+            format!("{}/{}", r.demotions, r.readmissions)
         );
         for e in &r.live_errors {
             println!("  {}: a live trainer saw: {e}", r.name);
@@ -539,6 +547,8 @@ pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
             "live_trainer_errors": r.live_errors,
             "removals": r.removals,
             "false_suspicions": r.false_suspicions,
+            "slow_member_demotions": r.demotions,
+            "slow_member_readmissions": r.readmissions,
         })).collect::<Vec<_>>(),
         "summary": summary,
     });
