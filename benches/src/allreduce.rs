@@ -264,12 +264,6 @@ fn build_mpi(peers_dir: &Path) -> Result<PathBuf> {
 }
 
 pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
-    if !o.phalanxd.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release --locked -p phalanx-daemon`, or pass --phalanxd",
-            o.phalanxd.display()
-        );
-    }
     let mpi_bin = if o.mpi && which("mpicc") && which("mpirun") {
         match build_mpi(&o.peers_dir) {
             Ok(b) => Some(b),

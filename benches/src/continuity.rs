@@ -438,12 +438,6 @@ fn run_one(o: &Options, name: &'static str, faults: bool, busy: bool) -> Result<
 
 /// Runs the benchmark and prints (and writes) its figures.
 pub fn run(o: &Options, json_path: Option<&Path>) -> Result<()> {
-    if !o.phalanxd.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release --locked -p phalanx-daemon`, or pass --phalanxd",
-            o.phalanxd.display()
-        );
-    }
     anyhow::ensure!(
         o.members >= 4,
         "--members must be at least 4 (one slow, one killed, a majority left)"

@@ -267,12 +267,20 @@ fn settled_cluster(
     Ok(cluster)
 }
 
-/// The phalanxd binary: the one given, or the one next to this binary.
+/// The phalanxd binary: the one given, or the one next to this binary;
+/// an error that says how to build it when it is not there.
 fn phalanxd_or_sibling(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match given {
-        Some(p) => Ok(p),
-        None => Ok(std::env::current_exe()?.with_file_name("phalanxd")),
+    let path = match given {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("phalanxd"),
+    };
+    if !path.exists() {
+        anyhow::bail!(
+            "{} not found: build it with `cargo build --release --locked -p phalanx-daemon`, or pass --phalanxd",
+            path.display()
+        );
     }
+    Ok(path)
 }
 
 /// The `q` quantile of ascending `sorted` (nearest rank).
