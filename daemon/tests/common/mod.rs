@@ -117,6 +117,9 @@ pub mod training {
         /// Per member index: when a call first failed with `NoQuorum`, and
         /// at which steps (the trainer then rejoins, as a real one would).
         pub no_quorum: Vec<Mutex<(Option<std::time::Instant>, Vec<u64>)>>,
+        /// Per member index: the step whose call failed with another error,
+        /// which ends the trainer (its daemon was killed, say).
+        pub ended_at: Vec<Mutex<Option<u64>>>,
     }
 
     impl Shared {
@@ -128,6 +131,7 @@ pub mod training {
                 stop_at: AtomicU64::new(RUN_ON),
                 results: Mutex::new(Vec::new()),
                 no_quorum: (0..n).map(|_| Mutex::new((None, Vec::new()))).collect(),
+                ended_at: (0..n).map(|_| Mutex::new(None)).collect(),
             })
         }
 
@@ -196,7 +200,10 @@ pub mod training {
                         c.join(&mut state)?;
                         continue;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        *shared.ended_at[idx].lock().unwrap() = Some(step);
+                        return Err(e);
+                    }
                 };
                 {
                     let grads = shared.grads.lock().unwrap();
@@ -275,28 +282,51 @@ pub mod training {
     }
 
     /// No split brain: every completion of a step names the same
-    /// contributors. One exception, by design: a member cut off (or falsely
-    /// suspected) just as an op completed may have completed it while the
-    /// others re-ran it without its last frames. That result is never
-    /// combined with anything: the member is fenced, its next call fails with
-    /// `NoQuorum`, and it rejoins with the group's state, discarding it.
+    /// contributors. Two exceptions, by design, both of a result nobody
+    /// combines with anything: a member cut off (or falsely suspected) just
+    /// as an op completed may have completed it while the others re-ran it
+    /// without its last frames (it is fenced, its next call fails with
+    /// `NoQuorum`, and it rejoins with the group's state, discarding it);
+    /// and a member killed just as an op completed may have received the
+    /// last frames while no survivor did (its trainer's next call fails and
+    /// it ends). Such a result is printed, not counted.
     pub fn assert_one_history(shared: &Shared) {
         let results = shared.results.lock().unwrap();
-        let fenced_at = |idx: usize, step: u64| {
+        let last_before_failing = |idx: usize, step: u64| {
             shared.no_quorum[idx]
                 .lock()
                 .unwrap()
                 .1
                 .contains(&(step + 1))
+                || *shared.ended_at[idx].lock().unwrap() == Some(step + 1)
         };
-        let mut agreed: HashMap<u64, &Vec<MemberId>> = HashMap::new();
-        for r in results.iter().filter(|r| !fenced_at(r.0, r.1)) {
-            let first = agreed.entry(r.1).or_insert(&r.3);
+        let (orphans, counted): (Vec<&StepResult>, Vec<&StepResult>) =
+            results.iter().partition(|r| last_before_failing(r.0, r.1));
+        let mut agreed: HashMap<u64, &StepResult> = HashMap::new();
+        for r in counted {
+            let first = agreed.entry(r.1).or_insert(r);
             assert_eq!(
-                *first, &r.3,
-                "step {} completed with different contributors",
-                r.1
+                first.3,
+                r.3,
+                "step {} completed with different contributors: m{} saw {:?}, m{} saw {:?}",
+                r.1,
+                first.0 + 1,
+                first.3,
+                r.0 + 1,
+                r.3
             );
+        }
+        for r in orphans {
+            if let Some(a) = agreed.get(&r.1).filter(|a| a.3 != r.3) {
+                eprintln!(
+                    "step {}: m{}'s last result before its call failed names {:?}, the group's \
+                     names {:?} (nobody combines it with anything)",
+                    r.1,
+                    r.0 + 1,
+                    r.3,
+                    a.3
+                );
+            }
         }
     }
 
