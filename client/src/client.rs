@@ -12,7 +12,9 @@ use phalanx_protocol::local::{
     decode_local, encode_local, local_limits, LocalErrorCode, LocalKind, LocalRequest,
     LocalResponse, StepMeta,
 };
-use phalanx_protocol::wire::{DType, EnvelopeHeader, ReduceOp, ENVELOPE_LEN, PROTOCOL_VERSION};
+use phalanx_protocol::wire::{
+    DType, EnvelopeHeader, Held, ReduceOp, ENVELOPE_LEN, PROTOCOL_VERSION,
+};
 use phalanx_protocol::{Epoch, MemberId, OpId};
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::mm::{MapFlags, ProtFlags};
@@ -176,6 +178,9 @@ pub struct Client {
     member: MemberId,
     members: Vec<MemberId>,
     arena: Arena,
+    /// The last op completed on this connection: the state a trainer
+    /// passes to [`Client::join`] includes its result.
+    last_op: Option<Held>,
 }
 
 const MIN_ARENA: usize = 1 << 20;
@@ -205,6 +210,7 @@ impl Client {
             member: MemberId(0),
             members: Vec::new(),
             arena,
+            last_op: None,
         };
         let hello = LocalRequest::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -291,6 +297,12 @@ impl Client {
         self.stream.read_exact(&mut body)?;
         let resp: LocalResponse =
             decode_local(&header, &body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if let LocalResponse::Done { op, epoch, .. } = &resp {
+            self.last_op = Some(Held {
+                seq: op.seq(),
+                epoch: *epoch,
+            });
+        }
         match resp {
             LocalResponse::Error { code, message } => Err(match code {
                 LocalErrorCode::BadRequest => ClientError::BadRequest(message),
@@ -473,13 +485,24 @@ impl Client {
     /// call failed with [`ClientError::NoQuorum`] because the group went on
     /// without this member; not on a fresh group, where every trainer starts
     /// from the same state.
+    ///
+    /// Pass the state as it stands after this client's last completed call
+    /// (the README's loop does). If no member's trainer holds the group's
+    /// state any more — a lost quorum made every trainer rejoin — the
+    /// joining trainers' states are compared and the group resumes from the
+    /// most advanced one (its checksum must agree among those as advanced);
+    /// the state of a `Client` that has completed no call counts for
+    /// nothing. With no state anywhere the call fails with
+    /// [`ClientError::BadRequest`] saying so.
     pub fn join<T: Element>(&mut self, state: &mut [T]) -> Result<OpInfo, ClientError> {
         self.ensure_arena(std::mem::size_of_val(state))?;
+        self.stage(0, state);
         let req = LocalRequest::Join {
             buffer: self.arena.id,
             offset_bytes: 0,
             dtype: T::DTYPE,
             len: state.len() as u64,
+            holds: self.last_op,
         };
         let info = OpInfo::from_done(self.call(&req, None)?)?;
         self.unstage(0, state);

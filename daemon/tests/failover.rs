@@ -180,6 +180,81 @@ fn a_member_cut_off_gets_no_quorum_then_rejoins_after_the_heal() {
     eprintln!("cut-off member got NoQuorum after {waited:?}");
 }
 
+// Issue 13, item 2: three of five members SIGKILLed, the two survivors'
+// trainers got NoQuorum and called join(); the three came back, every
+// trainer now waited in join() for a live trainer to hand the state over,
+// none existed, and after 60 s every join() failed — although the
+// survivors' trainers held identical, current states. Now the joiners offer
+// their states and the group resumes from the most advanced.
+#[test]
+fn after_a_lost_quorum_the_group_resumes_from_the_survivors_state() {
+    let _serial = common::one_at_a_time();
+    let (mut cluster, shared) = start(5, "recovery_timeout_ms = 2000");
+    let mut trainers: Vec<_> = (0..5)
+        .map(|i| {
+            Some(training::spawn(
+                cluster.members[i].socket.clone(),
+                i,
+                false,
+                shared.clone(),
+            ))
+        })
+        .collect();
+    training::wait_until("warm-up", 60, || shared.max_step() >= 20);
+    // The three Raft voters (the first three members): one at a time, the
+    // group would replace each by a learner and keep its quorum.
+    for i in 0..3 {
+        cluster.signal(i, KILL).unwrap();
+    }
+    for t in &mut trainers[..3] {
+        assert!(t.take().unwrap().join().unwrap().is_err());
+    }
+    training::wait_until("NoQuorum at both survivors", 60, || {
+        (3..5).all(|i| shared.no_quorum[i].lock().unwrap().0.is_some())
+    });
+    let survivors_at = shared.progress[3]
+        .load(Ordering::SeqCst)
+        .min(shared.progress[4].load(Ordering::SeqCst));
+    for i in 0..3 {
+        cluster.spawn(i).unwrap();
+    }
+    cluster
+        .wait_ready(std::time::Duration::from_secs(60))
+        .unwrap();
+    let restarted_from = shared.results.lock().unwrap().len();
+    for (i, t) in trainers.iter_mut().enumerate().take(3) {
+        *t = Some(training::spawn(
+            cluster.members[i].socket.clone(),
+            i,
+            true,
+            shared.clone(),
+        ));
+    }
+    training::wait_until("all five train again", 60, || {
+        let results = shared.results.lock().unwrap();
+        (0..5).all(|i| results[restarted_from..].iter().any(|r| r.0 == i))
+    });
+    let first_step = shared.results.lock().unwrap()[restarted_from..]
+        .iter()
+        .map(|r| r.1)
+        .min()
+        .unwrap();
+    assert!(
+        first_step >= survivors_at,
+        "the group resumed at step {first_step}, the survivors held step {survivors_at}'s state"
+    );
+    training::finish_all(
+        &shared,
+        trainers.into_iter().map(Option::unwrap).collect(),
+        10,
+    );
+    let log = std::fs::read_to_string(&cluster.members[3].log).unwrap();
+    assert!(
+        log.contains("resumes from"),
+        "m4's log does not say the group resumed"
+    );
+}
+
 /// Elements of the state the hand-over test's trainers hold (128 MiB of
 /// f32): large enough that the root is killed while it sends.
 const BIG_STATE: usize = 32 << 20;

@@ -9,7 +9,7 @@
 use bincode::{Decode, Encode};
 
 use crate::wire::{
-    DType, DecodeError, EnvelopeHeader, Limits, MessageKind, ReduceOp, ENVELOPE_LEN,
+    DType, DecodeError, EnvelopeHeader, Held, Limits, MessageKind, ReduceOp, ENVELOPE_LEN,
     PROTOCOL_VERSION,
 };
 use crate::{Epoch, MemberId, OpId};
@@ -69,6 +69,11 @@ pub enum LocalRequest {
         dtype: DType,
         /// Elements of state.
         len: u64,
+        /// The last op of this stream whose result the state in the buffer
+        /// includes (the client's last completed call on this connection),
+        /// if any. When every member of the ring is joining, the most
+        /// advanced such state is handed to the others.
+        holds: Option<Held>,
     },
     /// Runs one collective over bytes `offset_bytes..` of a registered buffer.
     Collective {

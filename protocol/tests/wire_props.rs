@@ -4,7 +4,7 @@
 use phalanx_protocol::membership::{KeptResult, RecoveryReport};
 use phalanx_protocol::wire::{
     decode, encode_control, encode_frame_header, AbortReason, ControlMessage, DType, DecodeError,
-    Decoded, EnvelopeHeader, FrameHeader, Limits, MessageKind, NodeMessage, RejectCode,
+    Decoded, EnvelopeHeader, FrameHeader, Held, Limits, MessageKind, NodeMessage, RejectCode,
     ENVELOPE_LEN, FRAME_HEADER_LEN, MAGIC, PROTOCOL_VERSION,
 };
 use phalanx_protocol::{Epoch, Incarnation, MemberId, OpId, Step};
@@ -112,6 +112,29 @@ fn control() -> impl Strategy<Value = ControlMessage> {
                     len,
                     checksum,
                     members,
+                })
+            }),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            proptest::option::of((any::<u64>(), any::<u64>())),
+            any::<u64>(),
+            any::<u64>(),
+            dtype(),
+            any::<u64>(),
+        )
+            .prop_map(|(stream, e, holds, seen, checksum, dtype, len)| {
+                ControlMessage::Node(NodeMessage::StateOffer {
+                    stream,
+                    epoch: Epoch(e),
+                    holds: holds.map(|(seq, epoch)| Held {
+                        seq,
+                        epoch: Epoch(epoch),
+                    }),
+                    seen,
+                    checksum,
+                    dtype,
+                    len,
                 })
             }),
         (

@@ -326,6 +326,7 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                 offset_bytes,
                 dtype,
                 len,
+                holds,
             } => match claim
                 .stream
                 .ok_or_else(|| "say hello before joining".to_string())
@@ -343,6 +344,7 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                         stream,
                         dtype,
                         len: len as usize,
+                        holds,
                         buffer: region,
                     };
                     let join = TrainerCall::Join(join, reply);

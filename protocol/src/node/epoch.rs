@@ -360,7 +360,14 @@ impl<B: Buffer> Node<B> {
             let err = OpError::Rejected("superseded by a newer join on the same stream".into());
             return self.reply(caller.id, caller.buffer, Err(err));
         }
-        self.joins.insert(stream, Joiner { caller, dtype, len });
+        // What arrived of the state overwrote the trainer's own.
+        let joiner = Joiner {
+            caller,
+            dtype,
+            len,
+            holds: None,
+        };
+        self.joins.insert(stream, joiner);
     }
 
     /// A step this daemon ran for its lagging trainer, whose result nobody

@@ -46,6 +46,7 @@ impl<B: Buffer> Node<B> {
                 self.send(member, NodeMessage::Recovery(report));
             }
         }
+        self.resend_offers(member);
         self.after_input();
     }
 

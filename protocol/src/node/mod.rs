@@ -88,7 +88,7 @@ use crate::membership::{FailureDetector, Plan, RecoveryReport};
 use crate::stragglers::QuorumPolicy;
 use crate::wire::{FrameHeader, NodeMessage};
 use crate::{Epoch, Incarnation, MemberId, OpId, Time};
-use joins::{JoinPoint, Joiner};
+use joins::{JoinPoint, Joiner, Offer};
 use op::{Parked, Queued, Running};
 use retained::Retained;
 use steps::Steps;
@@ -150,6 +150,11 @@ pub struct Node<B> {
     /// Per stream, a hand-over announced to this daemon for an epoch it had
     /// left by the time it came (see [`Node::check_missed_hand_overs`]).
     missed: BTreeMap<u32, OpId>,
+    /// Per stream, the states the ring's joining trainers offer while no
+    /// member holds the stream's state (see [`Node::offer_states`]).
+    offers: BTreeMap<u32, BTreeMap<MemberId, Offer>>,
+    /// Per stream, the epoch this daemon's trainer's state was offered in.
+    offered: BTreeMap<u32, Epoch>,
 
     // Liveness.
     detector: FailureDetector,
@@ -216,6 +221,8 @@ impl<B: Buffer> Node<B> {
             joins: BTreeMap::new(),
             join_points: BTreeMap::new(),
             missed: BTreeMap::new(),
+            offers: BTreeMap::new(),
+            offered: BTreeMap::new(),
             down: BTreeMap::new(),
             issued: BTreeMap::new(),
             peer_progress: BTreeMap::new(),
@@ -301,6 +308,25 @@ impl<B: Buffer> Node<B> {
                     members,
                 };
                 self.on_join_point(from, stream, jp)
+            }
+            NodeMessage::StateOffer {
+                stream,
+                epoch,
+                holds,
+                seen,
+                checksum,
+                dtype,
+                len,
+            } => {
+                let offer = Offer {
+                    epoch,
+                    holds,
+                    seen,
+                    checksum,
+                    dtype,
+                    len,
+                };
+                self.on_state_offer(from, stream, offer)
             }
         }
         self.after_input();

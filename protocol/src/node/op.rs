@@ -243,7 +243,11 @@ impl<B: Buffer> Node<B> {
     fn announce_join_point(&mut self, run: &Running<B>, root: MemberId) {
         let checksum = state_checksum(run.bytes());
         let pending = self.pending(run.op.stream());
-        for &j in run.members.iter().filter(|m| pending.contains(m)) {
+        for &j in run
+            .members
+            .iter()
+            .filter(|&&m| m != root && pending.contains(&m))
+        {
             info!(joiner = %j, op = %run.op, "handing the trainers' state to a joining member");
             self.send(
                 j,
@@ -425,6 +429,7 @@ impl<B: Buffer> Node<B> {
             .max()
             .unwrap_or(self.epoch);
         self.synced.insert(stream, agreed);
+        self.offers.remove(&stream);
         self.steps.replay = true;
         if let Some(j) = self.joins.remove(&stream) {
             let err = "superseded: this stream's state was handed over meanwhile";

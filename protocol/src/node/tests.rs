@@ -8,7 +8,7 @@ use super::*;
 use crate::local::{LocalKind, StepMeta};
 use crate::membership::{state_checksum, KeptResult};
 use crate::stragglers::LeftOut;
-use crate::wire::{DType, ReduceOp};
+use crate::wire::{DType, Held, ReduceOp};
 use crate::Step;
 
 /// f32 arithmetic, enough for these tests.
@@ -963,6 +963,7 @@ fn join_request() -> JoinRequest<Vec<u8>> {
         stream: 0,
         dtype: DType::F32,
         len: 2,
+        holds: None,
         buffer: vec![0; 8],
     }
 }
@@ -1188,4 +1189,167 @@ fn a_joiner_that_missed_its_hand_over_leaves_to_be_readmitted() {
             reason: "its trainer missed the hand-over op5 of the group's state".into(),
         })]
     );
+}
+
+/// Member `me` of ring [1, 2] in epoch 3, where both were readmitted in
+/// epoch 3 (a lost quorum fenced them): by the group's books neither holds
+/// stream 0's state.
+fn nobody_holding(me: u32) -> TestNode {
+    let mut node = fresh(me, Incarnation(1));
+    let mut readmitted = change(3, &[1, 2], me);
+    readmitted.joined_at = BTreeMap::from([(m(1), Epoch(3)), (m(2), Epoch(3))]);
+    node.handle_group(Time::ZERO, readmitted);
+    let peer = 3 - me;
+    node.handle_message(Time::ZERO, m(peer), NodeMessage::Recovery(report(3, peer)));
+    assert!(node.mode().is_active());
+    drain(&mut node);
+    assert_eq!(node.pending(0), members(&[1, 2]));
+    node
+}
+
+fn offer(holds: Option<Held>, seen: u64, state: &[u8]) -> NodeMessage {
+    NodeMessage::StateOffer {
+        stream: 0,
+        epoch: Epoch(3),
+        holds,
+        seen,
+        checksum: state_checksum(state),
+        dtype: DType::F32,
+        len: 2,
+    }
+}
+
+fn held(seq: u64, epoch: u64) -> Option<Held> {
+    Some(Held {
+        seq,
+        epoch: Epoch(epoch),
+    })
+}
+
+// Issue 13, item 2: a lost quorum fenced every member; each trainer
+// rejoined, nobody was left to hand the state over, and every join() failed
+// after 60 s although the survivors' trainers held the same, current state.
+// The joiners now offer their states; the most advanced one's holder hands
+// it over, as the live trainers would.
+#[test]
+fn with_every_member_joining_the_most_advanced_state_is_handed_over() {
+    let mut node = nobody_holding(1);
+    let state = bytes(&[4.0, 8.0]);
+    node.handle_join(
+        ms(1),
+        JoinRequest {
+            holds: held(7, 2),
+            buffer: state.clone(),
+            ..join_request()
+        },
+    );
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![
+            Action::Control(ControlRequest::WantIn),
+            Action::Message {
+                to: m(2),
+                msg: offer(held(7, 2), 0, &state),
+            },
+        ]
+    );
+    // m2's trainer is one step behind (its call of op 7 failed), and its
+    // daemon had seen op 8 (a stand-in, say): the hand-over is op 9.
+    node.handle_message(ms(2), m(2), offer(held(6, 2), 8, &bytes(&[1.0, 1.0])));
+    let op = OpId::new(0, 9);
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![
+            Action::Message {
+                to: m(2),
+                msg: join_point(op, 3, 1, &state, &[1, 2]),
+            },
+            Action::Frame {
+                to: m(2),
+                header: header(op, 3, 1, 0, 2),
+                payload: state.clone(),
+            },
+            Action::Reply {
+                id: RequestId(9),
+                buffer: state,
+                outcome: Ok(done(op, 3, &[1, 2])),
+            },
+        ]
+    );
+    assert_eq!(node.pending(0), vec![], "both hold the state again");
+}
+
+#[test]
+fn a_joiner_less_advanced_waits_for_the_holders_hand_over() {
+    let mut node = nobody_holding(2);
+    let mine = bytes(&[1.0, 1.0]);
+    node.handle_join(
+        ms(1),
+        JoinRequest {
+            holds: held(6, 2),
+            buffer: mine.clone(),
+            ..join_request()
+        },
+    );
+    drain(&mut node);
+    let state = bytes(&[4.0, 8.0]);
+    node.handle_message(ms(2), m(1), offer(held(7, 2), 0, &state));
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    let op = OpId::new(0, 8);
+    node.handle_message(ms(3), m(1), join_point(op, 3, 1, &state, &[1, 2]));
+    node.handle_frame(ms(4), header(op, 3, 1, 0, 2), state.clone());
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Reply {
+            id: RequestId(9),
+            buffer: state,
+            outcome: Ok(done(op, 3, &[1, 2])),
+        }]
+    );
+}
+
+#[test]
+fn with_no_state_anywhere_every_join_fails_saying_so() {
+    let mut node = nobody_holding(2);
+    node.handle_join(ms(1), join_request());
+    drain(&mut node);
+    node.handle_message(ms(2), m(1), offer(None, 5, &[0; 8]));
+    let actions = without_progress(drain(&mut node));
+    assert!(
+        matches!(&actions[..], [Action::Reply { id: RequestId(9), outcome: Err(OpError::Rejected(why)), .. }]
+            if why.contains("no trainer holds stream 0's state") && why.contains("checkpoint")),
+        "{actions:?}"
+    );
+}
+
+#[test]
+fn the_state_to_resume_from_is_the_latest_result_and_must_agree() {
+    let a = bytes(&[1.0, 2.0]);
+    let b = bytes(&[3.0, 4.0]);
+    let o = |holds, state: &[u8]| joins::Offer {
+        epoch: Epoch(5),
+        holds,
+        seen: 0,
+        checksum: state_checksum(state),
+        dtype: DType::F32,
+        len: 2,
+    };
+    let (fenced, rerun, fresh) = (o(held(7, 2), &a), o(held(7, 3), &b), o(None, &a));
+    // m1 completed op 7 in epoch 2 as it was cut off; m2 and m3 re-ran it
+    // without m1 in epoch 3: theirs is the group's.
+    assert_eq!(
+        joins::choose_state(0, &[(m(1), &fenced), (m(2), &rerun), (m(3), &rerun)]),
+        Ok((m(2), 8))
+    );
+    assert_eq!(
+        joins::choose_state(0, &[(m(1), &fresh), (m(2), &fenced)]),
+        Ok((m(2), 8))
+    );
+    let differ = o(held(7, 3), &a);
+    let err = joins::choose_state(0, &[(m(1), &rerun), (m(2), &differ)]).unwrap_err();
+    assert!(
+        err.contains("states after op 7 of stream 0 differ"),
+        "{err}"
+    );
+    assert!(joins::choose_state(0, &[(m(1), &fresh)]).is_err());
 }

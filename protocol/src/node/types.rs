@@ -10,7 +10,7 @@ use crate::collective::Config as CoreConfig;
 use crate::local::{LocalKind, StepMeta};
 use crate::membership::{DetectorConfig, GroupState, Status};
 use crate::stragglers::{QuorumPolicy, StragglerRecord};
-use crate::wire::{AbortReason, DType, FrameHeader, NodeMessage, ReduceOp};
+use crate::wire::{AbortReason, DType, FrameHeader, Held, NodeMessage, ReduceOp};
 use crate::{Epoch, Incarnation, MemberId, OpId};
 
 /// Memory an op runs in: a trainer's shared buffer in the daemon, a plain
@@ -79,7 +79,11 @@ pub struct JoinRequest<B> {
     pub dtype: DType,
     /// Elements of state.
     pub len: usize,
-    /// Where the state goes.
+    /// The last op of the stream whose result the trainer's state includes
+    /// (the buffer holds that state), if any: offered when no live trainer
+    /// is left to hand the group's state over.
+    pub holds: Option<Held>,
+    /// Where the state goes (and, with `holds`, the state the trainer has).
     pub buffer: B,
 }
 

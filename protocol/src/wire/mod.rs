@@ -24,7 +24,9 @@ pub use codec::{decode, encode_control, encode_frame_header, Decoded};
 pub use envelope::{EnvelopeHeader, MessageKind, ENVELOPE_LEN, MAGIC};
 pub use error::DecodeError;
 pub use frame::{FrameHeader, FRAME_HEADER_LEN};
-pub use types::{AbortReason, ControlMessage, DType, NodeMessage, ReduceOp, RejectCode, JOIN_LINK};
+pub use types::{
+    AbortReason, ControlMessage, DType, Held, NodeMessage, ReduceOp, RejectCode, JOIN_LINK,
+};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;

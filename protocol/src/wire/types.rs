@@ -6,6 +6,18 @@ use bincode::{Decode, Encode};
 
 use crate::{Epoch, Incarnation, MemberId, OpId};
 
+/// Which op's result a trainer's state includes last: the op's seq and the
+/// epoch it completed in. Ordered by seq, then epoch: a fenced member may
+/// have completed an op that the group re-ran without it in a later epoch,
+/// and the re-run's result is the group's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Encode, Decode)]
+pub struct Held {
+    /// The op's seq in its stream.
+    pub seq: u64,
+    /// The epoch it completed in.
+    pub epoch: Epoch,
+}
+
 /// Element type of a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Encode, Decode)]
 pub enum DType {
@@ -335,5 +347,29 @@ pub enum NodeMessage {
         /// runs the same schedule and counts the same members as holding
         /// the state after it.
         members: Vec<MemberId>,
+    },
+    /// To every member of the ring, from a member whose trainer waits in
+    /// `join()` while no member of the ring holds `stream`'s state by the
+    /// group's books (a lost quorum made every trainer rejoin): what its
+    /// trainer holds. Once every member's offer of `epoch` is in, the most
+    /// advanced state is handed to the others by its holder.
+    StateOffer {
+        /// The stream's id.
+        stream: u32,
+        /// The epoch the offer is for.
+        epoch: Epoch,
+        /// The last op of the stream whose result the trainer's state
+        /// includes; `None`: it holds nothing the group ran (a new trainer
+        /// process).
+        holds: Option<Held>,
+        /// The highest seq of the stream this member has seen (the
+        /// hand-over takes the next one past every member's).
+        seen: u64,
+        /// [`crate::membership::state_checksum`] of the state.
+        checksum: u64,
+        /// Element type.
+        dtype: DType,
+        /// Elements.
+        len: u64,
     },
 }
