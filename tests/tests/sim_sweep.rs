@@ -249,3 +249,32 @@ fn straggler_scenarios() {
         assert!(total.epochs > 0, "no scenario changed the policy mid-run");
     }
 }
+
+/// Found with a split drawn over the other faults (seed 982's schedule,
+/// `backup=1`): after the heal the coordinator closed a step with the
+/// readiness a member sent before its trainer's call failed, and that member
+/// stood in with a neutral input, so the result named a contributor whose
+/// input it did not hold.
+#[test]
+fn a_split_after_a_pause_and_a_partition_keeps_every_result_whole() {
+    use phalanx_tests::cluster_sim::{ClusterFault, ClusterScenario, ClusterSim};
+    use std::time::Duration;
+    let ms = Duration::from_millis;
+    let sc = ClusterScenario {
+        seed: 982,
+        members: 5,
+        fault_phase: ms(6_262),
+        heal_phase: Duration::from_secs(8),
+        jitter: Duration::from_micros(1_072),
+        faults: vec![
+            (ms(552), ClusterFault::Pause(3, ms(967))),
+            (ms(913), ClusterFault::Partition(vec![1])),
+            (ms(2_262), ClusterFault::Split),
+        ],
+        policy: "backup=1".parse().unwrap(),
+        slow: Some((0, Duration::from_micros(4_151))),
+    };
+    if let Err(failure) = ClusterSim::new(sc).run() {
+        panic!("{failure}");
+    }
+}

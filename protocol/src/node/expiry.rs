@@ -75,6 +75,7 @@ impl<B: Buffer> Node<B> {
         for op in expired {
             let p = self.parked.remove(&op).expect("listed");
             warn!(%op, reason = %p.reason, "no new epoch in time: failing the op");
+            self.withdraw_step(&p.run);
             self.event(Event::Op {
                 outcome: Outcome::NoQuorum,
                 kind: p.run.name,

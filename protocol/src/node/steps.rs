@@ -64,6 +64,9 @@ struct CutMsg {
     meta: CutMeta,
 }
 
+/// Withdrawn step inputs kept at most (the newest).
+const WITHDRAWN_KEPT: usize = 8;
+
 /// The cut path's state.
 #[derive(Debug)]
 pub(super) struct Steps<B> {
@@ -89,6 +92,10 @@ pub(super) struct Steps<B> {
     /// A hand-over completed here: held step messages may be this
     /// member's to handle now.
     pub replay: bool,
+    /// Inputs of steps whose readiness was sent but whose trainer's call
+    /// failed before the cut came (no epoch in time): a cut that still
+    /// names this member runs with them, as it says.
+    pub withdrawn: BTreeMap<OpId, Vec<u8>>,
 }
 
 impl<B> Default for Steps<B> {
@@ -104,6 +111,7 @@ impl<B> Default for Steps<B> {
             records: Vec::new(),
             folded: Folded::default(),
             replay: false,
+            withdrawn: BTreeMap::new(),
         }
     }
 }
@@ -579,10 +587,22 @@ impl<B: Buffer> Node<B> {
                 run
             }
             None => {
-                if cut.meta.participants.iter().any(|(m, _)| *m == me) {
-                    warn!(%op, "named a contributor of a step it holds no input for: standing in with a neutral input");
+                let named = cut.meta.participants.iter().any(|(m, _)| *m == me);
+                let mut run = self.standin(&cut);
+                match self.steps.withdrawn.remove(&op) {
+                    // The result must hold what it says it holds: the
+                    // coordinator counted the input readiness announced.
+                    Some(input) if named && input.len() == run.bytes().len() => {
+                        info!(%op, "named a contributor of a step whose call failed here: running it with the input it was ready with");
+                        run.bytes_mut().copy_from_slice(&input);
+                        self.prepare_input(&mut run, &cut);
+                    }
+                    _ if named => {
+                        warn!(%op, "named a contributor of a step it holds no input for: standing in with a neutral input");
+                    }
+                    _ => {}
                 }
-                self.standin(&cut)
+                run
             }
         };
         run.members = members;
@@ -631,6 +651,22 @@ impl<B: Buffer> Node<B> {
                 _ => 1.0 / p as f32,
             };
             let _ = self.arith.scale(dtype, run.bytes_mut(), factor);
+        }
+    }
+
+    /// `run`, a step waiting for its cut, is failed: its readiness may
+    /// have reached the coordinator, whose cut would then name this member
+    /// (in the same epoch, after a heal), so its input is kept for that.
+    pub(super) fn withdraw_step(&mut self, run: &Running<B>) {
+        let Role::Trainer { samples, .. } = &run.role else {
+            return;
+        };
+        if run.cut.is_some() || !self.cut_applies(run.kind, *samples) {
+            return;
+        }
+        self.steps.withdrawn.insert(run.op, run.bytes().to_vec());
+        while self.steps.withdrawn.len() > WITHDRAWN_KEPT {
+            self.steps.withdrawn.pop_first();
         }
     }
 

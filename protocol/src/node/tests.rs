@@ -461,6 +461,13 @@ fn a_silent_peer_is_suspected_after_the_start_up_grace() {
 // rejoin moves the group to a new epoch, which decides the step again.
 #[test]
 fn a_step_whose_coordinators_links_were_reset_gives_up_without_a_new_epoch() {
+    give_up_a_step_as_its_coordinators_links_reset();
+}
+
+/// m2 of [1, 2, 3] under `backup=1`: its trainer's step op1 (input 1.0)
+/// was ready, the links to m1 (the coordinator) were reset, and the call
+/// failed with `NoQuorum` 5 s on, in epoch 2.
+fn give_up_a_step_as_its_coordinators_links_reset() -> TestNode {
     let mut node = under_policy(2, &[1, 2, 3], "backup=1");
     let t = beat(&mut node, &[1, 3], 0, 2_000);
     node.handle_submit(ms(t), all_reduce(1, 1, &[1.0]));
@@ -494,6 +501,48 @@ fn a_step_whose_coordinators_links_were_reset_gives_up_without_a_new_epoch() {
                 if why.contains("the step's coordinator, were reset")
         ),
         "{actions:?}"
+    );
+    node
+}
+
+// Found by the cluster simulator (a split with no majority side, after a
+// pause and a partition, `backup=1`): the coordinator, in the same epoch
+// after the heal, closed the step with this member's readiness from before
+// its trainer's call failed. This member stood in with a neutral input, so
+// the result named it as a contributor without its input, at every member.
+// It runs with the input it was ready with.
+#[test]
+fn a_cut_naming_a_member_whose_call_failed_gets_the_input_it_was_ready_with() {
+    let mut node = give_up_a_step_as_its_coordinators_links_reset();
+    let op = OpId::new(0, 1);
+    let cut = NodeMessage::StepCut {
+        op,
+        epoch: Epoch(2),
+        reduce: ReduceOp::Sum,
+        dtype: DType::F32,
+        len: 1,
+        participants: vec![(m(1), None), (m(2), None), (m(3), None)],
+        left_out: vec![],
+        reason: "every member ready".into(),
+        changes: vec![],
+        records: vec![],
+    };
+    node.handle_message(ms(7_500), m(1), cut);
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![],
+        "waits for m1's fold"
+    );
+    // Recursive doubling over three: m1 folds into m2, which exchanges the
+    // sum with m3.
+    node.handle_frame(ms(7_501), header(op, 2, 1, 0, 1), bytes(&[3.0]));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Frame {
+            to: m(3),
+            header: header(op, 2, 2, 1, 1),
+            payload: bytes(&[4.0]),
+        }]
     );
 }
 
