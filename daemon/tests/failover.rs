@@ -248,10 +248,19 @@ fn after_a_lost_quorum_the_group_resumes_from_the_survivors_state() {
         trainers.into_iter().map(Option::unwrap).collect(),
         10,
     );
-    let log = std::fs::read_to_string(&cluster.members[3].log).unwrap();
+    // A survivor's trainer held the most advanced state; its daemon says
+    // it handed it over (the others may have received it before they
+    // heard every offer themselves).
+    let roots = (3..5)
+        .filter(|&i| {
+            std::fs::read_to_string(&cluster.members[i].log)
+                .unwrap()
+                .contains("the group resumes from this trainer's state")
+        })
+        .count();
     assert!(
-        log.contains("resumes from"),
-        "m4's log does not say the group resumed"
+        roots >= 1,
+        "no survivor's log says it handed its state over"
     );
 }
 
