@@ -21,6 +21,16 @@ fn start(members: usize, control: &str) -> (LocalCluster, std::sync::Arc<Shared>
     (cluster, Shared::new(members))
 }
 
+/// The trainer of member index `i` (joining first when `join`).
+fn trainer(
+    cluster: &LocalCluster,
+    i: usize,
+    join: bool,
+    shared: &std::sync::Arc<Shared>,
+) -> std::thread::JoinHandle<Result<Vec<f32>, phalanx_client::ClientError>> {
+    training::spawn(cluster.members[i].socket.clone(), i, join, shared.clone())
+}
+
 fn leader(cluster: &LocalCluster, asking: usize) -> usize {
     let id = cluster
         .metric(asking, "phalanx_raft_leader")
@@ -37,7 +47,7 @@ fn killing_a_member_then_the_raft_leader_during_training() {
     let _serial = common::one_at_a_time();
     let (mut cluster, shared) = start(5, "");
     let trainers: Vec<_> = (0..5)
-        .map(|i| training::spawn(cluster.members[i].socket.clone(), i, false, shared.clone()))
+        .map(|i| trainer(&cluster, i, false, &shared))
         .collect();
     training::wait_until("warm-up", 60, || shared.max_step() >= 20);
     // A member in the middle of an all-reduce.
@@ -86,14 +96,7 @@ fn a_killed_member_restarts_and_rejoins_with_the_trainers_state() {
     let _serial = common::one_at_a_time();
     let (mut cluster, shared) = start(5, "");
     let mut trainers: Vec<_> = (0..5)
-        .map(|i| {
-            Some(training::spawn(
-                cluster.members[i].socket.clone(),
-                i,
-                false,
-                shared.clone(),
-            ))
-        })
+        .map(|i| Some(trainer(&cluster, i, false, &shared)))
         .collect();
     training::wait_until("warm-up", 60, || shared.max_step() >= 20);
     cluster.signal(4, KILL).unwrap();
@@ -110,12 +113,7 @@ fn a_killed_member_restarts_and_rejoins_with_the_trainers_state() {
         .wait_ready(std::time::Duration::from_secs(60))
         .unwrap();
     let joiner_from = shared.max_step();
-    trainers[4] = Some(training::spawn(
-        cluster.members[4].socket.clone(),
-        4,
-        true,
-        shared.clone(),
-    ));
+    trainers[4] = Some(trainer(&cluster, 4, true, &shared));
     training::wait_until("the restarted member trains again", 60, || {
         shared.progress[4].load(Ordering::SeqCst) > joiner_from
     });
@@ -155,7 +153,7 @@ fn a_member_cut_off_gets_no_quorum_then_rejoins_after_the_heal() {
     // A short recovery bound so the cut-off member gives up quickly.
     let (cluster, shared) = start(5, "recovery_timeout_ms = 2000");
     let trainers: Vec<_> = (0..5)
-        .map(|i| training::spawn(cluster.members[i].socket.clone(), i, false, shared.clone()))
+        .map(|i| trainer(&cluster, i, false, &shared))
         .collect();
     training::wait_until("warm-up", 60, || shared.max_step() >= 20);
     let cut_at = std::time::Instant::now();
@@ -191,14 +189,7 @@ fn after_a_lost_quorum_the_group_resumes_from_the_survivors_state() {
     let _serial = common::one_at_a_time();
     let (mut cluster, shared) = start(5, "recovery_timeout_ms = 2000");
     let mut trainers: Vec<_> = (0..5)
-        .map(|i| {
-            Some(training::spawn(
-                cluster.members[i].socket.clone(),
-                i,
-                false,
-                shared.clone(),
-            ))
-        })
+        .map(|i| Some(trainer(&cluster, i, false, &shared)))
         .collect();
     training::wait_until("warm-up", 60, || shared.max_step() >= 20);
     // The three Raft voters (the first three members): one at a time, the
@@ -223,12 +214,7 @@ fn after_a_lost_quorum_the_group_resumes_from_the_survivors_state() {
         .unwrap();
     let restarted_from = shared.results.lock().unwrap().len();
     for (i, t) in trainers.iter_mut().enumerate().take(3) {
-        *t = Some(training::spawn(
-            cluster.members[i].socket.clone(),
-            i,
-            true,
-            shared.clone(),
-        ));
+        *t = Some(trainer(&cluster, i, true, &shared));
     }
     training::wait_until("all five train again", 60, || {
         let results = shared.results.lock().unwrap();

@@ -384,23 +384,28 @@ impl StepTimes {
     pub fn deadline(&self, policy: &DeadlinePolicy) -> Duration {
         let floor = Duration::from_millis(u64::from(policy.floor_ms));
         let ceiling = Duration::from_millis(u64::from(policy.ceiling_ms));
-        if self.spreads.is_empty() {
-            return ceiling;
+        match self.quantile(policy.quantile_permille) {
+            Some(q) => (q * 3 / 2).clamp(floor, ceiling),
+            None => ceiling,
         }
-        let mut sorted: Vec<Duration> = self.spreads.iter().copied().collect();
-        sorted.sort();
-        // Nearest rank: the smallest value with at least q of the samples
-        // at or below it.
-        let q = usize::from(policy.quantile_permille.min(1000));
-        let rank = (q * sorted.len()).div_ceil(1000).max(1);
-        (sorted[rank - 1] * 3 / 2).clamp(floor, ceiling)
     }
 
     /// The median of the recorded values, if any.
     pub fn median(&self) -> Option<Duration> {
+        self.quantile(500)
+    }
+
+    /// Nearest rank: the smallest recorded value with at least `permille`
+    /// of them at or below it.
+    fn quantile(&self, permille: u16) -> Option<Duration> {
+        if self.spreads.is_empty() {
+            return None;
+        }
         let mut sorted: Vec<Duration> = self.spreads.iter().copied().collect();
         sorted.sort();
-        sorted.get(sorted.len().saturating_sub(1) / 2).copied()
+        let q = usize::from(permille.min(1000));
+        let rank = (q * sorted.len()).div_ceil(1000).max(1);
+        Some(sorted[rank - 1])
     }
 }
 
