@@ -52,6 +52,10 @@ pub struct DataPlaneConfig {
     /// A peer silent this long is suspected and its ops fail with the reason;
     /// at least 3 heartbeat intervals, and below `idle_timeout_ms`.
     pub suspect_after_ms: u64,
+    /// After this daemon's first admission, a peer it has not heard a
+    /// heartbeat from yet (still starting up) is given this long before it
+    /// is judged; a peer heard from is judged from its first heartbeat.
+    pub startup_grace_ms: u64,
     /// The progress signal: a member whose daemon answers heartbeats but
     /// whose trainer has not issued an op the others have waited on this
     /// long is suspected as stuck; below `op_timeout_ms`.
@@ -85,6 +89,7 @@ impl Default for DataPlaneConfig {
             op_timeout_ms: 60_000,
             heartbeat_interval_ms: 100,
             suspect_after_ms: 400,
+            startup_grace_ms: 2_000,
             stuck_after_ms: 30_000,
             max_tensor_bytes: 1 << 30,
             initial_mtu: 1200,
@@ -385,6 +390,7 @@ impl Config {
             detector: self.detector(),
             recovery_timeout: Duration::from_millis(self.control.recovery_timeout_ms),
             stuck_after: Duration::from_millis(dp.stuck_after_ms),
+            startup_grace: Duration::from_millis(dp.startup_grace_ms),
             ..Default::default()
         }
     }

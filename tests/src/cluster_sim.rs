@@ -208,6 +208,9 @@ pub struct ClusterReport {
     pub stalled: bool,
     /// A [`ClusterFault::Split`] left no side with a majority.
     pub split: bool,
+    /// For each [`ClusterFault::Crash`], how long after it a live member
+    /// first applied an epoch without the crashed one.
+    pub removed_after: Vec<Duration>,
 }
 
 /// A failed run.
@@ -309,6 +312,9 @@ pub struct ClusterSim {
     stop_at: u64,
     /// A [`ClusterFault::CrashHandOverRoot`] is armed.
     crash_root: bool,
+    /// Members crashed by [`ClusterFault::Crash`] and not seen removed yet,
+    /// with when.
+    crashed: Vec<(MemberId, Time)>,
     report: ClusterReport,
 }
 
@@ -400,6 +406,7 @@ impl ClusterSim {
             no_quorum: Vec::new(),
             stop_at: u64::MAX,
             crash_root: false,
+            crashed: Vec::new(),
             report: ClusterReport::default(),
             sc,
         }
@@ -475,7 +482,10 @@ impl ClusterSim {
 
     fn inject(&mut self, fault: &ClusterFault) {
         match fault {
-            ClusterFault::Crash(m) => self.members[*m].alive = false,
+            ClusterFault::Crash(m) => {
+                self.members[*m].alive = false;
+                self.crashed.push((self.members[*m].id, self.now));
+            }
             ClusterFault::Partition(side) => {
                 self.side = vec![0; self.sc.members];
                 for &m in side {
@@ -594,6 +604,14 @@ impl ClusterSim {
             }
         }
         if let Some(change) = out.change {
+            let report = &mut self.report;
+            self.crashed.retain(|&(gone, at)| {
+                let kept = change.ring.contains(&gone);
+                if !kept {
+                    report.removed_after.push(now.since(at));
+                }
+                kept
+            });
             self.members[i].node.handle_group(now, change);
         }
         for msg in out.messages {

@@ -26,6 +26,7 @@ impl<B: Buffer> Node<B> {
             self.detector.watch(member, now);
         }
         self.connected.insert(member);
+        self.heard_from.insert(member);
         self.after_input();
     }
 
@@ -112,13 +113,20 @@ impl<B: Buffer> Node<B> {
             return;
         }
         let now = self.now;
-        match self.judging {
-            Judging::Grace { until } if now < until => return,
-            Judging::Grace { .. } => {
-                self.judging = Judging::On;
-                self.detector.excuse(now);
+        if let Judging::Grace { until } = self.judging {
+            // Peers not heard from yet keep a window open to the grace's end.
+            let unheard: Vec<MemberId> = self
+                .ring
+                .iter()
+                .copied()
+                .filter(|m| *m != self.me && !self.heard_from.contains(m))
+                .collect();
+            for m in unheard {
+                self.detector.heard(m, now.min(until));
             }
-            Judging::NotYet | Judging::On => {}
+            if now >= until {
+                self.judging = Judging::On;
+            }
         }
         for decision in self.detector.poll(now) {
             match decision {

@@ -164,6 +164,9 @@ pub struct Node<B> {
     down: BTreeMap<MemberId, Time>,
     /// Peers heard from (a heartbeat, or every link up) and not lost since.
     connected: BTreeSet<MemberId>,
+    /// Peers that sent a heartbeat in this life: during the start-up grace
+    /// only they are judged (see [`Judging::Grace`]).
+    heard_from: BTreeSet<MemberId>,
     /// A trainer waits to be let in: asked for once this daemon is
     /// connected to every member of the ring (see [`Node::ask_in`]).
     want_in: bool,
@@ -207,6 +210,7 @@ impl<B: Buffer> Node<B> {
             mode: Mode::Outside,
             judging: Judging::NotYet,
             connected: BTreeSet::new(),
+            heard_from: BTreeSet::new(),
             want_in: false,
             recovered: Epoch(0),
             report: None,
@@ -374,7 +378,7 @@ impl<B: Buffer> Node<B> {
     pub fn poll_timeout(&mut self) -> Option<Time> {
         let judging = match self.judging {
             _ if !self.mode.admitted() => None,
-            Judging::Grace { until } => Some(until),
+            Judging::Grace { until } => self.detector.next_deadline().map(|d| d.min(until)),
             Judging::NotYet | Judging::On => self.detector.next_deadline(),
         };
         let asking = match self.mode {

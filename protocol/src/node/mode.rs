@@ -62,8 +62,11 @@ pub enum Judging {
     /// silence says little (daemons starting, logs being synced) and it
     /// may not remove anyone anyway.
     NotYet,
-    /// Admitted for the first time: peers are judged from `until` on, with
-    /// a fresh window for everyone.
+    /// Admitted for the first time: a peer that has sent a heartbeat is
+    /// judged from then on (its daemon is up and linked, so its silence
+    /// means what it means later: a member killed just after the start is
+    /// removed as fast as any other); one not heard from yet may still be
+    /// starting, and is judged from `until` on.
     Grace {
         /// The end of the start-up grace.
         until: Time,

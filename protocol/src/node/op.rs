@@ -193,9 +193,19 @@ impl<B: Buffer> Running<B> {
 
 impl<B: Buffer> Node<B> {
     /// Answers a trainer's request (does nothing for the daemon's own ops).
+    /// A stand-in's failure is its trainer's, if it came late and waits for
+    /// the stand-in's result: nothing else would answer it (found by the
+    /// cluster simulator: a stand-in parked by a partition expired, and its
+    /// trainer waited for ever in an epoch that went on).
     pub(super) fn fail(&mut self, run: Running<B>, err: OpError) {
-        if let Role::Trainer { caller, .. } = run.role {
-            self.reply(caller.id, caller.buffer, Err(err));
+        match run.role {
+            Role::Trainer { caller, .. } => self.reply(caller.id, caller.buffer, Err(err)),
+            Role::StandIn { .. } => {
+                if let Some(q) = self.steps.late.remove(&run.op) {
+                    self.reply(q.req.id, q.req.buffer, Err(err));
+                }
+            }
+            Role::Forward { .. } => {}
         }
     }
 

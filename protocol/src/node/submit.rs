@@ -30,6 +30,20 @@ impl<B: Buffer> Node<B> {
         if !self.mode.is_active() {
             return self.waiting.push(q);
         }
+        let stream = q.req.op.stream();
+        if self.pending(stream).contains(&self.me) {
+            // Admitted after the group last agreed on the stream's state
+            // (readmitted by a start-up request that outlived its removal,
+            // say) while its trainer was not in join(): its state is not
+            // the group's, and no op can include it before a hand-over.
+            let why = format!(
+                "this member was admitted in {}, after the group last agreed on stream {stream}'s \
+                 state, and its trainer did not join: the trainer must call join() to receive the \
+                 group's state",
+                self.joined_at.get(&self.me).copied().unwrap_or(self.epoch)
+            );
+            return self.reply(q.req.id, q.req.buffer, Err(OpError::NoQuorum(why)));
+        }
         // A step this daemon stood in for is served from that, whatever the
         // epoch's policy is now.
         if self.cut_applies(q.req.kind, q.req.samples) || self.stood_in(q.req.op) {
