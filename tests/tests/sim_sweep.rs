@@ -326,3 +326,32 @@ fn a_member_crashed_during_the_start_up_grace_is_removed_as_fast_as_later() {
         );
     }
 }
+
+/// Found with a split drawn over a crash (seed 49's schedule, sync): every
+/// trainer resumed from one trainer's state, an epoch change interrupted
+/// the hand-over, and the member that finished it from a kept result
+/// counted fewer members as holding the state than those that finished it
+/// first; the next step ran with two member sets, and its result was not
+/// the sum over its contributors.
+#[test]
+fn a_split_over_a_crash_resumes_with_one_view_of_who_holds_the_state() {
+    use phalanx_tests::cluster_sim::{ClusterFault, ClusterScenario, ClusterSim};
+    use std::time::Duration;
+    let ms = Duration::from_millis;
+    let sc = ClusterScenario {
+        seed: 49,
+        members: 6,
+        fault_phase: ms(5_882),
+        heal_phase: Duration::from_secs(8),
+        jitter: Duration::from_micros(1_104),
+        faults: vec![
+            (ms(1_882), ClusterFault::Split),
+            (ms(2_376), ClusterFault::Crash(5)),
+        ],
+        policy: "sync".parse().unwrap(),
+        slow: None,
+    };
+    if let Err(failure) = ClusterSim::new(sc).run() {
+        panic!("{failure}");
+    }
+}

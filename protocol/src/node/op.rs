@@ -389,7 +389,14 @@ impl<B: Buffer> Node<B> {
         }
         let (op, stream) = (run.op, run.op.stream());
         if matches!(run.task(), Some(Task::HandOver | Task::Join { .. })) {
-            self.handed_over(stream, &run.members);
+            // Finished from a kept result in a later epoch, the hand-over
+            // counts for the members of its first run, as at those that
+            // finished it then: a member's own view of who holds the state
+            // decides who runs the next ops, and views that differ run one
+            // op with two member sets (found by the cluster simulator: a
+            // split over a crash, every trainer resuming from one state).
+            let holders = run.kept.as_ref().map_or(&run.members, |k| &k.contributors);
+            self.handed_over(stream, &holders.clone());
         }
         let (contributors, waiting) = self.result_names(&run, core);
         let output = run.bytes().to_vec();
