@@ -387,6 +387,23 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Drops member index `i`'s connections to member id `peer` once, with
+    /// what is in flight on them, as a network drops a connection (through
+    /// the test-only fault gate; the dialler redials). Takes effect within
+    /// ~100 ms.
+    pub fn drop_connections(&self, i: usize, peer: u32) -> Result<()> {
+        static TAG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tag = TAG.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let me = self.members[i].id;
+        let path = self.options.dir.join(format!("node{me}.cut"));
+        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.push_str(&format!("reset {peer} {tag}\n"));
+        // Renamed into place: the gate never reads half a line.
+        let tmp = path.with_extension("cut.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))
+    }
+
     /// Sends `signal` to member index `i` (SIGKILL takes the process away).
     pub fn signal(&mut self, i: usize, signal: rustix::process::Signal) -> Result<()> {
         let m = &mut self.members[i];

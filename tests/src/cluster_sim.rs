@@ -94,6 +94,10 @@ pub enum ClusterFault {
     /// member is fenced, and every trainer rejoins. (Not one side each: a
     /// member that hears nobody at all blames itself and suspects no one.)
     Split,
+    /// The connection between the two members is lost with what is in
+    /// flight on it (a middlebox or NIC reset; neither daemon asked for
+    /// it): both ends see it closed, and it is redialled at once.
+    CutLink(usize, usize),
 }
 
 impl ClusterScenario {
@@ -155,6 +159,15 @@ impl ClusterScenario {
             fault_phase = fault_phase.max(at + RECOVERY_TIMEOUT * 2);
             faults = vec![(at, ClusterFault::Split)];
             (policy, slow) = (QuorumPolicy::SYNC, None);
+        }
+        // Drawn last, for the same reason: one seed in four loses a
+        // connection mid-training, as networks do.
+        if rng.below(4) == 0 && !faults.iter().any(|(_, f)| *f == ClusterFault::Split) {
+            let at =
+                Duration::from_millis(rng.range_inclusive(300, fault_phase.as_millis() as u64));
+            let a = rng.below(members as u64) as usize;
+            let b = (a + 1 + rng.below(members as u64 - 1) as usize) % members;
+            faults.push((at, ClusterFault::CutLink(a, b)));
         }
         faults.sort_by_key(|(at, _)| *at);
         ClusterScenario {
@@ -500,6 +513,17 @@ impl ClusterSim {
             }
             ClusterFault::CrashHandOverRoot => {
                 self.crash_root = self.members.iter().all(|m| m.alive);
+            }
+            &ClusterFault::CutLink(a, b) => {
+                *self.links.entry(link(a, b)).or_insert(0) += 1;
+                self.broken.insert(link(a, b));
+                let now = self.now;
+                for (i, j) in [(a, b), (b, a)] {
+                    let peer = self.members[j].id;
+                    self.members[i]
+                        .node
+                        .handle_peer_down(now, peer, "the connection was lost");
+                }
             }
         }
     }

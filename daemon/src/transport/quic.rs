@@ -43,6 +43,9 @@ pub mod close {
     /// The group recorded a newer life of the peer: the link to the old
     /// one is dropped and the new one dialled.
     pub const RESTARTED: u32 = 4;
+    /// Dropped by the test-only fault gate, as a network drops a
+    /// connection: nothing about either daemon asked for it.
+    pub const FAULT: u32 = 5;
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -210,7 +213,21 @@ pub fn mesh(
         lives: Default::default(),
         link_events: Default::default(),
     };
-    (Arc::new(mesh), writers)
+    let mesh = Arc::new(mesh);
+    // Only where the gate reads a file (it spawns its reader likewise).
+    if cfg!(feature = "fault-injection") && std::env::var_os("PHALANX_FAULT_FILE").is_some() {
+        let weak = Arc::downgrade(&mesh);
+        tokio::spawn(async move {
+            while let Some(mesh) = weak.upgrade() {
+                for peer in mesh.fault.take_resets() {
+                    mesh.drop_links(peer, close::FAULT, b"fault injection: connection dropped");
+                }
+                drop(mesh);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+    (mesh, writers)
 }
 
 /// One channel's writer: waits for the peer's connection, opens a stream and
@@ -284,6 +301,11 @@ impl Mesh {
     /// life is gone. The dialing side redials (with backoff), the accepting
     /// side waits for it.
     pub fn reset(&self, peer: MemberId) {
+        self.drop_links(peer, close::SUSPECTED, b"suspected: reconnecting");
+    }
+
+    /// Closes every link to `peer` with `code`; the dial loop redials.
+    fn drop_links(&self, peer: MemberId, code: u32, why: &[u8]) {
         let primaries = self.primaries.read().expect("poisoned");
         let Some(slots) = primaries.get(&peer) else {
             return;
@@ -294,10 +316,7 @@ impl Mesh {
                     .lock()
                     .expect("poisoned")
                     .insert(conn.stable_id());
-                conn.close(
-                    VarInt::from_u32(close::SUSPECTED),
-                    b"suspected: reconnecting",
-                );
+                conn.close(VarInt::from_u32(code), why);
             }
         }
     }

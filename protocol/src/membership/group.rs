@@ -97,6 +97,19 @@ pub enum Command {
         /// The rule.
         policy: QuorumPolicy,
     },
+    /// Start a new epoch with the same ring, asked for in `epoch` by ring
+    /// member `by`: a connection between two live members was lost while
+    /// ops ran over it, with what was in flight on it, and only an epoch
+    /// change makes every member finish those ops again (the recovery
+    /// exchange). Stale once any newer epoch is committed.
+    Renew {
+        /// Who asks.
+        by: MemberId,
+        /// The epoch the loss happened in.
+        epoch: Epoch,
+        /// Why, for logs.
+        reason: String,
+    },
 }
 
 /// What applying a command changed.
@@ -137,6 +150,8 @@ pub enum Change {
     Admitted(MemberId, Incarnation),
     /// Steps close by a new rule.
     Policy(QuorumPolicy),
+    /// The same ring in a new epoch, asked for by the member, and why.
+    Renewed(MemberId, String),
 }
 
 /// The replicated state.
@@ -315,6 +330,25 @@ impl GroupState {
                     change: Change::Policy(*policy),
                 }
             }
+            Command::Renew { by, epoch, reason } => {
+                if *epoch != self.epoch {
+                    return Applied::Ignored(format!(
+                        "a new epoch for {epoch} asked by {by}: {} is current already",
+                        self.epoch
+                    ));
+                }
+                if !self.ring().contains(by) {
+                    return Applied::Ignored(format!(
+                        "a new epoch asked by {by}, which is not in the ring"
+                    ));
+                }
+                self.epoch = self.epoch.next();
+                Applied::NewEpoch {
+                    epoch: self.epoch,
+                    ring: self.ring(),
+                    change: Change::Renewed(*by, reason.clone()),
+                }
+            }
         }
     }
 
@@ -452,6 +486,36 @@ mod tests {
         g.apply(&remove(1, 4));
         assert!(matches!(g.apply(&admit(1)), Applied::Ignored(_)));
         assert_eq!(g.ring(), vec![MemberId(0), MemberId(2)]);
+    }
+
+    #[test]
+    fn a_renewal_is_a_new_epoch_with_the_same_ring_once() {
+        let mut g = group(3);
+        let renew = |by: u32, epoch: u64| Command::Renew {
+            by: MemberId(by),
+            epoch: Epoch(epoch),
+            reason: "the connection to m2 was lost".into(),
+        };
+        let ring = g.ring();
+        assert_eq!(
+            g.apply(&renew(1, 1)),
+            Applied::NewEpoch {
+                epoch: Epoch(2),
+                ring: ring.clone(),
+                change: Change::Renewed(MemberId(1), "the connection to m2 was lost".into()),
+            }
+        );
+        // Both ends of the connection ask: the second is stale.
+        assert!(matches!(g.apply(&renew(2, 1)), Applied::Ignored(_)));
+        assert_eq!(g.epoch, Epoch(2));
+        g.apply(&remove(2, 2));
+        assert!(
+            matches!(g.apply(&renew(2, 3)), Applied::Ignored(why) if why.contains("not in the ring")),
+            "a removed member cannot renew the epoch"
+        );
+        assert_eq!(g.epoch, Epoch(3));
+        assert_eq!(g.members[&MemberId(1)].since, Epoch(1), "nobody rejoins");
+        assert_eq!(GroupState::decode(&g.encode()).unwrap(), g);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::control::{propose, ControlNode, Durable, Event, Housekeeper};
 use super::group::{Applied, Change};
 use super::suspicions::Suspicions;
 use crate::node::{ControlRequest, GroupChange};
-use crate::{Incarnation, MemberId, Time};
+use crate::{Epoch, Incarnation, MemberId, Time};
 
 /// What one [`ControlPlane::step`] produced.
 #[derive(Debug, Default)]
@@ -40,6 +40,11 @@ pub struct ControlPlane {
     addr: String,
     /// A trainer asked to join; cleared once in the ring.
     want_in: bool,
+    /// A new epoch this daemon's node asks for (see
+    /// [`ControlRequest::Renew`]): the epoch it is for, why, and when it may
+    /// be proposed again.
+    renew: Option<(Epoch, String, Time)>,
+    retry: Duration,
     published: Option<GroupChange>,
 }
 
@@ -60,6 +65,8 @@ impl ControlPlane {
             incarnation,
             addr,
             want_in: false,
+            renew: None,
+            retry,
             published: None,
         }
     }
@@ -84,6 +91,12 @@ impl ControlPlane {
             ControlRequest::Cleared { member } => self.suspicions.clear(member),
             // A local trainer is joining: ask to be in the ring.
             ControlRequest::WantIn => self.want_in = true,
+            ControlRequest::Renew { reason } => {
+                let epoch = self.node.group().epoch;
+                if self.renew.as_ref().is_none_or(|(e, ..)| *e < epoch) {
+                    self.renew = Some((epoch, reason, Time::ZERO));
+                }
+            }
         }
     }
 
@@ -154,6 +167,7 @@ impl ControlPlane {
                 Err(e) => debug!(%member, error = %e, "removal not proposed yet"),
             }
         }
+        self.propose_renewal(group.epoch, now);
         let proposals =
             self.keeper
                 .poll(&self.node, self.incarnation, &self.addr, self.want_in, now);
@@ -162,6 +176,34 @@ impl ControlPlane {
                 Ok(()) => info!(proposal = ?p, "proposed"),
                 Err(e) => debug!(proposal = ?p, error = %e, "not proposed yet"),
             }
+        }
+    }
+
+    /// Proposes the new epoch the node asked for until one is committed
+    /// (this one or any other: the ops are finished again either way).
+    fn propose_renewal(&mut self, current: Epoch, now: Time) {
+        let me = self.me();
+        let Some((epoch, reason, next)) = &mut self.renew else {
+            return;
+        };
+        if *epoch < current {
+            self.renew = None;
+            return;
+        }
+        if now < *next {
+            return;
+        }
+        let cmd = super::Command::Renew {
+            by: me,
+            epoch: *epoch,
+            reason: reason.clone(),
+        };
+        match self.node.propose(&cmd) {
+            Ok(()) => {
+                info!(epoch = %epoch, %reason, "proposed a new epoch with the same ring");
+                *next = now.after(self.retry);
+            }
+            Err(e) => debug!(error = %e, "new epoch not proposed yet"),
         }
     }
 
@@ -184,6 +226,9 @@ impl ControlPlane {
                 }
             }
             Change::Policy(policy) => info!(%epoch, %policy, "quorum policy changed: new epoch"),
+            Change::Renewed(by, reason) => {
+                warn!(%epoch, %by, %reason, "same ring, new epoch: ops in flight are finished again")
+            }
             Change::Admitted(member, life) => {
                 info!(%epoch, %member, life = life.0, ?ring, "member admitted: new epoch");
                 if *member == self.me() && *life == self.incarnation {

@@ -27,6 +27,11 @@ impl<B: Buffer> Node<B> {
     /// it changed).
     pub fn handle_group(&mut self, now: Time, change: GroupChange) {
         self.enter(now);
+        if change.joined_at.get(&self.me) != self.joined_at.get(&self.me) {
+            // Admitted anew: the group's books count it as waiting for the
+            // state again, so a hand-over it missed before says nothing now.
+            self.missed.clear();
+        }
         self.joined_at = change.joined_at;
         if change.policy != self.policy && change.epoch > self.epoch {
             info!(epoch = %change.epoch, from = %self.policy, to = %change.policy, "quorum policy changed");
@@ -72,7 +77,15 @@ impl<B: Buffer> Node<B> {
             }
         }
         self.epoch = epoch;
+        // A peer down since before this epoch is one the group kept: the
+        // recovery bound ("no epoch without it in time") counts from here
+        // (found by the cluster simulator: a member readmitted while a
+        // link was still down failed its join at once, the link having
+        // been down for longer than the bound before its admission).
         self.down.retain(|m, _| ring.contains(m));
+        for since in self.down.values_mut() {
+            *since = (*since).max(now);
+        }
         self.ring = ring;
         // Until the reports are in (or for good, out of the ring).
         self.mode = match &removed {

@@ -141,9 +141,10 @@ impl<B: Buffer> Node<B> {
             len: join.len,
             holds: join.holds,
         };
-        // A hand-over missed by an earlier join says nothing about this one.
-        self.missed.remove(&stream);
-        // Nor does an offer of an earlier join's state.
+        // (A hand-over an earlier join missed still counts: it may have
+        // finished at the others, who then count this member as holding
+        // the state. Its readmission clears it; see `handle_group`.)
+        // An offer of an earlier join's state says nothing about this one.
         self.offered.remove(&stream);
         if let Some(old) = self.joins.insert(stream, joiner) {
             let err = OpError::Rejected("superseded by a newer join on the same stream".into());

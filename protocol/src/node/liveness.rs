@@ -60,7 +60,37 @@ impl<B: Buffer> Node<B> {
         warn!(peer = %member, %reason, "peer connection lost; reconnecting");
         self.down.entry(member).or_insert(now);
         self.connected.remove(&member);
+        self.renew_after_loss(member);
         self.after_input();
+    }
+
+    /// A connection to `member` was lost while ops with it ran: what was in
+    /// flight on it is gone (frames not yet written wait for the next
+    /// connection, the others are lost), and both ends would wait for them
+    /// for ever. Only an epoch change makes every member finish those ops
+    /// again, so this daemon asks for one with the same ring. Not when it
+    /// suspects the member (its removal is the new epoch) or reset the
+    /// links itself (their ops are parked already).
+    fn renew_after_loss(&mut self, member: MemberId) {
+        if !self.mode.is_active()
+            || self.detector.is_suspected(member)
+            || self.stuck.contains(&member)
+        {
+            return;
+        }
+        let hit = self
+            .ops
+            .values()
+            .chain(self.steps.cutting.values())
+            .filter(|run| run.members.contains(&member))
+            .map(|run| run.op)
+            .min();
+        if let Some(op) = hit {
+            let reason = format!("the connection to {member} was lost while {op} ran over it");
+            warn!(peer = %member, %op, "ops in flight lost frames with the connection: asking for a new epoch to finish them");
+            self.actions
+                .push_back(Action::Control(ControlRequest::Renew { reason }));
+        }
     }
 
     /// A trainer waits in `join()`: asks the control plane to let this

@@ -198,6 +198,13 @@ impl<B: Buffer> Node<B> {
     /// cluster simulator: a stand-in parked by a partition expired, and its
     /// trainer waited for ever in an epoch that went on).
     pub(super) fn fail(&mut self, run: Running<B>, err: OpError) {
+        if matches!(run.task(), Some(Task::Join { .. })) && self.mode.admitted() {
+            // The hand-over may have finished at its other members, which
+            // now count this one as holding the state: once they go on
+            // past it, this member leaves to be readmitted (see
+            // `check_missed_hand_overs`; found by the cluster simulator).
+            self.missed.insert(run.op.stream(), run.op);
+        }
         match run.role {
             Role::Trainer { caller, .. } => self.reply(caller.id, caller.buffer, Err(err)),
             Role::StandIn { .. } => {

@@ -238,6 +238,13 @@ pub enum ControlRequest {
     },
     /// A trainer is joining: (re)admit this daemon.
     WantIn,
+    /// Start a new epoch with the same ring: frames of ops in flight were
+    /// lost with a connection to a live peer, and those ops are finished
+    /// again only by an epoch change. Kept proposing until one commits.
+    Renew {
+        /// Why, for logs.
+        reason: String,
+    },
 }
 
 /// How a trainer's op ended, for metrics.
