@@ -150,15 +150,15 @@ impl ClusterScenario {
             (QuorumPolicy::SYNC, None)
         };
         // Drawn last, for the same reason: one seed in eight with four
-        // members or more loses its quorum once training runs (the group
-        // forms in about a second) and nothing else, until the heal, which
-        // comes when the split has outlived the recovery bound twice.
-        let (mut fault_phase, mut policy, mut slow) = (fault_phase, policy, slow);
+        // members or more also loses its quorum once training runs (the
+        // group forms in about a second), over its other faults and policy,
+        // until the heal, which comes when the split has outlived the
+        // recovery bound twice.
+        let mut fault_phase = fault_phase;
         if rng.below(8) == 0 && members >= 4 {
             let at = Duration::from_millis(rng.range_inclusive(1_500, 2_500));
             fault_phase = fault_phase.max(at + RECOVERY_TIMEOUT * 2);
-            faults = vec![(at, ClusterFault::Split)];
-            (policy, slow) = (QuorumPolicy::SYNC, None);
+            faults.push((at, ClusterFault::Split));
         }
         // Drawn last, for the same reason: one seed in four loses a
         // connection mid-training, as networks do.
