@@ -850,11 +850,10 @@ fn node_records() -> Vec<crate::stragglers::StragglerRecord> {
     a.snapshot()
 }
 
-#[test]
-fn a_late_trainer_gets_the_result_its_daemon_stood_in_for() {
-    let mut node = under_policy(2, &[1, 2], "backup=1");
-    let op = OpId::new(0, 1);
-    let cut = NodeMessage::StepCut {
+/// m1's cut of step `op` in epoch 2 of ring [1, 2] under `backup=1`,
+/// leaving m2 out.
+fn m2_left_out(op: OpId) -> NodeMessage {
+    NodeMessage::StepCut {
         op,
         epoch: Epoch(2),
         reduce: ReduceOp::Sum,
@@ -865,7 +864,14 @@ fn a_late_trainer_gets_the_result_its_daemon_stood_in_for() {
         reason: "backup workers: 1 of 2 ready".into(),
         changes: vec![],
         records: vec![],
-    };
+    }
+}
+
+#[test]
+fn a_late_trainer_gets_the_result_its_daemon_stood_in_for() {
+    let mut node = under_policy(2, &[1, 2], "backup=1");
+    let op = OpId::new(0, 1);
+    let cut = m2_left_out(op);
     node.handle_message(ms(2), m(1), cut);
     assert_eq!(
         drain(&mut node),
@@ -957,18 +963,7 @@ fn a_connection_reset_after_a_suspicion_asks_for_no_new_epoch() {
 fn a_late_trainer_whose_stand_in_gives_up_is_told_why() {
     let mut node = under_policy(2, &[1, 2], "backup=1");
     let op = OpId::new(0, 1);
-    let cut = NodeMessage::StepCut {
-        op,
-        epoch: Epoch(2),
-        reduce: ReduceOp::Sum,
-        dtype: DType::F32,
-        len: 1,
-        participants: vec![(m(1), None)],
-        left_out: vec![(m(2), LeftOut::Backup)],
-        reason: "backup workers: 1 of 2 ready".into(),
-        changes: vec![],
-        records: vec![],
-    };
+    let cut = m2_left_out(op);
     hear(&mut node, &[1], ms(2));
     node.handle_message(ms(2), m(1), cut);
     node.handle_submit(ms(4), all_reduce(5, 1, &[100.0]));
