@@ -413,6 +413,17 @@ fn with_no_new_epoch_an_op_waiting_for_a_member_gone_gives_up() {
     );
 }
 
+/// What a node does when peer `p` has been silent for the bound.
+fn silent_for_400_ms(p: u32) -> Vec<Action<Vec<u8>>> {
+    vec![
+        Action::Control(ControlRequest::Suspect {
+            member: m(p),
+            reason: "no heartbeat for 400 ms".into(),
+        }),
+        Action::ResetLinks { member: m(p) },
+    ]
+}
+
 fn hear(node: &mut TestNode, from: &[u32], at: Time) {
     for &p in from {
         node.handle_heartbeat(at, m(p));
@@ -443,13 +454,7 @@ fn a_silent_peer_is_suspected_after_the_start_up_grace() {
     }
     assert_eq!(node.poll_timeout(), Some(ms(2_400)));
     node.handle_timeout(ms(2_400));
-    let want = vec![
-        Action::Control(ControlRequest::Suspect {
-            member: m(3),
-            reason: "no heartbeat for 400 ms".into(),
-        }),
-        Action::ResetLinks { member: m(3) },
-    ];
+    let want = silent_for_400_ms(3);
     assert_eq!(without_progress(drain(&mut node)), want);
     hear(&mut node, &[2, 3], ms(2_450));
     assert_eq!(
@@ -566,13 +571,7 @@ fn during_the_start_up_grace_only_a_peer_heard_from_is_judged() {
     assert!(due <= ms(700), "m2's silence, not the grace's end: {due:?}");
     hear(&mut node, &[3], ms(t));
     node.handle_timeout(ms(700));
-    let want = vec![
-        Action::Control(ControlRequest::Suspect {
-            member: m(2),
-            reason: "no heartbeat for 400 ms".into(),
-        }),
-        Action::ResetLinks { member: m(2) },
-    ];
+    let want = silent_for_400_ms(2);
     assert_eq!(without_progress(drain(&mut node)), want);
     let mut t = 800;
     while t <= 2_300 {
@@ -586,13 +585,7 @@ fn during_the_start_up_grace_only_a_peer_heard_from_is_judged() {
         t += 100;
     }
     node.handle_timeout(ms(2_400));
-    let want = vec![
-        Action::Control(ControlRequest::Suspect {
-            member: m(4),
-            reason: "no heartbeat for 400 ms".into(),
-        }),
-        Action::ResetLinks { member: m(4) },
-    ];
+    let want = silent_for_400_ms(4);
     assert_eq!(
         without_progress(drain(&mut node)),
         want,
@@ -1371,20 +1364,7 @@ fn a_joiner_that_missed_its_hand_over_leaves_to_be_readmitted() {
     }
     drain(&mut node);
     let op = OpId::new(0, 5);
-    node.handle_message(
-        ms(3),
-        m(1),
-        NodeMessage::JoinPoint {
-            stream: 0,
-            op,
-            epoch: Epoch(2),
-            root: m(1),
-            dtype: DType::F32,
-            len: 2,
-            checksum: 0,
-            members: members(&[1, 2, 3]),
-        },
-    );
+    node.handle_message(ms(3), m(1), join_point(op, 2, 1, &[0; 8], &[1, 2, 3]));
     assert_eq!(
         without_progress(drain(&mut node)),
         vec![],
@@ -1424,20 +1404,7 @@ fn receiving_a_hand_over(at: Time) -> (TestNode, OpId) {
     node.handle_join(at, join_request());
     drain(&mut node);
     let op = OpId::new(0, 5);
-    node.handle_message(
-        at,
-        m(1),
-        NodeMessage::JoinPoint {
-            stream: 0,
-            op,
-            epoch: Epoch(2),
-            root: m(1),
-            dtype: DType::F32,
-            len: 2,
-            checksum: 0,
-            members: members(&[1, 2, 3]),
-        },
-    );
+    node.handle_message(at, m(1), join_point(op, 2, 1, &[0; 8], &[1, 2, 3]));
     drain(&mut node);
     (node, op)
 }
