@@ -172,6 +172,9 @@ fn trainer(
                     while shared.killed[idx].load(Ordering::SeqCst) {
                         std::thread::sleep(Duration::from_millis(10));
                     }
+                    // Closed first: a live daemon gives the stream to a new
+                    // connection only once the old one has hung up.
+                    drop(client);
                     client = reconnect(&socket)?;
                     client
                         .join(&mut state)

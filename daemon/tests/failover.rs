@@ -185,6 +185,79 @@ fn connections_dropped_mid_training_cost_no_trainer_an_error() {
     }
 }
 
+// The CI run of stop 23 (continuity benchmark): the hello of a connection
+// its dialer had given up finished at the acceptor after its replacement's,
+// took over the control route and the link's slot, then closed. The
+// acceptor's recovery reports, Raft messages and frames no longer reached
+// the dialer, only heartbeats did, and the dialer's trainer waited on the
+// recovery exchange until it failed.
+#[test]
+fn a_connection_given_up_whose_start_comes_late_takes_over_nothing() {
+    let _serial = common::one_at_a_time();
+    let (cluster, shared) = start(3, "");
+    let trainers: Vec<_> = (0..3)
+        .map(|i| trainer(&cluster, i, false, &shared))
+        .collect();
+    training::wait_until("warm-up", 60, || shared.max_step() >= 20);
+    // The lower id dials: member 1 dials member 3.
+    let (dialer, acceptor) = (0, 2);
+    let (dialer_id, acceptor_id) = (cluster.members[dialer].id, cluster.members[acceptor].id);
+    let logged = |i: usize, what: &str| {
+        std::fs::read_to_string(&cluster.members[i].log)
+            .unwrap()
+            .contains(what)
+    };
+    cluster
+        .stall_next_connection(acceptor, dialer_id, std::time::Duration::from_secs(3))
+        .unwrap();
+    training::wait_until("the gate arms the stall", 60, || {
+        logged(acceptor, "the next connection from the peer will be held")
+    });
+    // The dialer redials; the acceptor holds the new connection's start...
+    cluster.drop_connections(dialer, acceptor_id).unwrap();
+    training::wait_until("the acceptor holds the connection", 60, || {
+        logged(acceptor, "holding an accepted connection")
+    });
+    // ...while the dialer gives it up for another, which starts at once.
+    cluster.drop_connections(dialer, acceptor_id).unwrap();
+    training::wait_until("the given-up connection starts late", 60, || {
+        logged(acceptor, "the held connection starts now")
+    });
+    // Its tasks run at once; before, the steps stopped within milliseconds.
+    let late = shared.max_step();
+    training::wait_until("steps after the late start", 60, || {
+        shared.max_step() >= late + 300
+    });
+    // A new epoch: its recovery exchange needs the acceptor's report at the
+    // dialer.
+    common::wait_for_op_in_flight(&cluster, dialer);
+    cluster
+        .drop_connections(dialer, cluster.members[1].id)
+        .unwrap();
+    let at = shared.max_step();
+    training::wait_until("steps in the new epoch", 60, || {
+        shared.max_step() >= at + 100
+    });
+    shared.stop_soon(5);
+    let mut finished = Vec::new();
+    for (i, t) in trainers.into_iter().enumerate() {
+        match t.join().expect("trainer thread") {
+            Ok(state) => finished.push((i, state)),
+            Err(e) => panic!("m{} failed: {e}", i + 1),
+        }
+    }
+    training::assert_identical(&finished);
+    training::assert_one_history(&shared);
+    for m in &cluster.members {
+        let log = std::fs::read_to_string(&m.log).unwrap();
+        assert!(
+            !log.contains("member removed"),
+            "m{}'s log records a removal: a late connection start is not a failure",
+            m.id
+        );
+    }
+}
+
 #[test]
 fn a_killed_member_restarts_and_rejoins_with_the_trainers_state() {
     let _serial = common::one_at_a_time();

@@ -392,12 +392,25 @@ impl LocalCluster {
     /// the test-only fault gate; the dialler redials). Takes effect within
     /// ~100 ms.
     pub fn drop_connections(&self, i: usize, peer: u32) -> Result<()> {
+        self.add_fault(i, &format!("reset {peer}"))
+    }
+
+    /// Member index `i` holds the next primary connection it accepts from
+    /// member id `peer` for `hold` between its welcome and its start, as a
+    /// starved runtime does (through the test-only fault gate).
+    pub fn stall_next_connection(&self, i: usize, peer: u32, hold: Duration) -> Result<()> {
+        self.add_fault(i, &format!("stall {peer} {}", hold.as_millis()))
+    }
+
+    /// Appends a once-only `line` (tagged anew) to member index `i`'s
+    /// fault file.
+    fn add_fault(&self, i: usize, line: &str) -> Result<()> {
         static TAG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tag = TAG.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let me = self.members[i].id;
         let path = self.options.dir.join(format!("node{me}.cut"));
         let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-        text.push_str(&format!("reset {peer} {tag}\n"));
+        text.push_str(&format!("{line} {tag}\n"));
         // Renamed into place: the gate never reads half a line.
         let tmp = path.with_extension("cut.tmp");
         std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;

@@ -3,4 +3,5 @@
 
 mod fault;
 pub mod mem;
+mod newest;
 pub mod quic;

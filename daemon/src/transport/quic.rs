@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::fault::FaultGate;
+use super::newest::Newest;
 use crate::bus::{ControlInput, Links, NetInput, OutFrame};
 use crate::config::{Config, MemberConfig};
 use crate::metrics as m;
@@ -46,6 +47,9 @@ pub mod close {
     /// Dropped by the test-only fault gate, as a network drops a
     /// connection: nothing about either daemon asked for it.
     pub const FAULT: u32 = 5;
+    /// A newer connection for the same link came first: this one, abandoned
+    /// by its dialer, finished its hello late (see [`super::newest`]).
+    pub const SUPERSEDED: u32 = 6;
 }
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -122,8 +126,12 @@ pub struct Mesh {
     channels: usize,
     /// Per peer, the queues of its data channels.
     outboxes: RwLock<HashMap<MemberId, Outbox>>,
-    /// Per peer, the queue of its current control stream.
-    controls: Mutex<HashMap<MemberId, mpsc::UnboundedSender<ControlMessage>>>,
+    /// Per peer, the queue of its newest primary control stream.
+    controls: Mutex<Newest<MemberId, mpsc::UnboundedSender<ControlMessage>>>,
+    /// Per peer and link, the newest connection served in its slot.
+    slot_order: Mutex<Newest<(MemberId, usize), ()>>,
+    /// Numbers connections as they begin (see [`super::newest`]).
+    next_conn: std::sync::atomic::AtomicU64,
     /// The endpoint, to dial peers learnt at run time.
     endpoint: std::sync::OnceLock<Endpoint>,
     heartbeat: Duration,
@@ -202,7 +210,9 @@ pub fn mesh(
         links: config.data_plane.connections,
         channels: config.data_plane.channels,
         outboxes: RwLock::new(outboxes),
-        controls: Mutex::new(HashMap::new()),
+        controls: Mutex::new(Newest::default()),
+        slot_order: Mutex::new(Newest::default()),
+        next_conn: std::sync::atomic::AtomicU64::new(0),
         endpoint: std::sync::OnceLock::new(),
         heartbeat: Duration::from_millis(config.data_plane.heartbeat_interval_ms),
         net,
@@ -319,6 +329,12 @@ impl Mesh {
                 conn.close(VarInt::from_u32(code), why);
             }
         }
+    }
+
+    /// The next connection's number.
+    fn next_seq(&self) -> u64 {
+        self.next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many parallel connections each pair keeps.
@@ -529,11 +545,12 @@ impl Mesh {
                 .cloned()
                 .unwrap_or_else(|| peer.clone());
             life.mark_unchanged();
+            let seq = self.next_seq();
             let attempt = tokio::select! {
                 // A finished handshake wins over a life change seen at the
                 // same time: dropping it would orphan its control tasks.
                 biased;
-                r = self.connect_once(&endpoint, &peer, link) => Some(r),
+                r = self.connect_once(&endpoint, &peer, link, seq) => Some(r),
                 // A new life while a handshake with the old one hangs.
                 _ = life.changed() => None,
             };
@@ -541,7 +558,7 @@ impl Mesh {
                 Some(Ok((conn, theirs))) => {
                     backoff = Duration::from_millis(50);
                     info!(peer = %id, addr = %peer.addr, link, life = theirs.0, mtu = conn.stats().path.current_mtu, "connected");
-                    self.serve(conn.clone(), id, Some(link)).await;
+                    self.serve(conn.clone(), id, Some(link), seq).await;
                     let newer = async {
                         if life.wait_for(|&rec| rec > theirs).await.is_err() {
                             std::future::pending::<()>().await;
@@ -609,6 +626,7 @@ impl Mesh {
         endpoint: &Endpoint,
         peer: &MemberConfig,
         link: usize,
+        seq: u64,
     ) -> Result<(Connection, Incarnation)> {
         let connecting = endpoint
             .connect(peer.addr, &peer.name)
@@ -624,7 +642,7 @@ impl Mesh {
                 incarnation,
                 ..
             } if member == MemberId(peer.id) => {
-                self.spawn_control(conn.clone(), send, recv, MemberId(peer.id), link == 0);
+                self.spawn_control(conn.clone(), send, recv, MemberId(peer.id), link == 0, seq);
                 Ok((conn, incarnation))
             }
             ControlMessage::Reject { code, detail } => {
@@ -638,6 +656,9 @@ impl Mesh {
     pub async fn accept(self: Arc<Self>, endpoint: Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
             let mesh = self.clone();
+            // Numbered here, in the order the dialers made them: the
+            // hellos below finish in any order.
+            let seq = mesh.next_seq();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 let conn = match incoming.await {
@@ -649,7 +670,7 @@ impl Mesh {
                         return;
                     }
                 };
-                match mesh.accept_hello(&conn).await {
+                match mesh.accept_hello(&conn, seq).await {
                     Ok((member, link, _)) if link == usize::from(JOIN_LINK) => {
                         debug!(peer = %member, %remote, "join request answered");
                     }
@@ -663,7 +684,7 @@ impl Mesh {
                             mesh.saw_life(member, life);
                         }
                         info!(peer = %member, %remote, link, primary, "peer accepted");
-                        mesh.serve(conn, member, primary.then_some(link)).await;
+                        mesh.serve(conn, member, primary.then_some(link), seq).await;
                     }
                     Err(reason) => {
                         warn!(%remote, %reason, "peer refused at hello");
@@ -678,6 +699,7 @@ impl Mesh {
     async fn accept_hello(
         &self,
         conn: &Connection,
+        seq: u64,
     ) -> Result<(MemberId, usize, Incarnation), String> {
         let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
             .await
@@ -710,7 +732,14 @@ impl Mesh {
         // Only the expected direction's link 0 carries Raft: a second
         // connection claiming the same member must not take it over.
         let carries = link == 0 && member < self.me;
-        self.spawn_control(conn.clone(), send, recv, member, carries);
+        if carries {
+            if let Some(hold) = self.fault.take_stall(member) {
+                warn!(peer = %member, ms = hold.as_millis() as u64, "fault injection: holding an accepted connection between its welcome and its start");
+                tokio::time::sleep(hold).await;
+                info!(peer = %member, "fault injection: the held connection starts now");
+            }
+        }
+        self.spawn_control(conn.clone(), send, recv, member, carries, seq);
         Ok((member, link, life))
     }
 
@@ -860,8 +889,25 @@ impl Mesh {
 
     /// Reads frames from `conn`'s streams; a primary link also carries our
     /// frames to the peer and its loss takes the peer down.
-    async fn serve(self: &Arc<Self>, conn: Connection, peer: MemberId, link: Option<usize>) {
+    async fn serve(
+        self: &Arc<Self>,
+        conn: Connection,
+        peer: MemberId,
+        link: Option<usize>,
+        seq: u64,
+    ) {
         let order = self.link_events.lock().await;
+        if let Some(link) = link {
+            let mut slots = self.slot_order.lock().expect("poisoned");
+            if slots.install((peer, link), seq, ()).is_err() {
+                info!(%peer, link, "a connection abandoned by its dialer finished its hello after its replacement's: closed");
+                conn.close(
+                    VarInt::from_u32(close::SUPERSEDED),
+                    b"superseded by a newer connection",
+                );
+                return;
+            }
+        }
         let up = link.is_some_and(|link| {
             let primaries = self.primaries.read().expect("poisoned");
             primaries.get(&peer).is_some_and(|slots| {
@@ -1027,12 +1073,21 @@ impl Mesh {
         mut recv: RecvStream,
         peer: MemberId,
         carries_control: bool,
+        seq: u64,
     ) {
         // The primary link 0's control stream also carries Raft and recovery
-        // messages.
+        // messages. An older connection's stream never takes that over; it
+        // still sends heartbeats until `serve` closes it.
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ControlMessage>();
         if carries_control {
-            self.controls.lock().expect("poisoned").insert(peer, out_tx);
+            let installed = self
+                .controls
+                .lock()
+                .expect("poisoned")
+                .install(peer, seq, out_tx);
+            if installed.is_err() {
+                debug!(%peer, "control stream of a superseded connection: heartbeats only");
+            }
         } else {
             drop(out_tx);
         }
@@ -1138,7 +1193,7 @@ impl Links for Mesh {
         match controls.get(&to) {
             Some(tx) if tx.send(msg).is_ok() => true,
             Some(_) => {
-                controls.remove(&to);
+                controls.clear(&to);
                 false
             }
             None => false,

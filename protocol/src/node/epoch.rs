@@ -7,12 +7,21 @@ use tracing::{debug, info, warn};
 use super::joins::Joiner;
 use super::mode::{Judging, Mode};
 use super::op::{KeptNames, Role, Running, Task};
-use super::types::{Buffer, Event, GroupChange, OpError};
+use super::types::{Action, Buffer, Event, GroupChange, OpError};
 use super::Node;
 use crate::local::LocalKind;
 use crate::membership::{Plan, Recovery, RecoveryReport};
 use crate::wire::{AbortReason, NodeMessage};
 use crate::{Epoch, MemberId, OpId, Time};
+
+/// What was done about a peer's overdue recovery report (in this order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Overdue {
+    /// Its connections were dropped and dialled again.
+    LinksReset,
+    /// It was suspected.
+    Suspected,
+}
 
 fn plan_name(plan: &Plan) -> &'static str {
     match plan {
@@ -145,6 +154,8 @@ impl<B: Buffer> Node<B> {
             completed: self.kept_results(),
         };
         self.asked_reports = self.now;
+        self.reported_at = self.now;
+        self.overdue.clear();
         let mut rec = Recovery::new(self.epoch, self.ring.clone());
         rec.add(report.clone()).expect("own report");
         self.report = Some(report.clone());
@@ -208,9 +219,34 @@ impl<B: Buffer> Node<B> {
         }
         let (epoch, missing) = (rec.epoch(), rec.missing());
         self.asked_reports = self.now;
+        let waited = self.now.since(self.reported_at);
+        let overdue = self.config.report_overdue();
         for peer in missing {
             info!(%peer, %epoch, "recovery report missing: asking for it again");
             self.send(peer, NodeMessage::RecoveryAsk { epoch });
+            let done = self.overdue.get(&peer).copied();
+            if waited >= overdue * 2 && done < Some(Overdue::Suspected) {
+                self.overdue.insert(peer, Overdue::Suspected);
+                warn!(%peer, %epoch, waited_ms = waited.as_millis() as u64, "no recovery report from the peer although it was asked again and again: suspecting it, so the group goes on without it");
+                self.event(Event::Suspected {
+                    reason: "no_report",
+                });
+                self.suspect(
+                    peer,
+                    format!(
+                        "sent no recovery report for {epoch} in {} ms",
+                        waited.as_millis()
+                    ),
+                );
+            } else if waited >= overdue && done.is_none() {
+                // Heard, yet deaf or mute to the exchange: what was lost is
+                // the connection's route, which a redial builds again
+                // (issue 13: an abandoned connection's late hello took it
+                // over, and only heartbeats got through for a minute).
+                self.overdue.insert(peer, Overdue::LinksReset);
+                warn!(%peer, %epoch, waited_ms = waited.as_millis() as u64, "no recovery report from the peer although it was asked again: dropping the connections to it and dialling again");
+                self.actions.push_back(Action::ResetLinks { member: peer });
+            }
         }
     }
 

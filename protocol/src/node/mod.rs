@@ -88,6 +88,7 @@ use crate::membership::{FailureDetector, Plan, RecoveryReport};
 use crate::stragglers::QuorumPolicy;
 use crate::wire::{FrameHeader, NodeMessage};
 use crate::{Epoch, Incarnation, MemberId, OpId, Time};
+use epoch::Overdue;
 use joins::{JoinPoint, Joiner, Offer};
 use op::{Parked, Queued, Running};
 use retained::Retained;
@@ -124,6 +125,11 @@ pub struct Node<B> {
     report: Option<RecoveryReport>,
     /// When this daemon last asked for the reports it misses.
     asked_reports: Time,
+    /// When this daemon sent its own report for the current epoch.
+    reported_at: Time,
+    /// Peers whose report for the current epoch is overdue, and what was
+    /// done about it so far (see [`NodeConfig::report_overdue`]).
+    overdue: BTreeMap<MemberId, Overdue>,
     early_reports: BTreeMap<MemberId, RecoveryReport>,
     /// Plans for ops this daemon's trainer has not submitted yet.
     plans: BTreeMap<OpId, Plan>,
@@ -215,6 +221,8 @@ impl<B: Buffer> Node<B> {
             recovered: Epoch(0),
             report: None,
             asked_reports: now,
+            reported_at: now,
+            overdue: BTreeMap::new(),
             early_reports: BTreeMap::new(),
             plans: BTreeMap::new(),
             ops: BTreeMap::new(),

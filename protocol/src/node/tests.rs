@@ -278,6 +278,57 @@ fn a_missing_report_is_asked_for_again_every_two_heartbeats() {
     );
 }
 
+// The continuity benchmark in CI: a peer that was heard but whose report
+// never came held the exchange (and every trainer) for a minute. Dropping
+// its connections rebuilds a lost route; a peer still mute is suspected
+// before the waiting ops fail.
+#[test]
+fn a_report_overdue_resets_the_links_to_its_peer_then_suspects_it() {
+    let mut node = fresh(1, Incarnation(1));
+    node.handle_group(Time::ZERO, change(1, &[1, 2, 3], 1));
+    drain(&mut node);
+    node.handle_message(ms(5), m(2), NodeMessage::Recovery(report(1, 2)));
+    let ask = Action::Message {
+        to: m(3),
+        msg: NodeMessage::RecoveryAsk { epoch: Epoch(1) },
+    };
+    let overdue = NodeConfig::default().report_overdue();
+    assert_eq!(overdue, Duration::from_millis(1500));
+    let mut seen = Vec::new();
+    let mut t = Time::ZERO;
+    while t < ms(3200) {
+        t = node
+            .poll_timeout()
+            .expect("a deadline while reports are missing");
+        // Heard all along: the detector has nothing against it.
+        node.handle_heartbeat(t, m(2));
+        node.handle_heartbeat(t, m(3));
+        node.handle_timeout(t);
+        for a in without_progress(drain(&mut node)) {
+            if a != ask {
+                seen.push((t, a));
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (ms(1600), Action::ResetLinks { member: m(3) }),
+            (
+                ms(3000),
+                Action::Control(ControlRequest::Suspect {
+                    member: m(3),
+                    reason: "sent no recovery report for e1 in 3000 ms".into(),
+                })
+            ),
+        ]
+    );
+    // The next epoch's exchange starts with a clean slate.
+    node.handle_group(ms(3300), change(2, &[1, 2], 1));
+    node.handle_message(ms(3301), m(2), NodeMessage::Recovery(report(2, 2)));
+    assert!(node.mode().is_active());
+}
+
 /// Member 1 of [1, 2, 3] with op 1 in flight (its frames sent).
 fn interrupted() -> (TestNode, OpId) {
     let mut node = active(1, &[1, 2, 3], NodeConfig::default());

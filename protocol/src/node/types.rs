@@ -381,4 +381,13 @@ impl NodeConfig {
     pub fn ask_interval(&self) -> Duration {
         self.detector.heartbeat_interval * 2
     }
+
+    /// A report missing this long from a peer that is heard is not lost to
+    /// chance (asks go every [`Self::ask_interval`]): the connections to it
+    /// are dropped and dialled again. Missing twice this long, the peer is
+    /// suspected, so the group goes on without it before the ops waiting
+    /// on the exchange fail ([`Self::recovery_timeout`]).
+    pub fn report_overdue(&self) -> Duration {
+        self.recovery_timeout * 3 / 10
+    }
 }
