@@ -42,6 +42,34 @@ fn leader(cluster: &LocalCluster, asking: usize) -> usize {
         .expect("a member leads")
 }
 
+/// Stops the trainers soon, checks they all finished with one history and
+/// identical replicas, and that no daemon removed anyone over `fault`.
+fn finish_with_no_removal(
+    cluster: &LocalCluster,
+    shared: &std::sync::Arc<Shared>,
+    trainers: Vec<std::thread::JoinHandle<Result<Vec<f32>, phalanx_client::ClientError>>>,
+    fault: &str,
+) {
+    shared.stop_soon(5);
+    let mut finished = Vec::new();
+    for (i, t) in trainers.into_iter().enumerate() {
+        match t.join().expect("trainer thread") {
+            Ok(state) => finished.push((i, state)),
+            Err(e) => panic!("m{} failed: {e}", i + 1),
+        }
+    }
+    training::assert_identical(&finished);
+    training::assert_one_history(shared);
+    for m in &cluster.members {
+        let log = std::fs::read_to_string(&m.log).unwrap();
+        assert!(
+            !log.contains("member removed"),
+            "m{}'s log records a removal: {fault} is not a failure",
+            m.id
+        );
+    }
+}
+
 #[test]
 fn killing_a_member_then_the_raft_leader_during_training() {
     let _serial = common::one_at_a_time();
@@ -162,27 +190,10 @@ fn connections_dropped_mid_training_cost_no_trainer_an_error() {
             shared.max_step() >= at + 10
         });
     }
-    shared.stop_soon(5);
-    let mut finished = Vec::new();
-    for (i, t) in trainers.into_iter().enumerate() {
-        match t.join().expect("trainer thread") {
-            Ok(state) => finished.push((i, state)),
-            Err(e) => panic!("m{} failed: {e}", i + 1),
-        }
-    }
-    training::assert_identical(&finished);
-    training::assert_one_history(&shared);
     // Before, each lost frame stalled the group until the progress signal
     // removed the members waiting on it (30 s), and their trainers joined
     // again.
-    for m in &cluster.members {
-        let log = std::fs::read_to_string(&m.log).unwrap();
-        assert!(
-            !log.contains("member removed"),
-            "m{}'s log records a removal: a dropped connection is not a failure",
-            m.id
-        );
-    }
+    finish_with_no_removal(&cluster, &shared, trainers, "a dropped connection");
 }
 
 // The CI run of stop 23 (continuity benchmark): the hello of a connection
@@ -238,24 +249,7 @@ fn a_connection_given_up_whose_start_comes_late_takes_over_nothing() {
     training::wait_until("steps in the new epoch", 60, || {
         shared.max_step() >= at + 100
     });
-    shared.stop_soon(5);
-    let mut finished = Vec::new();
-    for (i, t) in trainers.into_iter().enumerate() {
-        match t.join().expect("trainer thread") {
-            Ok(state) => finished.push((i, state)),
-            Err(e) => panic!("m{} failed: {e}", i + 1),
-        }
-    }
-    training::assert_identical(&finished);
-    training::assert_one_history(&shared);
-    for m in &cluster.members {
-        let log = std::fs::read_to_string(&m.log).unwrap();
-        assert!(
-            !log.contains("member removed"),
-            "m{}'s log records a removal: a late connection start is not a failure",
-            m.id
-        );
-    }
+    finish_with_no_removal(&cluster, &shared, trainers, "a late connection start");
 }
 
 #[test]
