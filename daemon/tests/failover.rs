@@ -252,6 +252,64 @@ fn a_connection_given_up_whose_start_comes_late_takes_over_nothing() {
     finish_with_no_removal(&cluster, &shared, trainers, "a late connection start");
 }
 
+// Issue 13, item 7: latency, the way networks slow down. m1's links are
+// made slow both ways while the group trains (150 ms, then 300 ms each way:
+// every jump leaves a gap in the heartbeats, under the 400 ms bound), then
+// fast again while an op is in flight, which must let nothing overtake what
+// was held. A slow link is not a dead member: no trainer sees an error and
+// nobody is removed.
+#[test]
+fn slow_links_cost_no_trainer_an_error_and_remove_nobody() {
+    let _serial = common::one_at_a_time();
+    let (cluster, shared) = start(4, "");
+    let trainers: Vec<_> = (0..4)
+        .map(|i| trainer(&cluster, i, false, &shared))
+        .collect();
+    training::wait_until("warm-up", 60, || shared.max_step() >= 20);
+    let m1 = cluster.members[0].id;
+    let logged = |i: usize| {
+        std::fs::read_to_string(&cluster.members[i].log)
+            .unwrap()
+            .matches("fault injection: delays of traffic from peers set")
+            .count()
+    };
+    let slow = |ms: u64| {
+        let delay = std::time::Duration::from_millis(ms);
+        let before: Vec<usize> = (0..4).map(logged).collect();
+        for i in 1..4 {
+            cluster.delay(0, cluster.members[i].id, delay).unwrap();
+            cluster.delay(i, m1, delay).unwrap();
+        }
+        training::wait_until("the gates take the delay", 60, || {
+            (0..4).all(|i| logged(i) > before[i])
+        });
+    };
+    for (ms, steps) in [(150, 10), (300, 6)] {
+        slow(ms);
+        let (at, since) = (shared.max_step(), std::time::Instant::now());
+        training::wait_until("steps over slow links", 120, || {
+            shared.max_step() >= at + steps
+        });
+        // The others' contributions to a step cross a slow link into m1
+        // after m1's to the step before crossed one out of it: a delay a
+        // step at least, less a pair of steps for what was on its way when
+        // the delay came (a lower bound, whatever the load or algorithm).
+        let least = std::time::Duration::from_millis(ms * (steps - 2));
+        assert!(
+            since.elapsed() >= least,
+            "{steps} steps with m1's links at {ms} ms took {:?}, under {least:?}",
+            since.elapsed()
+        );
+    }
+    common::wait_for_op_in_flight(&cluster, 0);
+    slow(0);
+    let at = shared.max_step();
+    training::wait_until("steps once the links are fast again", 60, || {
+        shared.max_step() >= at + 50
+    });
+    finish_with_no_removal(&cluster, &shared, trainers, "a slow link");
+}
+
 #[test]
 fn a_killed_member_restarts_and_rejoins_with_the_trainers_state() {
     let _serial = common::one_at_a_time();

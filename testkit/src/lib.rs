@@ -367,11 +367,16 @@ impl LocalCluster {
     /// build it); an empty list heals it. Takes effect within ~50 ms.
     pub fn cut(&self, i: usize, peers: &[u32]) -> Result<()> {
         let me = self.members[i].id;
+        // The delays set stay; the once-only lines have been taken.
         let write = |id: u32, ids: Vec<u32>| -> Result<()> {
-            let text: Vec<String> = ids.iter().map(u32::to_string).collect();
-            let path = self.options.dir.join(format!("node{id}.cut"));
-            std::fs::write(&path, text.join(" ") + "\n")
-                .with_context(|| format!("writing {}", path.display()))
+            self.rewrite_faults(id, |text| {
+                let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+                let delays = text.lines().filter(|l| l.starts_with("delay "));
+                std::iter::once(list.join(" "))
+                    .chain(delays.map(str::to_string))
+                    .map(|l| l + "\n")
+                    .collect()
+            })
         };
         write(me, peers.to_vec())?;
         for m in &self.members {
@@ -402,15 +407,40 @@ impl LocalCluster {
         self.add_fault(i, &format!("stall {peer} {}", hold.as_millis()))
     }
 
+    /// Member index `i` holds what member id `peer` sends it for `delay`
+    /// from its arrival, in order, as a link's latency does (through the
+    /// test-only fault gate), until it is set again; zero lifts it. One
+    /// direction: set it at both ends for a slow link. Takes effect within
+    /// ~50 ms.
+    pub fn delay(&self, i: usize, peer: u32, delay: Duration) -> Result<()> {
+        let me = self.members[i].id;
+        let prefix = format!("delay {peer} ");
+        self.rewrite_faults(me, |text| {
+            let mut kept: String = text
+                .lines()
+                .filter(|l| !l.starts_with(&prefix))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if !delay.is_zero() {
+                kept.push_str(&format!("{prefix}{}\n", delay.as_millis()));
+            }
+            kept
+        })
+    }
+
     /// Appends a once-only `line` (tagged anew) to member index `i`'s
     /// fault file.
     fn add_fault(&self, i: usize, line: &str) -> Result<()> {
         static TAG: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tag = TAG.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let me = self.members[i].id;
+        self.rewrite_faults(me, |text| format!("{text}{line} {tag}\n"))
+    }
+
+    /// Rewrites member id `me`'s fault file through `edit`.
+    fn rewrite_faults(&self, me: u32, edit: impl FnOnce(&str) -> String) -> Result<()> {
         let path = self.options.dir.join(format!("node{me}.cut"));
-        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-        text.push_str(&format!("{line} {tag}\n"));
+        let text = edit(&std::fs::read_to_string(&path).unwrap_or_default());
         // Renamed into place: the gate never reads half a line.
         let tmp = path.with_extension("cut.tmp");
         std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;

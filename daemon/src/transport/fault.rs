@@ -12,8 +12,12 @@
 //! primary connection accepted from member ID for MS milliseconds between
 //! its welcome and its start, once per new TAG, as a starved runtime does
 //! (the race of an abandoned connection's late start with its
-//! replacement's, see `transport::newest`). The file is read every 50 ms,
-//! so a test cuts, heals and resets by rewriting it.
+//! replacement's, see `transport::newest`). A line `delay ID MS` holds
+//! what member ID sends for MS milliseconds from its arrival, in order, as a
+//! link's latency does (what follows is not held longer for it; a lower
+//! delay takes effect without reordering: nothing overtakes what came
+//! before it), for as long as the line is there. The file is read every
+//! 50 ms, so a test cuts, heals, delays and resets by rewriting it.
 
 use phalanx_protocol::MemberId;
 
@@ -29,6 +33,11 @@ pub struct FaultGate {
     #[cfg(feature = "fault-injection")]
     stalls:
         std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<MemberId, std::time::Duration>>>,
+    /// Per peer, how long what it sends is held from its arrival.
+    #[cfg(feature = "fault-injection")]
+    delays: std::sync::Arc<
+        std::sync::RwLock<std::collections::BTreeMap<MemberId, std::time::Duration>>,
+    >,
 }
 
 impl FaultGate {
@@ -70,11 +79,62 @@ impl FaultGate {
         None
     }
 
+    /// How long what `peer` sends is held from its arrival (a `delay`
+    /// line; zero without one).
+    #[cfg(feature = "fault-injection")]
+    pub fn delay(&self, peer: MemberId) -> std::time::Duration {
+        let delays = self.delays.read().expect("poisoned");
+        delays.get(&peer).copied().unwrap_or_default()
+    }
+
     /// Returns once traffic from `peer` may pass (at once unless it is cut
     /// off; in a build without the feature, always at once).
     pub async fn pass(&self, peer: MemberId) {
         while self.is_cut(peer) {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The way on for what one reader takes off a connection from `peer`:
+    /// [`Inbound::send`] hands each item to `deliver` (which says whether
+    /// to go on) once the gate lets it pass. With the feature a task of its
+    /// own delivers, so that the reader goes on reading while an item waits
+    /// out its delay, as a link's latency does not slow its throughput;
+    /// without it, the reader delivers itself.
+    pub fn inbound<T, D, F>(&self, peer: MemberId, deliver: D) -> Inbound<T, D>
+    where
+        T: Send + 'static,
+        D: FnMut(T) -> F + Send + 'static,
+        F: std::future::Future<Output = bool> + Send,
+    {
+        #[cfg(feature = "fault-injection")]
+        {
+            let (line, mut due) =
+                tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, T)>();
+            let mut deliver = deliver;
+            tokio::spawn(async move {
+                // In arrival order: a later item never passes an earlier
+                // one, whatever the delays were when each arrived.
+                while let Some((at, item)) = due.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    if !deliver(item).await {
+                        return;
+                    }
+                }
+            });
+            Inbound {
+                gate: self.clone(),
+                peer,
+                line,
+                _deliver: std::marker::PhantomData,
+            }
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        Inbound {
+            gate: self.clone(),
+            peer,
+            deliver,
+            _item: std::marker::PhantomData,
         }
     }
 
@@ -87,7 +147,12 @@ impl FaultGate {
             return gate;
         };
         warn!(path = %std::path::Path::new(&path).display(), "fault injection enabled (PHALANX_FAULT_FILE)");
-        let (cut, resets, stalls) = (gate.cut.clone(), gate.resets.clone(), gate.stalls.clone());
+        let (cut, resets, stalls, delays) = (
+            gate.cut.clone(),
+            gate.resets.clone(),
+            gate.stalls.clone(),
+            gate.delays.clone(),
+        );
         tokio::spawn(async move {
             let mut seen = std::collections::BTreeSet::new();
             let mut seen_stalls = std::collections::BTreeSet::new();
@@ -103,6 +168,7 @@ impl FaultGate {
                     cut: ids,
                     resets: tagged,
                     stalls: held,
+                    delays: slow,
                 } = parse(&text);
                 for &(peer, ref tag) in tagged.difference(&seen) {
                     warn!(%peer, tag, "fault injection: dropping the connections to the peer");
@@ -115,6 +181,17 @@ impl FaultGate {
                     stalls.lock().expect("poisoned").insert(peer, hold);
                 }
                 seen_stalls = held;
+                {
+                    let mut delays = delays.write().expect("poisoned");
+                    if *delays != slow {
+                        let ms: std::collections::BTreeMap<_, _> = slow
+                            .iter()
+                            .map(|(p, d)| (*p, d.as_millis() as u64))
+                            .collect();
+                        warn!(delays_ms = ?ms, "fault injection: delays of traffic from peers set");
+                        *delays = slow;
+                    }
+                }
                 {
                     let mut cut = cut.write().expect("poisoned");
                     if *cut != ids {
@@ -135,6 +212,44 @@ impl FaultGate {
     }
 }
 
+/// Hands what a reader takes off a connection on, through the gate (see
+/// [`FaultGate::inbound`]).
+pub struct Inbound<T, D> {
+    gate: FaultGate,
+    peer: MemberId,
+    /// To the delivering task, with the instant each item is due.
+    #[cfg(feature = "fault-injection")]
+    line: tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, T)>,
+    #[cfg(feature = "fault-injection")]
+    _deliver: std::marker::PhantomData<fn() -> D>,
+    #[cfg(not(feature = "fault-injection"))]
+    deliver: D,
+    #[cfg(not(feature = "fault-injection"))]
+    _item: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T, D, F> Inbound<T, D>
+where
+    T: Send + 'static,
+    D: FnMut(T) -> F + Send + 'static,
+    F: std::future::Future<Output = bool> + Send,
+{
+    /// Hands `item` on once the gate lets it pass; false once whatever it
+    /// goes to is gone (the reader stops).
+    pub async fn send(&mut self, item: T) -> bool {
+        self.gate.pass(self.peer).await;
+        #[cfg(feature = "fault-injection")]
+        {
+            let at = tokio::time::Instant::now() + self.gate.delay(self.peer);
+            self.line.send((at, item)).is_ok()
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            (self.deliver)(item).await
+        }
+    }
+}
+
 /// What the fault file says.
 #[cfg(feature = "fault-injection")]
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -145,6 +260,8 @@ struct Faults {
     resets: std::collections::BTreeSet<(MemberId, String)>,
     /// Its `stall ID MS TAG` lines.
     stalls: std::collections::BTreeSet<(MemberId, u64, String)>,
+    /// Its `delay ID MS` lines (the last for a peer holds).
+    delays: std::collections::BTreeMap<MemberId, std::time::Duration>,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -169,6 +286,15 @@ fn parse(text: &str) -> Faults {
                     faults.stalls.insert((MemberId(peer), ms, tag));
                 }
             }
+            Some(&"delay") => {
+                words.next();
+                let peer = words.next().and_then(|w| w.parse().ok());
+                let ms = words.next().and_then(|w| w.parse().ok());
+                if let (Some(peer), Some(ms)) = (peer, ms) {
+                    let hold = std::time::Duration::from_millis(ms);
+                    faults.delays.insert(MemberId(peer), hold);
+                }
+            }
             _ => faults
                 .cut
                 .extend(words.filter_map(|w| w.parse().ok().map(MemberId))),
@@ -182,8 +308,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_fault_file_lists_cut_peers_tagged_resets_and_stalls() {
-        let faults = parse("2 3\nreset 4 first\n5\nreset x\nstall 1 3000 a\nstall 1 x b\n");
+    fn the_fault_file_lists_cut_peers_tagged_resets_stalls_and_delays() {
+        let faults = parse(
+            "2 3\nreset 4 first\n5\nreset x\nstall 1 3000 a\nstall 1 x b\n\
+             delay 2 150\ndelay 3 x\ndelay 4 10\ndelay 4 20\n",
+        );
         assert_eq!(faults.cut, [2, 3, 5].map(MemberId).into_iter().collect());
         assert_eq!(
             faults.resets,
@@ -193,5 +322,40 @@ mod tests {
             faults.stalls,
             [(MemberId(1), 3000, "a".to_string())].into_iter().collect()
         );
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(
+            faults.delays,
+            [(MemberId(2), ms(150)), (MemberId(4), ms(20))]
+                .into_iter()
+                .collect()
+        );
+    }
+
+    /// Items from a delayed peer arrive after the delay, in order, and a
+    /// delay lowered meanwhile lets nothing overtake what came before it.
+    #[cfg(feature = "test-support")]
+    #[tokio::test(start_paused = true)]
+    async fn a_delayed_peers_traffic_comes_late_in_order() {
+        let gate = FaultGate::default();
+        let peer = MemberId(2);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut inbound = gate.inbound(peer, move |item: u32| {
+            let tx = tx.clone();
+            async move { tx.send((item, tokio::time::Instant::now())).is_ok() }
+        });
+        let start = tokio::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        gate.delays.write().unwrap().insert(peer, ms(150));
+        assert!(inbound.send(1).await);
+        tokio::time::sleep(ms(10)).await;
+        assert!(inbound.send(2).await);
+        gate.delays.write().unwrap().insert(peer, ms(0));
+        assert!(inbound.send(3).await);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let (item, at) = rx.recv().await.unwrap();
+            got.push((item, (at - start).as_millis()));
+        }
+        assert_eq!(got, [(1, 150), (2, 160), (3, 160)]);
     }
 }

@@ -970,6 +970,11 @@ impl Mesh {
 
     /// Reads frames until the stream ends; `Err` is a protocol violation.
     async fn read_frames(&self, mut stream: RecvStream, peer: MemberId) -> Result<(), String> {
+        let net = self.net.clone();
+        let mut inbound = self.fault.inbound(peer, move |input: NetInput| {
+            let net = net.clone();
+            async move { net.send(input).await.is_ok() }
+        });
         let mut env = [0u8; ENVELOPE_LEN];
         loop {
             match stream.read_exact(&mut env).await {
@@ -1015,16 +1020,11 @@ impl Mesh {
                 .read_exact(&mut payload)
                 .await
                 .map_err(|e| format!("reading a frame payload: {e}"))?;
-            self.fault.pass(peer).await;
-            if self
-                .net
-                .send(NetInput::Frame {
-                    header: frame,
-                    payload,
-                })
-                .await
-                .is_err()
-            {
+            let frame = NetInput::Frame {
+                header: frame,
+                payload,
+            };
+            if !inbound.send(frame).await {
                 return Ok(()); // shutting down
             }
         }
@@ -1123,38 +1123,41 @@ impl Mesh {
             }
         });
         let (net, control, limits) = (self.net.clone(), self.control.clone(), self.limits);
-        let fault = self.fault.clone();
-        tokio::spawn(async move {
-            loop {
-                let msg = read_control(&mut recv, &limits).await;
-                if msg.is_ok() {
-                    fault.pass(peer).await;
-                }
+        let mut inbound = self.fault.inbound(peer, move |msg: ControlMessage| {
+            let (net, control) = (net.clone(), control.clone());
+            async move {
                 match msg {
-                    Ok(ControlMessage::Heartbeat { member, .. }) if member == peer => {
+                    ControlMessage::Heartbeat { member, .. } if member == peer => {
                         // The runner stops before the Raft task at shutdown:
                         // keep reading, the Raft task still needs the stream.
                         let _ = net.send(NetInput::Heard { member }).await;
                     }
-                    Ok(ControlMessage::Goodbye { reason, .. }) => {
+                    ControlMessage::Goodbye { reason, .. } => {
                         info!(%peer, %reason, "peer says goodbye");
                     }
-                    Ok(ControlMessage::Raft { message }) => {
-                        if control
-                            .send(ControlInput::Raft {
-                                from: peer,
-                                message,
-                            })
-                            .await
-                            .is_err()
-                        {
+                    ControlMessage::Raft { message } => {
+                        let raft = ControlInput::Raft {
+                            from: peer,
+                            message,
+                        };
+                        return control.send(raft).await.is_ok();
+                    }
+                    ControlMessage::Node(msg) => {
+                        let _ = net.send(NetInput::Message { from: peer, msg }).await;
+                    }
+                    msg => debug!(%peer, ?msg, "control message"),
+                }
+                true
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                match read_control(&mut recv, &limits).await {
+                    Ok(msg) => {
+                        if !inbound.send(msg).await {
                             return;
                         }
                     }
-                    Ok(ControlMessage::Node(msg)) => {
-                        let _ = net.send(NetInput::Message { from: peer, msg }).await;
-                    }
-                    Ok(msg) => debug!(%peer, ?msg, "control message"),
                     Err(e) => {
                         let closed = e.downcast_ref::<quinn::ReadExactError>().is_some();
                         if !closed {
