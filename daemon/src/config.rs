@@ -52,6 +52,11 @@ pub struct DataPlaneConfig {
     /// A peer silent this long is suspected and its ops fail with the reason;
     /// at least 3 heartbeat intervals, and below `idle_timeout_ms`.
     pub suspect_after_ms: u64,
+    /// A peer whose heartbeats have lately come far apart (a starved
+    /// machine) is given twice its largest gap of the last 50 before it is
+    /// suspected, up to this; at or below `suspect_after_ms` the bound
+    /// never stretches. Below `idle_timeout_ms`.
+    pub suspect_ceiling_ms: u64,
     /// After this daemon's first admission, a peer it has not heard a
     /// heartbeat from yet (still starting up) is given this long before it
     /// is judged; a peer heard from is judged from its first heartbeat.
@@ -89,6 +94,7 @@ impl Default for DataPlaneConfig {
             op_timeout_ms: 60_000,
             heartbeat_interval_ms: 100,
             suspect_after_ms: 400,
+            suspect_ceiling_ms: 1_000,
             startup_grace_ms: 2_000,
             stuck_after_ms: 30_000,
             max_tensor_bytes: 1 << 30,
@@ -259,11 +265,14 @@ impl Config {
         self.detector()
             .validate()
             .map_err(|e| anyhow::anyhow!("data_plane: {e}"))?;
-        if dp.suspect_after_ms >= dp.idle_timeout_ms {
+        if dp.suspect_after_ms >= dp.idle_timeout_ms || dp.suspect_ceiling_ms >= dp.idle_timeout_ms
+        {
             bail!(
-                "data_plane.suspect_after_ms ({}) must be below idle_timeout_ms ({}), so a silent peer is \
-                 suspected (with a reason) before its connection times out",
+                "data_plane.suspect_after_ms ({}) and suspect_ceiling_ms ({}) must be below \
+                 idle_timeout_ms ({}), so a silent peer is suspected (with a reason) before its \
+                 connection times out",
                 dp.suspect_after_ms,
+                dp.suspect_ceiling_ms,
                 dp.idle_timeout_ms
             );
         }
@@ -307,12 +316,14 @@ impl Config {
             );
         }
         let election = c.tick_ms * c.election_ticks as u64;
-        if c.recovery_timeout_ms < dp.suspect_after_ms + 2 * election {
+        let longest = self.detector().suspect_ceiling.as_millis() as u64;
+        if c.recovery_timeout_ms < longest + 2 * election {
             bail!(
                 "control.recovery_timeout_ms ({}) must cover a suspicion, an election and a commit: \
-                 at least suspect_after_ms + 2 × election timeout = {} ms",
+                 at least the longest suspicion bound (suspect_after_ms, or suspect_ceiling_ms if \
+                 larger) + 2 × election timeout = {} ms",
                 c.recovery_timeout_ms,
-                dp.suspect_after_ms + 2 * election
+                longest + 2 * election
             );
         }
         if !matches!(self.engine.as_str(), "scalar" | "simd") {
@@ -355,6 +366,12 @@ impl Config {
         phalanx_protocol::membership::DetectorConfig {
             heartbeat_interval: Duration::from_millis(self.data_plane.heartbeat_interval_ms),
             suspect_after: Duration::from_millis(self.data_plane.suspect_after_ms),
+            // A ceiling at or below the floor keeps the bound fixed.
+            suspect_ceiling: Duration::from_millis(
+                self.data_plane
+                    .suspect_ceiling_ms
+                    .max(self.data_plane.suspect_after_ms),
+            ),
         }
     }
 

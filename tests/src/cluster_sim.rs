@@ -98,7 +98,21 @@ pub enum ClusterFault {
     /// flight on it (a middlebox or NIC reset; neither daemon asked for
     /// it): both ends see it closed, and it is redialled at once.
     CutLink(usize, usize),
+    /// The member runs in bursts until the heal, as a process starved of
+    /// CPU does: stopped for 100 ms, then for 25 ms longer each time up to
+    /// 350 ms, running 150 ms between. Its heartbeats come up to 450 ms
+    /// apart, yet it is alive. (Built by hand, not drawn.)
+    Starve(usize),
 }
+
+/// Stretches of a [`ClusterFault::Starve`]: the first stop, its growth, the
+/// longest, and the run between stops.
+const STARVE: [Duration; 4] = [
+    Duration::from_millis(100),
+    Duration::from_millis(25),
+    Duration::from_millis(350),
+    Duration::from_millis(150),
+];
 
 impl ClusterScenario {
     /// The scenario of `seed`.
@@ -328,6 +342,9 @@ pub struct ClusterSim {
     /// Members crashed by [`ClusterFault::Crash`] and not seen removed yet,
     /// with when.
     crashed: Vec<(MemberId, Time)>,
+    /// A [`ClusterFault::Starve`]: the member, its next stop's length, and
+    /// when that stop comes.
+    starved: Option<(usize, Duration, Time)>,
     report: ClusterReport,
 }
 
@@ -420,6 +437,7 @@ impl ClusterSim {
             stop_at: u64::MAX,
             crash_root: false,
             crashed: Vec::new(),
+            starved: None,
             report: ClusterReport::default(),
             sc,
         }
@@ -467,6 +485,15 @@ impl ClusterSim {
                 for m in &mut self.members {
                     m.paused_until = None;
                 }
+                self.starved = None;
+            }
+            if let Some((m, stop, at)) = self.starved {
+                if self.now >= at {
+                    let [_, growth, longest, run] = STARVE;
+                    self.members[m].paused_until = Some(self.now.after(stop));
+                    let next = (stop + growth).min(longest);
+                    self.starved = Some((m, next, self.now.after(stop + run)));
+                }
             }
             if self.stop_at == u64::MAX && self.now >= stop_phase && !self.anyone_joining() {
                 let top = self
@@ -506,6 +533,7 @@ impl ClusterSim {
                 }
             }
             ClusterFault::Pause(m, d) => self.members[*m].paused_until = Some(self.now.after(*d)),
+            ClusterFault::Starve(m) => self.starved = Some((*m, STARVE[0], self.now)),
             ClusterFault::Heal => self.side = vec![0; self.sc.members],
             ClusterFault::Split => {
                 self.report.split = true;

@@ -355,3 +355,44 @@ fn a_split_over_a_crash_resumes_with_one_view_of_who_holds_the_state() {
         panic!("{failure}");
     }
 }
+
+/// Issue 13, item 3: a healthy member on a starved machine was removed for
+/// "no heartbeat for 401 ms". A member that runs in bursts, stopped for
+/// stretches growing to 350 ms (its heartbeats up to 450 ms apart), is not
+/// removed: its peers' bounds follow its gaps. The same training without
+/// the starving is the baseline for the epochs.
+#[test]
+fn a_starved_member_whose_heartbeats_come_late_is_not_removed() {
+    use phalanx_tests::cluster_sim::{ClusterFault, ClusterScenario, ClusterSim};
+    use std::time::Duration;
+    let ms = Duration::from_millis;
+    for seed in 1..=8u64 {
+        let members = 3 + (seed % 4) as usize;
+        let starved = seed as usize % members;
+        let sc = |faults: Vec<(Duration, ClusterFault)>| ClusterScenario {
+            seed,
+            members,
+            fault_phase: ms(8_000),
+            heal_phase: Duration::from_secs(2),
+            jitter: Duration::from_micros(200 * seed),
+            faults,
+            policy: if seed % 2 == 0 { "backup=1" } else { "sync" }
+                .parse()
+                .unwrap(),
+            slow: None,
+        };
+        let run = |faults| match ClusterSim::new(sc(faults)).run() {
+            Ok(report) => report,
+            Err(failure) => panic!("{failure}"),
+        };
+        let quiet = run(vec![]);
+        let starving = run(vec![(ms(1_500), ClusterFault::Starve(starved))]);
+        assert_eq!(
+            starving.epochs, quiet.epochs,
+            "seed {seed}, {members} members: m{starved} starved was removed (epochs {} against {} \
+             without the starving)",
+            starving.epochs, quiet.epochs
+        );
+        assert!(starving.completions > 0);
+    }
+}

@@ -21,7 +21,7 @@ impl<B: Buffer> Node<B> {
     pub fn handle_heartbeat(&mut self, now: Time, member: MemberId) {
         self.enter(now);
         if self.detector.watches(member) {
-            self.detector.heard(member, now);
+            self.detector.heartbeat(member, now);
         } else {
             self.detector.watch(member, now);
         }
