@@ -33,6 +33,10 @@ pub struct FaultGate {
     #[cfg(feature = "fault-injection")]
     stalls:
         std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<MemberId, std::time::Duration>>>,
+    /// Whether a fault file is read: without one, nothing is delayed, and
+    /// readers deliver themselves.
+    #[cfg(feature = "fault-injection")]
+    enabled: bool,
     /// Per peer, how long what it sends is held from its arrival.
     #[cfg(feature = "fault-injection")]
     delays: std::sync::Arc<
@@ -97,10 +101,10 @@ impl FaultGate {
 
     /// The way on for what one reader takes off a connection from `peer`:
     /// [`Inbound::send`] hands each item to `deliver` (which says whether
-    /// to go on) once the gate lets it pass. With the feature a task of its
-    /// own delivers, so that the reader goes on reading while an item waits
-    /// out its delay, as a link's latency does not slow its throughput;
-    /// without it, the reader delivers itself.
+    /// to go on) once the gate lets it pass. When a fault file is read, a
+    /// task of its own delivers, so that the reader goes on reading while
+    /// an item waits out its delay, as a link's latency does not slow its
+    /// throughput; otherwise the reader delivers itself.
     pub fn inbound<T, D, F>(&self, peer: MemberId, deliver: D) -> Inbound<T, D>
     where
         T: Send + 'static,
@@ -108,7 +112,7 @@ impl FaultGate {
         F: std::future::Future<Output = bool> + Send,
     {
         #[cfg(feature = "fault-injection")]
-        {
+        if self.enabled {
             let (line, mut due) =
                 tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, T)>();
             let mut deliver = deliver;
@@ -122,18 +126,20 @@ impl FaultGate {
                     }
                 }
             });
-            Inbound {
+            return Inbound {
                 gate: self.clone(),
                 peer,
-                line,
-                _deliver: std::marker::PhantomData,
-            }
+                deliver: None,
+                line: Some(line),
+                _item: std::marker::PhantomData,
+            };
         }
-        #[cfg(not(feature = "fault-injection"))]
         Inbound {
             gate: self.clone(),
             peer,
-            deliver,
+            deliver: Some(deliver),
+            #[cfg(feature = "fault-injection")]
+            line: None,
             _item: std::marker::PhantomData,
         }
     }
@@ -142,9 +148,12 @@ impl FaultGate {
     #[cfg(feature = "fault-injection")]
     pub fn from_env() -> FaultGate {
         use tracing::warn;
-        let gate = FaultGate::default();
         let Some(path) = std::env::var_os("PHALANX_FAULT_FILE") else {
-            return gate;
+            return FaultGate::default();
+        };
+        let gate = FaultGate {
+            enabled: true,
+            ..FaultGate::default()
         };
         warn!(path = %std::path::Path::new(&path).display(), "fault injection enabled (PHALANX_FAULT_FILE)");
         let (cut, resets, stalls, delays) = (
@@ -217,14 +226,11 @@ impl FaultGate {
 pub struct Inbound<T, D> {
     gate: FaultGate,
     peer: MemberId,
-    /// To the delivering task, with the instant each item is due.
+    /// The delivery, when the reader calls it itself.
+    deliver: Option<D>,
+    /// Else, to the delivering task, with the instant each item is due.
     #[cfg(feature = "fault-injection")]
-    line: tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, T)>,
-    #[cfg(feature = "fault-injection")]
-    _deliver: std::marker::PhantomData<fn() -> D>,
-    #[cfg(not(feature = "fault-injection"))]
-    deliver: D,
-    #[cfg(not(feature = "fault-injection"))]
+    line: Option<tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, T)>>,
     _item: std::marker::PhantomData<fn(T)>,
 }
 
@@ -239,13 +245,13 @@ where
     pub async fn send(&mut self, item: T) -> bool {
         self.gate.pass(self.peer).await;
         #[cfg(feature = "fault-injection")]
-        {
+        if let Some(line) = &self.line {
             let at = tokio::time::Instant::now() + self.gate.delay(self.peer);
-            self.line.send((at, item)).is_ok()
+            return line.send((at, item)).is_ok();
         }
-        #[cfg(not(feature = "fault-injection"))]
-        {
-            (self.deliver)(item).await
+        match &mut self.deliver {
+            Some(deliver) => deliver(item).await,
+            None => false,
         }
     }
 }
@@ -336,7 +342,10 @@ mod tests {
     #[cfg(feature = "test-support")]
     #[tokio::test(start_paused = true)]
     async fn a_delayed_peers_traffic_comes_late_in_order() {
-        let gate = FaultGate::default();
+        let gate = FaultGate {
+            enabled: true,
+            ..FaultGate::default()
+        };
         let peer = MemberId(2);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut inbound = gate.inbound(peer, move |item: u32| {
