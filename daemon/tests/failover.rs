@@ -21,6 +21,19 @@ fn start(members: usize, control: &str) -> (LocalCluster, std::sync::Arc<Shared>
     (cluster, Shared::new(members))
 }
 
+/// Trainers' handles, in member order.
+type Trainers = Vec<std::thread::JoinHandle<Result<Vec<f32>, phalanx_client::ClientError>>>;
+
+/// `members` daemons whose trainers have done 20 steps.
+fn training_group(members: usize) -> (LocalCluster, std::sync::Arc<Shared>, Trainers) {
+    let (cluster, shared) = start(members, "");
+    let trainers = (0..members)
+        .map(|i| trainer(&cluster, i, false, &shared))
+        .collect();
+    training::wait_until("warm-up", 60, || shared.max_step() >= 20);
+    (cluster, shared, trainers)
+}
+
 /// The trainer of member index `i` (joining first when `join`).
 fn trainer(
     cluster: &LocalCluster,
@@ -47,7 +60,7 @@ fn leader(cluster: &LocalCluster, asking: usize) -> usize {
 fn finish_with_no_removal(
     cluster: &LocalCluster,
     shared: &std::sync::Arc<Shared>,
-    trainers: Vec<std::thread::JoinHandle<Result<Vec<f32>, phalanx_client::ClientError>>>,
+    trainers: Trainers,
     fault: &str,
 ) {
     shared.stop_soon(5);
@@ -73,11 +86,7 @@ fn finish_with_no_removal(
 #[test]
 fn killing_a_member_then_the_raft_leader_during_training() {
     let _serial = common::one_at_a_time();
-    let (mut cluster, shared) = start(5, "");
-    let trainers: Vec<_> = (0..5)
-        .map(|i| trainer(&cluster, i, false, &shared))
-        .collect();
-    training::wait_until("warm-up", 60, || shared.max_step() >= 20);
+    let (mut cluster, shared, trainers) = training_group(5);
     // A member in the middle of an all-reduce.
     common::wait_for_op_in_flight(&cluster, 3);
     cluster.signal(3, KILL).unwrap();
@@ -168,11 +177,7 @@ fn a_member_killed_during_the_start_up_grace_is_removed_at_once() {
 #[test]
 fn connections_dropped_mid_training_cost_no_trainer_an_error() {
     let _serial = common::one_at_a_time();
-    let (cluster, shared) = start(4, "");
-    let trainers: Vec<_> = (0..4)
-        .map(|i| trainer(&cluster, i, false, &shared))
-        .collect();
-    training::wait_until("warm-up", 60, || shared.max_step() >= 20);
+    let (cluster, shared, trainers) = training_group(4);
     let dropped = || {
         std::fs::read_to_string(&cluster.members[0].log)
             .unwrap()
@@ -205,11 +210,7 @@ fn connections_dropped_mid_training_cost_no_trainer_an_error() {
 #[test]
 fn a_connection_given_up_whose_start_comes_late_takes_over_nothing() {
     let _serial = common::one_at_a_time();
-    let (cluster, shared) = start(3, "");
-    let trainers: Vec<_> = (0..3)
-        .map(|i| trainer(&cluster, i, false, &shared))
-        .collect();
-    training::wait_until("warm-up", 60, || shared.max_step() >= 20);
+    let (cluster, shared, trainers) = training_group(3);
     // The lower id dials: member 1 dials member 3.
     let (dialer, acceptor) = (0, 2);
     let (dialer_id, acceptor_id) = (cluster.members[dialer].id, cluster.members[acceptor].id);
@@ -261,11 +262,7 @@ fn a_connection_given_up_whose_start_comes_late_takes_over_nothing() {
 #[test]
 fn slow_links_cost_no_trainer_an_error_and_remove_nobody() {
     let _serial = common::one_at_a_time();
-    let (cluster, shared) = start(4, "");
-    let trainers: Vec<_> = (0..4)
-        .map(|i| trainer(&cluster, i, false, &shared))
-        .collect();
-    training::wait_until("warm-up", 60, || shared.max_step() >= 20);
+    let (cluster, shared, trainers) = training_group(4);
     let m1 = cluster.members[0].id;
     let logged = |i: usize| {
         std::fs::read_to_string(&cluster.members[i].log)
@@ -319,11 +316,7 @@ fn slow_links_cost_no_trainer_an_error_and_remove_nobody() {
 #[test]
 fn a_daemon_starved_in_growing_bursts_is_not_removed() {
     let _serial = common::one_at_a_time();
-    let (mut cluster, shared) = start(4, "");
-    let trainers: Vec<_> = (0..4)
-        .map(|i| trainer(&cluster, i, false, &shared))
-        .collect();
-    training::wait_until("warm-up", 60, || shared.max_step() >= 20);
+    let (mut cluster, shared, trainers) = training_group(4);
     let ms = std::time::Duration::from_millis;
     let (mut stop, until) = (ms(100), std::time::Instant::now() + ms(8_000));
     while std::time::Instant::now() < until {
