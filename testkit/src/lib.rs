@@ -367,7 +367,7 @@ impl LocalCluster {
     /// build it); an empty list heals it. Takes effect within ~50 ms.
     pub fn cut(&self, i: usize, peers: &[u32]) -> Result<()> {
         let me = self.members[i].id;
-        // The delays set stay; the once-only lines have been taken.
+        // The delays set stay; once-only lines not taken yet are dropped.
         let write = |id: u32, ids: Vec<u32>| -> Result<()> {
             self.rewrite_faults(id, |text| {
                 let list: Vec<String> = ids.iter().map(u32::to_string).collect();
