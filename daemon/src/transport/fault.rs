@@ -113,8 +113,9 @@ impl FaultGate {
     {
         #[cfg(feature = "fault-injection")]
         if self.enabled {
-            let (line, mut due) =
-                tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, T)>();
+            // Bounded, so the reader still feels the node's backpressure
+            // (a 128 MiB hand-over read ahead unbounded starves the daemon).
+            let (line, mut due) = tokio::sync::mpsc::channel::<(tokio::time::Instant, T)>(16);
             let mut deliver = deliver;
             tokio::spawn(async move {
                 // In arrival order: a later item never passes an earlier
@@ -230,7 +231,7 @@ pub struct Inbound<T, D> {
     deliver: Option<D>,
     /// Else, to the delivering task, with the instant each item is due.
     #[cfg(feature = "fault-injection")]
-    line: Option<tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, T)>>,
+    line: Option<tokio::sync::mpsc::Sender<(tokio::time::Instant, T)>>,
     _item: std::marker::PhantomData<fn(T)>,
 }
 
@@ -247,7 +248,7 @@ where
         #[cfg(feature = "fault-injection")]
         if let Some(line) = &self.line {
             let at = tokio::time::Instant::now() + self.gate.delay(self.peer);
-            return line.send((at, item)).is_ok();
+            return line.send((at, item)).await.is_ok();
         }
         match &mut self.deliver {
             Some(deliver) => deliver(item).await,
