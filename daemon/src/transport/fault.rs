@@ -14,9 +14,10 @@
 //! (the race of an abandoned connection's late start with its
 //! replacement's, see `transport::newest`). A line `delay ID MS` holds
 //! what member ID sends for MS milliseconds from its arrival, in order, as a
-//! link's latency does (what follows is not held longer for it; a lower
-//! delay takes effect without reordering: nothing overtakes what came
-//! before it), for as long as the line is there. The file is read every
+//! link's latency does (what follows is not held longer for it while at
+//! most 16 items are on their way, beyond which the reader waits, as flow
+//! control makes it; a lower delay takes effect without reordering: nothing
+//! overtakes what came before it), for as long as the line is there. The file is read every
 //! 50 ms, so a test cuts, heals, delays and resets by rewriting it.
 
 use phalanx_protocol::MemberId;
@@ -102,9 +103,10 @@ impl FaultGate {
     /// The way on for what one reader takes off a connection from `peer`:
     /// [`Inbound::send`] hands each item to `deliver` (which says whether
     /// to go on) once the gate lets it pass. When a fault file is read, a
-    /// task of its own delivers, so that the reader goes on reading while
-    /// an item waits out its delay, as a link's latency does not slow its
-    /// throughput; otherwise the reader delivers itself.
+    /// task of its own delivers, so that the reader goes on reading (up to
+    /// 16 items ahead) while an item waits out its delay, as a link's
+    /// latency does not slow its throughput; otherwise the reader delivers
+    /// itself.
     pub fn inbound<T, D, F>(&self, peer: MemberId, deliver: D) -> Inbound<T, D>
     where
         T: Send + 'static,
