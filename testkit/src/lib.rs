@@ -26,7 +26,8 @@ pub struct ClusterOptions {
     pub members: usize,
     /// The `phalanxd` binary.
     pub phalanxd: PathBuf,
-    /// Scratch directory (created; removed on drop unless `keep`).
+    /// Scratch directory (created; removed on drop unless `keep`, or while
+    /// a test panics: its daemons' logs say why).
     pub dir: PathBuf,
     /// Extra `[data_plane]` lines for every member's config.
     pub data_plane: String,
@@ -542,7 +543,13 @@ impl Drop for LocalCluster {
                 let _ = c.wait();
             }
         }
-        if !self.options.keep {
+        if std::thread::panicking() {
+            // A failed test's daemons' logs are what explains it.
+            eprintln!(
+                "the cluster's directory (daemon logs) is kept: {}",
+                self.options.dir.display()
+            );
+        } else if !self.options.keep {
             let _ = std::fs::remove_dir_all(&self.options.dir);
         }
     }
