@@ -109,6 +109,7 @@ fn run_phalanx(o: &Options, n: usize) -> Result<Vec<Row>> {
         data_plane: o.data_plane.clone(),
         control: String::new(),
         keep: false,
+        flags: Vec::new(),
         bootstrap: false,
     })?;
     let start = Arc::new(Barrier::new(n));

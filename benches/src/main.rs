@@ -261,6 +261,7 @@ fn settled_cluster(
         data_plane: String::new(),
         control: String::new(),
         keep: std::env::var_os("PHALANX_KEEP_BENCH_DIRS").is_some(),
+        flags: Vec::new(),
         bootstrap: false,
     })?;
     cluster.wait_settled_with(std::time::Duration::from_secs(30), true)?;

@@ -3,8 +3,10 @@
 //! way (`run` → tasks → `bus` → `phalanx-protocol`).
 //!
 //! Channels (see `run.rs`): the transport feeds the runner [`NetInput`]s
-//! (bounded, so a busy runner pushes back through QUIC flow control) and
-//! the control task [`ControlInput`]s; the local plane hands the runner
+//! (bounded, so a busy runner pushes back through QUIC flow control), the
+//! peers' heartbeats on a queue of their own (never behind a backlog of
+//! data frames, which a 128 MiB hand-over makes) and the control task
+//! [`ControlInput`]s; the local plane hands the runner
 //! [`TrainerCall`]s; the runner and the admin API reach the control task
 //! through an unbounded queue (a suspicion is never lost to a full queue);
 //! the control task publishes every [`GroupChange`] on a queue of its own
@@ -27,11 +29,6 @@ pub enum NetInput {
         header: FrameHeader,
         /// The payload.
         payload: Vec<u8>,
-    },
-    /// A heartbeat from a peer.
-    Heard {
-        /// The peer.
-        member: MemberId,
     },
     /// Every link to a peer is up (again).
     PeerUp {
@@ -145,4 +142,12 @@ pub trait Links: Send + Sync + std::fmt::Debug {
     fn send(&self, to: MemberId, msg: ControlMessage) -> bool;
     /// Drops the links to `peer` and dials again.
     fn reset(&self, peer: MemberId);
+    /// How long the runner is to keep itself busy, once: test-only fault
+    /// injection (a `busy` line of the transport's fault gate), as a large
+    /// op's synchronous copies and checksums keep it on a loaded machine.
+    /// Never, by default and in builds without the `fault-injection`
+    /// feature.
+    fn take_busy(&self) -> Option<std::time::Duration> {
+        None
+    }
 }

@@ -205,6 +205,9 @@ pub async fn run(
     let incarnation = control::raftlog::next_incarnation(&config.data_dir)?;
 
     let (net_tx, net_rx) = mpsc::channel(NET_QUEUE);
+    // Unbounded: a heartbeat is never held up by a full queue, and they
+    // come 10 a second per peer, so a stalled runner's backlog stays small.
+    let (heard_tx, heard_rx) = mpsc::unbounded_channel();
     let (peers_tx, peers_rx) = mpsc::channel(NET_QUEUE);
     let (local_tx, local_rx) = mpsc::unbounded_channel();
     let (group_tx, group_rx) = mpsc::unbounded_channel();
@@ -212,7 +215,7 @@ pub async fn run(
     let (stragglers_tx, stragglers_rx) = watch::channel(Vec::new());
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let (mesh, writers) = quic::mesh(&config, incarnation, net_tx, peers_tx);
+    let (mesh, writers) = quic::mesh(&config, incarnation, net_tx, heard_tx, peers_tx);
     let links: Arc<dyn Links> = mesh.clone();
     let (control_task, view) = ControlTask::open(
         control::ControlSetup {
@@ -258,12 +261,20 @@ pub async fn run(
     let mut essential: JoinSet<Ended> = JoinSet::new();
     let inputs = RunnerInputs {
         net: net_rx,
+        heard: heard_rx,
         trainers: trainers_rx,
         group: group_rx,
     };
     let stop = stop_rx.clone();
-    essential.spawn(async move {
-        runner.run(inputs, stop).await;
+    // The runner on a thread of its own, not on a worker: its node's work is
+    // synchronous and can take most of a second (a 128 MiB hand-over's
+    // copies and checksums on a loaded machine), and on a worker it held up
+    // the tasks queued behind it, heartbeats included, until the peers
+    // suspected this daemon (issue 13). Its timers, sockets and channels
+    // still belong to the runtime, driven by the workers.
+    let runtime = tokio::runtime::Handle::current();
+    essential.spawn_blocking(move || {
+        runtime.block_on(runner.run(inputs, stop));
         ("runner", Ok(()))
     });
     let inputs = ControlInputs {

@@ -3,7 +3,10 @@
 //! deadlines) go into the node with the current time; its actions are
 //! executed here, in order — frames and messages to the transport, answers
 //! to the trainers, suspicions to the control plane — and its events become
-//! metrics. Every decision is the node's.
+//! metrics. Every decision is the node's. The daemon runs it on a thread of
+//! its own, off the runtime's workers (see `run.rs`): the node's work
+//! is synchronous, and a long stretch of it must not hold up the transport
+//! and its heartbeats.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,10 +17,10 @@ use metrics::{counter, gauge, histogram};
 use phalanx_protocol::node::{Action, Buffer, Event, GroupChange, Node, Outcome, RequestId};
 use phalanx_protocol::stragglers::StragglerRecord;
 use phalanx_protocol::wire::{encode_frame_header, ControlMessage};
-use phalanx_protocol::Time;
+use phalanx_protocol::{MemberId, Time};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::bus::{ControlInput, Links, NetInput, OutFrame, Reply, TrainerCall};
 use crate::metrics as m;
@@ -25,8 +28,11 @@ use crate::metrics as m;
 /// Where the runner's inputs come from.
 #[derive(Debug)]
 pub struct RunnerInputs<B> {
-    /// Frames, heartbeats, connection changes and node messages.
+    /// Frames, connection changes and node messages.
     pub net: mpsc::Receiver<NetInput>,
+    /// The peers whose heartbeats arrived, each time one did: apart from
+    /// `net`, so that no backlog of frames delays them.
+    pub heard: mpsc::UnboundedReceiver<MemberId>,
     /// Trainers' collectives and joins.
     pub trainers: mpsc::Receiver<TrainerCall<B>>,
     /// The group's changes, in commit order.
@@ -83,8 +89,10 @@ impl<B: Buffer + Send + 'static> Runner<B> {
                 .map(|t| self.origin + Duration::from_micros(t.0));
             tokio::select! {
                 // Biased: group changes before anything else (they are rare
-                // and decide what the rest means), then trainers and due
-                // deadlines, so a steady stream of frames starves neither.
+                // and decide what the rest means), then heartbeats (before
+                // the deadlines that judge by them: a peer heard is not
+                // suspected for the runner's own delay), trainers and due
+                // deadlines, so a steady stream of frames starves none.
                 biased;
                 _ = shutdown.changed() => break,
                 change = inputs.group.recv(), if group_open => match change {
@@ -94,6 +102,10 @@ impl<B: Buffer + Send + 'static> Runner<B> {
                     }
                     None => group_open = false,
                 },
+                Some(member) = inputs.heard.recv() => {
+                    let now = self.now();
+                    self.node.handle_heartbeat(now, member);
+                }
                 call = inputs.trainers.recv(), if trainers_open => match call {
                     Some(call) => self.trainer(call),
                     None => trainers_open = false,
@@ -106,6 +118,14 @@ impl<B: Buffer + Send + 'static> Runner<B> {
                     Some(input) => self.net(input),
                     None => break,
                 },
+            }
+            if let Some(busy) = self.out.links.take_busy() {
+                warn!(
+                    ms = busy.as_millis() as u64,
+                    "fault injection: the runner is busy"
+                );
+                std::thread::sleep(busy);
+                info!("fault injection: the runner is no longer busy");
             }
             self.execute();
         }
@@ -122,7 +142,6 @@ impl<B: Buffer + Send + 'static> Runner<B> {
                     .increment(payload.len() as u64);
                 self.node.handle_frame(now, header, payload);
             }
-            NetInput::Heard { member } => self.node.handle_heartbeat(now, member),
             NetInput::PeerUp { member } => self.node.handle_peer_up(now, member),
             NetInput::PeerDown { member, reason } => {
                 self.node.handle_peer_down(now, member, &reason)

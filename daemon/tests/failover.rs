@@ -538,6 +538,50 @@ fn big_state_trainer(
     })
 }
 
+// Issue 13, item 3: the runner ran on a worker thread, and its node's work
+// is synchronous; busy for most of a second (a 128 MiB hand-over's copies
+// and checksums on the loaded test machine took 460-930 ms), it held up the
+// tasks behind it, heartbeats included, and its peers removed the healthy
+// member ("no heartbeat for 401 ms"). The runner has a thread of its own.
+// One worker thread makes the old failure certain: nothing else ran.
+#[test]
+fn a_busy_runner_does_not_silence_its_daemons_heartbeats() {
+    let _serial = common::one_at_a_time();
+    let cluster = common::cluster_started(
+        3,
+        "heartbeat_interval_ms = 100\nsuspect_after_ms = 400",
+        "",
+        false,
+        &["--worker-threads", "1"],
+    );
+    let shared = Shared::new(3);
+    let trainers: Trainers = (0..3)
+        .map(|i| trainer(&cluster, i, false, &shared))
+        .collect();
+    training::wait_until("warm-up", 60, || shared.max_step() >= 20);
+    cluster
+        .keep_runner_busy(1, std::time::Duration::from_millis(1500))
+        .unwrap();
+    let log = cluster.members[1].log.clone();
+    training::wait_until("the runner is busy and done", 60, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("the runner is no longer busy")
+    });
+    let done = shared.max_step();
+    training::wait_until("training goes on", 60, || shared.max_step() >= done + 20);
+    for m in &cluster.members {
+        let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+        assert!(
+            !log.contains("member removed"),
+            "member {} saw a removal although every member lives:\n{}",
+            m.id,
+            phalanx_testkit::tail(&m.log)
+        );
+    }
+    training::finish_all(&shared, trainers, 10);
+}
+
 // Issue 13, item 1: the survivors' trainers re-ran the hand-over as planned,
 // but every re-run broadcast whose root was gone failed, and with it every
 // live trainer's admit(). Every live trainer holds the same state: the

@@ -102,7 +102,8 @@ async fn runners_over_the_in_memory_transport_finish_without_a_member_that_dies(
     let mut members = BTreeMap::new();
     for &id in &ids {
         let (net_tx, net_rx) = mpsc::channel(1024);
-        let links = net.attach(id, net_tx);
+        let (heard_tx, heard_rx) = mpsc::unbounded_channel();
+        let links = net.attach(id, net_tx, heard_tx);
         let (trainer_tx, trainer_rx) = mpsc::channel(8);
         let (group_tx, group_rx) = mpsc::unbounded_channel();
         let engine: Box<dyn ComputeEngine> = Box::new(ScalarEngine);
@@ -124,6 +125,7 @@ async fn runners_over_the_in_memory_transport_finish_without_a_member_that_dies(
         );
         let inputs = RunnerInputs {
             net: net_rx,
+            heard: heard_rx,
             trainers: trainer_rx,
             group: group_rx,
         };

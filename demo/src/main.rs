@@ -323,6 +323,7 @@ fn run(cli: Cli) -> Result<()> {
         data_plane: String::new(),
         control: String::new(),
         keep: std::env::var_os("PHALANX_KEEP_DEMO_DIR").is_some(),
+        flags: Vec::new(),
         bootstrap: false,
     })?;
     cluster.wait_settled_with(Duration::from_secs(30), true)?;

@@ -35,6 +35,8 @@ pub struct ClusterOptions {
     pub control: String,
     /// Keep the directory (logs, configs) after drop.
     pub keep: bool,
+    /// Extra `phalanxd` flags for every member (`--worker-threads 1`, say).
+    pub flags: Vec<String>,
     /// Form the group as on real nodes: member 1 `--bootstrap`, the others
     /// `--join` member 1, each config listing only its own member. The
     /// joined members enter the ring when their trainers call join().
@@ -238,6 +240,7 @@ impl LocalCluster {
         let child = Command::new(&self.options.phalanxd)
             .arg("--config")
             .arg(&m.config)
+            .args(&self.options.flags)
             .args(&m.args)
             .env(
                 "PHALANX_FAULT_FILE",
@@ -406,6 +409,14 @@ impl LocalCluster {
     /// starved runtime does (through the test-only fault gate).
     pub fn stall_next_connection(&self, i: usize, peer: u32, hold: Duration) -> Result<()> {
         self.add_fault(i, &format!("stall {peer} {}", hold.as_millis()))
+    }
+
+    /// Member index `i`'s runner is kept busy for `busy` once, as a large
+    /// op's copies and checksums keep it on a loaded machine (through the
+    /// test-only fault gate; its log says "the runner is no longer busy"
+    /// after). Takes effect within ~50 ms of the next input.
+    pub fn keep_runner_busy(&self, i: usize, busy: Duration) -> Result<()> {
+        self.add_fault(i, &format!("busy {}", busy.as_millis()))
     }
 
     /// Member index `i` holds what member id `peer` sends it for `delay`

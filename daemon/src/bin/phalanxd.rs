@@ -48,8 +48,9 @@ struct Cli {
     /// Compute engine: `scalar` or `simd` (overrides `engine`).
     #[arg(long)]
     engine: Option<String>,
-    /// Tokio worker threads (the QUIC connections, the runner and the
-    /// metrics endpoint share them).
+    /// Tokio worker threads (the QUIC connections, heartbeats, the control
+    /// plane and the metrics endpoint share them; the runner, which runs
+    /// the collectives, has a thread of its own).
     #[arg(long, default_value_t = 2)]
     worker_threads: usize,
     /// Log filter when RUST_LOG is unset.

@@ -17,7 +17,10 @@
 //! link's latency does (what follows is not held longer for it while at
 //! most 16 items are on their way, beyond which the reader waits, as flow
 //! control makes it; a lower delay takes effect without reordering: nothing
-//! overtakes what came before it), for as long as the line is there. The file is read every
+//! overtakes what came before it), for as long as the line is there. A
+//! line `busy MS TAG` keeps this daemon's runner busy for MS milliseconds,
+//! once per new TAG, as a large op's copies and checksums do on a loaded
+//! machine (the runner's work is synchronous). The file is read every
 //! 50 ms, so a test cuts, heals, delays and resets by rewriting it.
 
 use phalanx_protocol::MemberId;
@@ -34,6 +37,9 @@ pub struct FaultGate {
     #[cfg(feature = "fault-injection")]
     stalls:
         std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<MemberId, std::time::Duration>>>,
+    /// How long the runner is to be kept busy (ms; 0: not), not taken yet.
+    #[cfg(feature = "fault-injection")]
+    busy: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Whether a fault file is read: without one, nothing is delayed, and
     /// readers deliver themselves.
     #[cfg(feature = "fault-injection")]
@@ -81,6 +87,22 @@ impl FaultGate {
     /// No stalls in this build.
     #[cfg(not(feature = "fault-injection"))]
     pub fn take_stall(&self, _peer: MemberId) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// How long to keep the runner busy, if a `busy` line asks for it
+    /// (taken: once per line).
+    #[cfg(feature = "fault-injection")]
+    pub fn take_busy(&self) -> Option<std::time::Duration> {
+        match self.busy.swap(0, std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+
+    /// Never busy in this build.
+    #[cfg(not(feature = "fault-injection"))]
+    pub fn take_busy(&self) -> Option<std::time::Duration> {
         None
     }
 
@@ -159,15 +181,17 @@ impl FaultGate {
             ..FaultGate::default()
         };
         warn!(path = %std::path::Path::new(&path).display(), "fault injection enabled (PHALANX_FAULT_FILE)");
-        let (cut, resets, stalls, delays) = (
+        let (cut, resets, stalls, delays, busy) = (
             gate.cut.clone(),
             gate.resets.clone(),
             gate.stalls.clone(),
             gate.delays.clone(),
+            gate.busy.clone(),
         );
         tokio::spawn(async move {
             let mut seen = std::collections::BTreeSet::new();
             let mut seen_stalls = std::collections::BTreeSet::new();
+            let mut seen_busy = std::collections::BTreeSet::new();
             loop {
                 // Off the runtime's threads: a file read blocks.
                 let p = path.clone();
@@ -181,6 +205,7 @@ impl FaultGate {
                     resets: tagged,
                     stalls: held,
                     delays: slow,
+                    busy: busy_lines,
                 } = parse(&text);
                 for &(peer, ref tag) in tagged.difference(&seen) {
                     warn!(%peer, tag, "fault injection: dropping the connections to the peer");
@@ -193,6 +218,11 @@ impl FaultGate {
                     stalls.lock().expect("poisoned").insert(peer, hold);
                 }
                 seen_stalls = held;
+                for &(ms, ref tag) in busy_lines.difference(&seen_busy) {
+                    warn!(ms, tag, "fault injection: the runner will be kept busy");
+                    busy.store(ms, std::sync::atomic::Ordering::Relaxed);
+                }
+                seen_busy = busy_lines;
                 {
                     let mut delays = delays.write().expect("poisoned");
                     if *delays != slow {
@@ -271,6 +301,8 @@ struct Faults {
     stalls: std::collections::BTreeSet<(MemberId, u64, String)>,
     /// Its `delay ID MS` lines (the last for a peer holds).
     delays: std::collections::BTreeMap<MemberId, std::time::Duration>,
+    /// Its `busy MS TAG` lines.
+    busy: std::collections::BTreeSet<(u64, String)>,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -295,6 +327,13 @@ fn parse(text: &str) -> Faults {
                     faults.stalls.insert((MemberId(peer), ms, tag));
                 }
             }
+            Some(&"busy") => {
+                words.next();
+                if let Some(ms) = words.next().and_then(|w| w.parse().ok()) {
+                    let tag = words.collect::<Vec<_>>().join(" ");
+                    faults.busy.insert((ms, tag));
+                }
+            }
             Some(&"delay") => {
                 words.next();
                 let peer = words.next().and_then(|w| w.parse().ok());
@@ -317,11 +356,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_fault_file_lists_cut_peers_tagged_resets_stalls_and_delays() {
+    fn the_fault_file_lists_cut_peers_tagged_resets_stalls_delays_and_busy_runners() {
         let faults = parse(
             "2 3\nreset 4 first\n5\nreset x\nstall 1 3000 a\nstall 1 x b\n\
-             delay 2 150\ndelay 3 x\ndelay 4 10\ndelay 4 20\n",
+             delay 2 150\ndelay 3 x\ndelay 4 10\ndelay 4 20\nbusy 800 t1\nbusy x t2\n",
         );
+        assert_eq!(faults.busy, [(800, "t1".to_string())].into_iter().collect());
         assert_eq!(faults.cut, [2, 3, 5].map(MemberId).into_iter().collect());
         assert_eq!(
             faults.resets,

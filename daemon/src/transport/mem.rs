@@ -18,6 +18,8 @@ use crate::bus::{Links, NetInput, OutFrame};
 struct State {
     /// Each attached member's runner input.
     inboxes: BTreeMap<MemberId, mpsc::Sender<NetInput>>,
+    /// Each attached member's heartbeat input.
+    heard: BTreeMap<MemberId, mpsc::UnboundedSender<MemberId>>,
     /// Per (from, to), the queue its forwarder drains in order.
     links: BTreeMap<(MemberId, MemberId), mpsc::UnboundedSender<NetInput>>,
     /// Members whose traffic, both ways, is dropped.
@@ -43,10 +45,17 @@ impl MemNet {
         Arc::new(MemNet::default())
     }
 
-    /// Connects `member`, whose runner reads `inbox`.
-    pub fn attach(self: &Arc<Self>, member: MemberId, inbox: mpsc::Sender<NetInput>) -> MemLinks {
+    /// Connects `member`, whose runner reads `inbox`, and its peers'
+    /// heartbeats from `heard`.
+    pub fn attach(
+        self: &Arc<Self>,
+        member: MemberId,
+        inbox: mpsc::Sender<NetInput>,
+        heard: mpsc::UnboundedSender<MemberId>,
+    ) -> MemLinks {
         let mut st = self.state.lock().expect("poisoned");
         st.inboxes.insert(member, inbox);
+        st.heard.insert(member, heard);
         st.links.retain(|(a, b), _| *a != member && *b != member);
         MemLinks {
             me: member,
@@ -59,6 +68,7 @@ impl MemNet {
     pub fn detach(&self, member: MemberId) {
         let mut st = self.state.lock().expect("poisoned");
         st.inboxes.remove(&member);
+        st.heard.remove(&member);
         st.links.retain(|(a, b), _| *a != member && *b != member);
     }
 
@@ -81,17 +91,14 @@ impl MemNet {
             loop {
                 tick.tick().await;
                 let Some(net) = net.upgrade() else { return };
-                let members: Vec<MemberId> = net
-                    .state
-                    .lock()
-                    .expect("poisoned")
-                    .inboxes
-                    .keys()
-                    .copied()
-                    .collect();
-                for &from in &members {
-                    for &to in members.iter().filter(|&&to| to != from) {
-                        net.deliver(from, to, NetInput::Heard { member: from });
+                let st = net.state.lock().expect("poisoned");
+                for &from in st.heard.keys().filter(|m| !st.cut.contains(m)) {
+                    for (_, heard) in st
+                        .heard
+                        .iter()
+                        .filter(|&(&to, _)| to != from && !st.cut.contains(&to))
+                    {
+                        let _ = heard.send(from);
                     }
                 }
             }

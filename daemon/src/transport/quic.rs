@@ -54,6 +54,10 @@ pub mod close {
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The control streams' send priority, above the data streams' (0): their
+/// heartbeats and Raft messages go first when the congestion window is full.
+const CONTROL_PRIORITY: i32 = 1;
+
 /// Builds the endpoint on the bound `socket`: a server for the mesh, and a
 /// client with this node's certificate for dialing peers.
 pub fn endpoint(
@@ -136,6 +140,8 @@ pub struct Mesh {
     endpoint: std::sync::OnceLock<Endpoint>,
     heartbeat: Duration,
     net: mpsc::Sender<NetInput>,
+    /// Peers' heartbeats, apart from `net` (see [`crate::bus`]).
+    heard: mpsc::UnboundedSender<MemberId>,
     control: mpsc::Sender<ControlInput>,
     limits: Limits,
     /// Peers cut off by fault injection (tests only; see [`FaultGate`]).
@@ -161,12 +167,13 @@ struct Outbox {
 }
 
 /// The mesh of the configured members and its channel writers (to spawn);
-/// frames from peers go to `net`, Raft messages and join requests to
-/// `control`.
+/// frames and node messages from peers go to `net`, their heartbeats to
+/// `heard`, Raft messages and join requests to `control`.
 pub fn mesh(
     config: &Config,
     incarnation: Incarnation,
     net: mpsc::Sender<NetInput>,
+    heard: mpsc::UnboundedSender<MemberId>,
     control: mpsc::Sender<ControlInput>,
 ) -> (Arc<Mesh>, Vec<WriterTask>) {
     let me = MemberId(config.member_id);
@@ -216,6 +223,7 @@ pub fn mesh(
         endpoint: std::sync::OnceLock::new(),
         heartbeat: Duration::from_millis(config.data_plane.heartbeat_interval_ms),
         net,
+        heard,
         control,
         limits,
         fault: FaultGate::from_env(),
@@ -1075,6 +1083,10 @@ impl Mesh {
         carries_control: bool,
         seq: u64,
     ) {
+        // Ahead of the data streams when the congestion window is full: a
+        // heartbeat that waits behind a 128 MiB hand-over's frames arrives
+        // late, and its peer suspects this daemon.
+        let _ = send.set_priority(CONTROL_PRIORITY);
         // The primary link 0's control stream also carries Raft and recovery
         // messages. An older connection's stream never takes that over; it
         // still sends heartbeats until `serve` closes it.
@@ -1122,15 +1134,20 @@ impl Mesh {
                 }
             }
         });
-        let (net, control, limits) = (self.net.clone(), self.control.clone(), self.limits);
+        let (net, heard, control, limits) = (
+            self.net.clone(),
+            self.heard.clone(),
+            self.control.clone(),
+            self.limits,
+        );
         let mut inbound = self.fault.inbound(peer, move |msg: ControlMessage| {
-            let (net, control) = (net.clone(), control.clone());
+            let (net, heard, control) = (net.clone(), heard.clone(), control.clone());
             async move {
                 match msg {
                     ControlMessage::Heartbeat { member, .. } if member == peer => {
                         // The runner stops before the Raft task at shutdown:
                         // keep reading, the Raft task still needs the stream.
-                        let _ = net.send(NetInput::Heard { member }).await;
+                        let _ = heard.send(member);
                     }
                     ControlMessage::Goodbye { reason, .. } => {
                         info!(%peer, %reason, "peer says goodbye");
@@ -1150,10 +1167,29 @@ impl Mesh {
                 true
             }
         });
+        let late = self.heartbeat * 2;
         tokio::spawn(async move {
+            // (sent_at_us, read at) of the peer's last heartbeat: a debug
+            // log tells a peer that sent late (starved) from a path or a
+            // reader that was slow (heartbeats sent on time, read late).
+            let mut last_beat: Option<(u64, std::time::Instant)> = None;
             loop {
                 match read_control(&mut recv, &limits).await {
                     Ok(msg) => {
+                        if let ControlMessage::Heartbeat { sent_at_us, .. } = &msg {
+                            let now = std::time::Instant::now();
+                            if let Some((sent, at)) = last_beat {
+                                if now - at > late {
+                                    debug!(
+                                        %peer,
+                                        read_apart_ms = (now - at).as_millis() as u64,
+                                        sent_apart_ms = sent_at_us.saturating_sub(sent) / 1000,
+                                        "heartbeats from the peer came far apart"
+                                    );
+                                }
+                            }
+                            last_beat = Some((*sent_at_us, now));
+                        }
                         if !inbound.send(msg).await {
                             return;
                         }
@@ -1177,6 +1213,10 @@ impl Mesh {
 }
 
 impl Links for Mesh {
+    fn take_busy(&self) -> Option<Duration> {
+        self.fault.take_busy()
+    }
+
     fn send_frame(&self, to: MemberId, frame: OutFrame) {
         let outboxes = self.outboxes.read().expect("poisoned");
         let Some(out) = outboxes.get(&to) else {

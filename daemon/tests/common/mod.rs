@@ -35,6 +35,17 @@ pub fn cluster_formed(
     control: &str,
     bootstrap: bool,
 ) -> LocalCluster {
+    cluster_started(members, data_plane, control, bootstrap, &[])
+}
+
+/// A fresh cluster whose daemons get extra `flags` too.
+pub fn cluster_started(
+    members: usize,
+    data_plane: &str,
+    control: &str,
+    bootstrap: bool,
+    flags: &[&str],
+) -> LocalCluster {
     let dir: PathBuf = std::env::temp_dir().join(format!(
         "phalanx-test-{}-{}",
         std::process::id(),
@@ -54,6 +65,7 @@ pub fn cluster_formed(
         },
         control: control.to_string(),
         keep: std::env::var_os("PHALANX_KEEP_TEST_DIRS").is_some(),
+        flags: flags.iter().map(|f| f.to_string()).collect(),
         bootstrap,
     })
     .expect("starting the local cluster")

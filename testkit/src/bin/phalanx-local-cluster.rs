@@ -63,6 +63,7 @@ fn real_main() -> Result<()> {
         data_plane: String::new(),
         control: String::new(),
         keep: cli.keep,
+        flags: Vec::new(),
         bootstrap: cli.bootstrap,
     })?;
     for m in &cluster.members {
