@@ -206,7 +206,8 @@ pub async fn run(
 
     let (net_tx, net_rx) = mpsc::channel(NET_QUEUE);
     // Unbounded: a heartbeat is never held up by a full queue, and they
-    // come 10 a second per peer, so a stalled runner's backlog stays small.
+    // come one per link per interval (20 a second from a peer, by default),
+    // so a stalled runner's backlog stays small.
     let (heard_tx, heard_rx) = mpsc::unbounded_channel();
     let (peers_tx, peers_rx) = mpsc::channel(NET_QUEUE);
     let (local_tx, local_rx) = mpsc::unbounded_channel();

@@ -94,7 +94,13 @@ impl FaultGate {
     /// (taken: once per line).
     #[cfg(feature = "fault-injection")]
     pub fn take_busy(&self) -> Option<std::time::Duration> {
-        match self.busy.swap(0, std::sync::atomic::Ordering::Relaxed) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Read first: the runner asks after every input, and a write each
+        // time would bounce the cache line for nothing.
+        if self.busy.load(Relaxed) == 0 {
+            return None;
+        }
+        match self.busy.swap(0, Relaxed) {
             0 => None,
             ms => Some(std::time::Duration::from_millis(ms)),
         }

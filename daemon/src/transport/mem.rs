@@ -39,6 +39,16 @@ pub struct MemLinks {
     net: Arc<MemNet>,
 }
 
+impl State {
+    /// Whether what `from` sends can reach `to`: both attached, neither cut.
+    fn reaches(&self, from: MemberId, to: MemberId) -> bool {
+        self.inboxes.contains_key(&from)
+            && self.inboxes.contains_key(&to)
+            && !self.cut.contains(&from)
+            && !self.cut.contains(&to)
+    }
+}
+
 impl MemNet {
     /// An empty network.
     pub fn new() -> Arc<MemNet> {
@@ -92,11 +102,11 @@ impl MemNet {
                 tick.tick().await;
                 let Some(net) = net.upgrade() else { return };
                 let st = net.state.lock().expect("poisoned");
-                for &from in st.heard.keys().filter(|m| !st.cut.contains(m)) {
+                for &from in st.heard.keys() {
                     for (_, heard) in st
                         .heard
                         .iter()
-                        .filter(|&(&to, _)| to != from && !st.cut.contains(&to))
+                        .filter(|&(&to, _)| to != from && st.reaches(from, to))
                     {
                         let _ = heard.send(from);
                     }
@@ -108,7 +118,7 @@ impl MemNet {
     /// Queues `input` from `from` to `to`; false when it cannot arrive.
     fn deliver(&self, from: MemberId, to: MemberId, input: NetInput) -> bool {
         let mut st = self.state.lock().expect("poisoned");
-        if st.cut.contains(&from) || st.cut.contains(&to) || !st.inboxes.contains_key(&from) {
+        if !st.reaches(from, to) {
             return false;
         }
         let Some(inbox) = st.inboxes.get(&to).cloned() else {
