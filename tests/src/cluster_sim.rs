@@ -285,6 +285,10 @@ enum Task {
     Admit(RequestId),
     /// Waiting in `join()` for the group's state.
     Join(RequestId),
+    /// Its `join()` failed: it tries again then (a trainer that retried at
+    /// once, its daemon answering at once, would stop the virtual clock:
+    /// 3000 seeds, seed 2336, every state lost).
+    JoinAgainAt(Time),
     /// Reached the last step.
     Done,
 }
@@ -559,7 +563,7 @@ impl ClusterSim {
     fn anyone_joining(&self) -> bool {
         self.members
             .iter()
-            .any(|m| m.alive && matches!(m.trainer.task, Task::Join(_)))
+            .any(|m| m.alive && matches!(m.trainer.task, Task::Join(_) | Task::JoinAgainAt(_)))
     }
 
     /// Heartbeats from every running member, and reconnects: a link reset
@@ -750,6 +754,7 @@ impl ClusterSim {
             {
                 self.members[i].trainer.task = Task::Idle;
             }
+            Task::JoinAgainAt(at) if self.now >= at => self.rejoin(i),
             Task::Idle if step >= self.stop_at => self.members[i].trainer.task = Task::Done,
             Task::Idle if self.computing(i) => {}
             Task::Idle => {
@@ -859,7 +864,12 @@ impl ClusterSim {
                 self.report.rejoined += 1;
                 Ok(())
             }
-            (Task::Step(want) | Task::Admit(want) | Task::Join(want), Err(e)) if want == id => {
+            (Task::Join(want), Err(_)) if want == id => {
+                self.report.stopped += 1;
+                self.members[i].trainer.task = Task::JoinAgainAt(self.now.after(RETRY));
+                Ok(())
+            }
+            (Task::Step(want) | Task::Admit(want), Err(e)) if want == id => {
                 if matches!(&e, OpError::NoQuorum(why) if why.contains("no new epoch")) {
                     self.no_quorum.push((self.now, i));
                 }
@@ -1024,7 +1034,10 @@ impl ClusterSim {
         debug_assert_eq!(stream, 0, "the trainers use one stream");
         let ring = self.members[i].node.ring();
         self.members.iter().enumerate().any(|(j, m)| {
-            j != i && m.alive && ring.contains(&m.id) && !matches!(m.trainer.task, Task::Join(_))
+            j != i
+                && m.alive
+                && ring.contains(&m.id)
+                && !matches!(m.trainer.task, Task::Join(_) | Task::JoinAgainAt(_))
         })
     }
 

@@ -581,6 +581,15 @@ impl<B: Buffer> Node<B> {
         if !members.contains(&me) {
             return;
         }
+        if self.parked.contains_key(&op) || self.ops.contains_key(&op) {
+            // Parked when the links to the coordinator were reset (the next
+            // epoch decides it), or running already: a cut that comes
+            // after that is not this member's to act on (a sweep of 3000
+            // cluster seeds, seed 2344: a stand-in started for the parked
+            // op, which then ran twice).
+            debug!(%op, "a cut for a step parked or running here: ignored");
+            return;
+        }
         let mut run = match self.steps.cutting.remove(&op) {
             Some(mut run) => {
                 self.prepare_input(&mut run, &cut);
