@@ -30,6 +30,10 @@ pub const OPS_PARKED: &str = "phalanx_ops_parked";
 /// Interrupted ops finished in a new epoch, labelled by plan
 /// (`rerun`, `kept_result`, `superseded`).
 pub const RERUNS: &str = "phalanx_ops_recovered_total";
+/// Removed members whose trainer was in lockstep, readmitted: labelled
+/// `outcome` `caught_up` (served the results it missed, no error) or
+/// `refused` (its trainer was told to join again).
+pub const RETURNS: &str = "phalanx_returns_total";
 /// Members removed from the ring (each is a failover).
 pub const FAILOVERS: &str = "phalanx_failovers_total";
 /// From this daemon's first proposal of a removal to its commit, seconds.

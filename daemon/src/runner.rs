@@ -240,6 +240,10 @@ fn record(event: Event, stragglers: &watch::Sender<Vec<StragglerRecord>>) {
         }
         Event::Recovered { plan } => counter!(m::RERUNS, "plan" => plan).increment(1),
         Event::Suspected { reason } => counter!(m::SUSPICIONS, "reason" => reason).increment(1),
+        Event::Returned { caught_up, .. } => {
+            let outcome = if caught_up { "caught_up" } else { "refused" };
+            counter!(m::RETURNS, "outcome" => outcome).increment(1);
+        }
         Event::StepClosed { reason } => counter!(m::STEPS_CLOSED, "reason" => reason).increment(1),
         Event::Stragglers(records) => {
             for r in &records {

@@ -160,6 +160,21 @@ fn control() -> impl Strategy<Value = ControlMessage> {
                             op: OpId(o),
                             waiting: ms.iter().rev().copied().collect(),
                             contributors: ms,
+                            dtype: phalanx_protocol::wire::DType::F32,
+                            len: o,
+                        })
+                        .collect(),
+                    synced: p.iter().map(|(o, _)| (*o as u32, Epoch(*o))).collect(),
+                    returned: p
+                        .iter()
+                        .flat_map(|(o, ms)| ms.iter().map(move |m| (*o as u32, *m, Epoch(*o))))
+                        .collect(),
+                    returning: p
+                        .iter()
+                        .map(|(o, ms)| phalanx_protocol::membership::ReturnClaim {
+                            stream: *o as u32,
+                            next: *o,
+                            last: ms.clone(),
                         })
                         .collect(),
                 }))

@@ -220,6 +220,13 @@ pub struct ClusterReport {
     pub stopped: u64,
     /// Joins answered with the group's state.
     pub rejoined: u64,
+    /// Members removed while their trainers were in lockstep that came back
+    /// without an error, served the results they missed.
+    pub returned: u64,
+    /// Results so served.
+    pub caught_up: u64,
+    /// Such members whose return was refused (their trainers joined again).
+    pub returns_refused: u64,
     /// State hand-overs by live trainers.
     pub hand_overs: u64,
     /// Hand-over roots crashed as they started.
@@ -717,6 +724,14 @@ impl ClusterSim {
                 NodeEvent::Recovered {
                     plan: "kept_result",
                 } => self.report.from_results += 1,
+                NodeEvent::Returned {
+                    caught_up: true,
+                    missed,
+                } => {
+                    self.report.returned += 1;
+                    self.report.caught_up += missed as u64;
+                }
+                NodeEvent::Returned { .. } => self.report.returns_refused += 1,
                 _ => {}
             }
         }

@@ -429,6 +429,9 @@ impl StepsSim {
                     member: id(p),
                     parked: vec![],
                     completed: vec![],
+                    synced: vec![],
+                    returned: vec![],
+                    returning: vec![],
                 };
                 self.nodes[m].handle_message(Time::ZERO, id(p), NodeMessage::Recovery(report));
             }

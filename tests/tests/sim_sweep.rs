@@ -170,6 +170,9 @@ fn seeded_cluster_scenarios() {
                 total.from_results += r.from_results;
                 total.stopped += r.stopped;
                 total.rejoined += r.rejoined;
+                total.returned += r.returned;
+                total.caught_up += r.caught_up;
+                total.returns_refused += r.returns_refused;
                 total.hand_overs += r.hand_overs;
                 total.roots_crashed += r.roots_crashed;
                 total.cut_steps += r.cut_steps;
@@ -225,6 +228,10 @@ fn seeded_cluster_scenarios() {
             "no scenario closed a step without its slow member"
         );
         assert!(splits > 0, "no scenario lost its quorum in a split");
+        assert!(
+            total.returned > 0 && total.caught_up > 0,
+            "no member removed in lockstep came back with the results it missed"
+        );
     }
 }
 
@@ -356,6 +363,42 @@ fn a_split_over_a_crash_resumes_with_one_view_of_who_holds_the_state() {
     }
 }
 
+/// A scenario built by hand: `faults` over `members` training under `sync`
+/// (odd seeds) or `backup=1` (even ones), run to its end; a failure panics
+/// with its replay.
+fn hand_built(
+    seed: u64,
+    members: usize,
+    fault_phase: std::time::Duration,
+    heal_phase: std::time::Duration,
+    faults: Vec<(
+        std::time::Duration,
+        phalanx_tests::cluster_sim::ClusterFault,
+    )>,
+) -> phalanx_tests::cluster_sim::ClusterReport {
+    use phalanx_tests::cluster_sim::{ClusterScenario, ClusterSim};
+    let sc = ClusterScenario {
+        seed,
+        members,
+        fault_phase,
+        heal_phase,
+        jitter: std::time::Duration::from_micros(200 * seed),
+        faults,
+        policy: if seed.is_multiple_of(2) {
+            "backup=1"
+        } else {
+            "sync"
+        }
+        .parse()
+        .unwrap(),
+        slow: None,
+    };
+    match ClusterSim::new(sc).run() {
+        Ok(report) => report,
+        Err(failure) => panic!("{failure}"),
+    }
+}
+
 /// Issue 13, item 3: a healthy member on a starved machine was removed for
 /// "no heartbeat for 401 ms". A member that runs in bursts, stopped for
 /// stretches growing to 350 ms (its heartbeats up to 450 ms apart), is not
@@ -363,28 +406,13 @@ fn a_split_over_a_crash_resumes_with_one_view_of_who_holds_the_state() {
 /// the starving is the baseline for the epochs.
 #[test]
 fn a_starved_member_whose_heartbeats_come_late_is_not_removed() {
-    use phalanx_tests::cluster_sim::{ClusterFault, ClusterScenario, ClusterSim};
+    use phalanx_tests::cluster_sim::ClusterFault;
     use std::time::Duration;
     let ms = Duration::from_millis;
     for seed in 1..=8u64 {
         let members = 3 + (seed % 4) as usize;
         let starved = seed as usize % members;
-        let sc = |faults: Vec<(Duration, ClusterFault)>| ClusterScenario {
-            seed,
-            members,
-            fault_phase: ms(8_000),
-            heal_phase: Duration::from_secs(2),
-            jitter: Duration::from_micros(200 * seed),
-            faults,
-            policy: if seed % 2 == 0 { "backup=1" } else { "sync" }
-                .parse()
-                .unwrap(),
-            slow: None,
-        };
-        let run = |faults| match ClusterSim::new(sc(faults)).run() {
-            Ok(report) => report,
-            Err(failure) => panic!("{failure}"),
-        };
+        let run = |faults| hand_built(seed, members, ms(8_000), Duration::from_secs(2), faults);
         let quiet = run(vec![]);
         let starving = run(vec![(ms(1_500), ClusterFault::Starve(starved))]);
         assert_eq!(
@@ -394,5 +422,39 @@ fn a_starved_member_whose_heartbeats_come_late_is_not_removed() {
             starving.epochs, quiet.epochs
         );
         assert!(starving.completions > 0);
+    }
+}
+
+/// Issue 13, item 3: a member removed while its trainer is in lockstep
+/// (stopped past the suspicion bound, within the recovery bound) comes back
+/// without its trainer seeing an error: it is readmitted in the same life,
+/// receives the results the group completed meanwhile and serves them to
+/// its trainer, whose state then matches the others' bit for bit (checked
+/// at the end of every run). Before, every such trainer's call failed with
+/// `NoQuorum` and the trainer had to join again.
+#[test]
+fn a_member_removed_in_lockstep_comes_back_without_an_error() {
+    use phalanx_tests::cluster_sim::ClusterFault;
+    use std::time::Duration;
+    let ms = Duration::from_millis;
+    for seed in 1..=8u64 {
+        let members = 3 + (seed % 4) as usize;
+        let paused = seed as usize % members;
+        let pause = vec![(ms(1_500), ClusterFault::Pause(paused, ms(700)))];
+        let report = hand_built(seed, members, ms(5_000), Duration::from_secs(4), pause);
+        assert!(
+            report.epochs >= 2,
+            "seed {seed}: m{paused} was not removed and readmitted ({} epochs)",
+            report.epochs
+        );
+        assert_eq!(
+            (report.stopped, report.returned, report.returns_refused),
+            (0, 1, 0),
+            "seed {seed}, {members} members: m{paused}'s trainer saw an error, or its daemon              did not come back in lockstep: {report:?}"
+        );
+        assert!(
+            report.caught_up > 0,
+            "seed {seed}: nothing missed: {report:?}"
+        );
     }
 }

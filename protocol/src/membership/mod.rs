@@ -13,5 +13,7 @@ pub use detector::{Decision, DetectorConfig, FailureDetector, SuspicionReason};
 pub use group::{Applied, Change, Command, GroupState, MemberRecord, Status};
 pub use plane::{ControlPlane, PlaneOutput};
 pub use progress::{judge_progress, Stuck};
-pub use recovery::{state_checksum, KeptResult, Plan, Recovery, RecoveryReport};
+pub use recovery::{
+    state_checksum, KeptResult, Plan, Recovery, RecoveryReport, Return, ReturnClaim,
+};
 pub use suspicions::Suspicions;

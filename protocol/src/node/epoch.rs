@@ -95,6 +95,7 @@ impl<B: Buffer> Node<B> {
         for since in self.down.values_mut() {
             *since = (*since).max(now);
         }
+        self.note_away(&ring);
         self.ring = ring;
         // Until the reports are in (or for good, out of the ring).
         self.mode = match &removed {
@@ -123,7 +124,19 @@ impl<B: Buffer> Node<B> {
     /// Removed from the ring: this member's ops fail with `why`, and the
     /// results it kept no longer belong to the group's history (a rejoin
     /// starts from the live trainers' state).
+    ///
+    /// A member whose trainer is in lockstep holds its calls instead and
+    /// comes back with its history if it can (see [`Node::start_return`]);
+    /// what it kept goes all the same (it may differ from the group's).
     fn leave_history(&mut self, why: &str) {
+        // Results on their way from an earlier return are fetched again,
+        // or not at all.
+        self.catch_up.clear();
+        if self.start_return(why) {
+            self.steps.delivered.clear();
+            self.retained.clear();
+            return;
+        }
         warn!(epoch = %self.epoch, reason = %why, "out of the ring: failing this member's ops");
         for (_, p) in std::mem::take(&mut self.parked) {
             self.fail(p.run, OpError::NoQuorum(why.to_string()));
@@ -152,6 +165,17 @@ impl<B: Buffer> Node<B> {
                 .map(|(&op, p)| (op, p.run.members.clone()))
                 .collect(),
             completed: self.kept_results(),
+            synced: self.synced.iter().map(|(&s, &e)| (s, e)).collect(),
+            returned: self
+                .returned
+                .iter()
+                .flat_map(|(&s, ms)| ms.iter().map(move |(&m, &e)| (s, m, e)))
+                .collect(),
+            returning: self
+                .returning
+                .as_ref()
+                .map(|r| r.claims.clone())
+                .unwrap_or_default(),
         };
         self.asked_reports = self.now;
         self.reported_at = self.now;
@@ -260,9 +284,10 @@ impl<B: Buffer> Node<B> {
             debug!(epoch = %rec.epoch(), missing = ?rec.missing(), "waiting for recovery reports");
             return;
         }
-        let plans = rec.plans();
+        let (returns, returned, plans) = (rec.returns(), rec.returned(), rec.plans());
         self.recovered = rec.epoch();
         self.mode = Mode::Active;
+        self.apply_returns(returns, returned, &plans);
         for (op, plan) in plans {
             self.follow(op, plan);
         }
@@ -284,6 +309,9 @@ impl<B: Buffer> Node<B> {
             return self.resume(p.run, plan);
         }
         match plan {
+            // Being received, as a result this daemon's returning trainer
+            // missed (see `apply_returns`).
+            Plan::FromResult { .. } if self.ops.contains_key(&op) => {}
             Plan::FromResult {
                 holder, members, ..
             } if members.contains(&me) => self.forward_result(op, holder, members),
@@ -437,7 +465,7 @@ impl<B: Buffer> Node<B> {
     }
 
     /// Takes part in broadcasting a result this daemon kept.
-    fn forward_result(&mut self, op: OpId, holder: MemberId, members: Vec<MemberId>) {
+    pub(super) fn forward_result(&mut self, op: OpId, holder: MemberId, members: Vec<MemberId>) {
         let Some(kept) = self.kept(op) else {
             warn!(%op, "asked to forward a result this daemon no longer holds");
             return;

@@ -16,6 +16,7 @@ impl<B: Buffer> Node<B> {
         self.expire_running();
         self.expire_parked();
         self.expire_joins();
+        self.expire_return();
         self.expire_waiting();
     }
 
@@ -117,6 +118,10 @@ impl<B: Buffer> Node<B> {
     }
 
     fn expire_waiting(&mut self) {
+        if self.returning.is_some() {
+            // Held calls of a member on its way back: its own bound.
+            return;
+        }
         let (now, limit) = (self.now, self.config.recovery_timeout);
         let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
             .into_iter()
@@ -164,6 +169,9 @@ impl<B: Buffer> Node<B> {
                     .min()
             })
             .flatten();
-        [parked, joins, gone].into_iter().flatten().min()
+        [parked, joins, gone, self.return_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }

@@ -178,6 +178,7 @@ impl<B: Buffer> Node<B> {
             .iter()
             .copied()
             .filter(|m| self.joined_at.get(m).is_some_and(|&at| at > synced))
+            .filter(|&m| !self.returned_on(stream, m))
             .collect()
     }
 

@@ -66,6 +66,7 @@ mod liveness;
 mod mode;
 mod op;
 mod retained;
+mod returns;
 mod steps;
 mod submit;
 #[cfg(test)]
@@ -92,6 +93,7 @@ use epoch::Overdue;
 use joins::{JoinPoint, Joiner, Offer};
 use op::{Parked, Queued, Running};
 use retained::Retained;
+use returns::Returning;
 use steps::Steps;
 
 /// One daemon's data path. `B` is the memory trainers hand their tensors
@@ -143,6 +145,20 @@ pub struct Node<B> {
     /// newest always, older ones while a ring member's trainer may still be
     /// waiting for them (a member left out of steps can lag several behind).
     retained: BTreeMap<u32, VecDeque<Retained>>,
+    /// Members that left the ring lately, since when: results are kept for
+    /// them a while, in case they come back in lockstep.
+    away: BTreeMap<MemberId, Time>,
+    /// Removed while its trainer was in lockstep: on its way back with the
+    /// trainer's history (see [`Node::start_return`]).
+    returning: Option<Returning>,
+    /// Per stream, the members that came back with their trainers' history
+    /// and the admission it holds for: they hold the stream's state.
+    returned: BTreeMap<u32, BTreeMap<MemberId, Epoch>>,
+    /// Ops whose results come to this daemon from a member that holds
+    /// them, for a trainer that returned (served as it asks).
+    catch_up: BTreeSet<OpId>,
+    /// Per stream, the last op answered to the trainer, and when.
+    answered: BTreeMap<u32, (u64, Time)>,
 
     // Joins.
     /// Per stream, the epoch of its last state hand-over (absent: the
@@ -229,6 +245,11 @@ impl<B: Buffer> Node<B> {
             parked: BTreeMap::new(),
             waiting: Vec::new(),
             retained: BTreeMap::new(),
+            away: BTreeMap::new(),
+            returning: None,
+            returned: BTreeMap::new(),
+            catch_up: BTreeSet::new(),
+            answered: BTreeMap::new(),
             synced: BTreeMap::new(),
             joins: BTreeMap::new(),
             join_points: BTreeMap::new(),
@@ -465,14 +486,20 @@ impl<B: Buffer> Node<B> {
         }
         if let Mode::Removed { .. } = self.mode {
             assert!(
-                self.parked.is_empty() && self.waiting.is_empty() && self.steps.late.is_empty(),
+                self.parked.is_empty()
+                    && (self.waiting.is_empty() || self.returning.is_some())
+                    && self.steps.late.is_empty(),
                 "a removed member holds trainer ops"
             );
             assert!(self.retained.is_empty(), "a removed member keeps results");
         }
-        assert!(self.steps.delivered.len() <= self.config.max_kept_ahead);
+        assert!(self.stood_in_ahead() <= self.config.max_kept_ahead);
         for kept in self.retained.values() {
-            assert!(!kept.is_empty() && kept.len() <= self.config.kept_results.max(1));
+            let bound = self
+                .config
+                .kept_results
+                .max(self.config.return_kept_results);
+            assert!(!kept.is_empty() && kept.len() <= bound.max(1));
         }
     }
 }

@@ -217,6 +217,11 @@ impl<B: Buffer> Node<B> {
     }
 
     pub(super) fn reply(&mut self, id: RequestId, buffer: B, outcome: Result<OpDone, OpError>) {
+        if let Ok(done) = &outcome {
+            let (stream, seq) = (done.op.stream(), done.op.seq());
+            let last = self.answered.entry(stream).or_insert((seq, self.now));
+            *last = (last.0.max(seq), self.now);
+        }
         self.actions.push_back(Action::Reply {
             id,
             buffer,

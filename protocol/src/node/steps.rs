@@ -739,10 +739,10 @@ impl<B: Buffer> Node<B> {
             return self.serve_kept(q, output, done);
         }
         self.steps.delivered.insert(op, (output, done));
-        if self.steps.delivered.len() > self.config.max_kept_ahead {
+        if self.stood_in_ahead() > self.config.max_kept_ahead {
             let max = self.config.max_kept_ahead;
             warn!(
-                kept = self.steps.delivered.len(),
+                kept = self.stood_in_ahead(),
                 "this member's trainer is too far behind the group: leaving the ring to rejoin with its state"
             );
             self.steps.delivered.clear();
@@ -753,8 +753,18 @@ impl<B: Buffer> Node<B> {
         }
     }
 
+    /// Results of steps run ahead of the trainer, less those a returning
+    /// member receives (bounded by the holder's `return_kept_results`).
+    pub(super) fn stood_in_ahead(&self) -> usize {
+        self.steps
+            .delivered
+            .keys()
+            .filter(|op| !self.catch_up.contains(op))
+            .count()
+    }
+
     /// Hands a kept result to the trainer that asked for it.
-    fn serve_kept(&mut self, q: Queued<B>, output: Vec<u8>, mut done: OpDone) {
+    pub(super) fn serve_kept(&mut self, q: Queued<B>, output: Vec<u8>, mut done: OpDone) {
         let Queued { mut req, since } = q;
         let bytes = req.buffer.as_bytes_mut();
         if bytes.len() != output.len() {

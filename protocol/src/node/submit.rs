@@ -24,11 +24,18 @@ impl<B: Buffer> Node<B> {
 
     pub(super) fn submit(&mut self, q: Queued<B>) {
         if let Some(why) = self.mode.removed() {
+            if self.returning.is_some() {
+                // Held until this member is back in lockstep (or gives up).
+                return self.waiting.push(q);
+            }
             let why = why.to_string();
             return self.reply(q.req.id, q.req.buffer, Err(OpError::NoQuorum(why)));
         }
         if !self.mode.is_active() {
             return self.waiting.push(q);
+        }
+        if self.catch_up.contains(&q.req.op) {
+            return self.serve_missed(q);
         }
         let stream = q.req.op.stream();
         if self.pending(stream).contains(&self.me) {

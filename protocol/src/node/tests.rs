@@ -78,6 +78,9 @@ fn report(epoch: u64, from: u32) -> RecoveryReport {
         member: m(from),
         parked: vec![],
         completed: vec![],
+        synced: vec![],
+        returned: vec![],
+        returning: vec![],
     }
 }
 
@@ -346,6 +349,9 @@ fn an_interrupted_op_is_rerun_by_the_survivors_in_the_next_epoch() {
         member: m(1),
         parked: vec![(op, members(&[1, 2, 3]))],
         completed: vec![],
+        synced: vec![],
+        returned: vec![],
+        returning: vec![],
     };
     assert_eq!(
         drain(&mut node),
@@ -390,6 +396,8 @@ fn a_result_a_survivor_kept_is_broadcast_to_those_who_missed_it() {
             op,
             contributors: members(&[1, 2, 3]),
             waiting: vec![],
+            dtype: DType::F32,
+            len: 2,
         }],
         ..report(2, 2)
     };
@@ -1170,6 +1178,8 @@ fn a_late_arrival_after_an_epoch_change_does_not_cut_the_step_again() {
             op,
             contributors: members(&[2]),
             waiting: vec![],
+            dtype: DType::F32,
+            len: 2,
         }],
         ..report(3, 2)
     };
@@ -1265,6 +1275,9 @@ fn lose_the_root(node: &mut TestNode, me: u32, op: OpId, at: Time) {
         member: m(peer),
         parked: vec![(op, members(&[1, 2, 3]))],
         completed: vec![],
+        synced: vec![],
+        returned: vec![],
+        returning: vec![],
     };
     node.handle_message(at, m(peer), NodeMessage::Recovery(theirs));
 }
@@ -1698,4 +1711,167 @@ fn the_state_to_resume_from_is_the_latest_result_and_must_agree() {
         "{err}"
     );
     assert!(joins::choose_state(0, &[(m(1), &fresh)]).is_err());
+}
+
+fn kept_result(seq: u64, contributors: &[u32]) -> KeptResult {
+    KeptResult {
+        op: OpId::new(0, seq),
+        contributors: members(contributors),
+        waiting: vec![],
+        dtype: DType::F32,
+        len: 2,
+    }
+}
+
+/// Member 2 of ring [1, 2] removed in epoch 2...
+fn removed_for_a_test() -> GroupChange {
+    GroupChange {
+        removed: Some("removed for a test".into()),
+        ..change(2, &[1], 2)
+    }
+}
+
+/// ... and readmitted in epoch 3.
+fn back_in_epoch_3() -> GroupChange {
+    GroupChange {
+        joined_at: [(m(1), Epoch(1)), (m(2), Epoch(3))].into_iter().collect(),
+        ..change(3, &[1, 2], 2)
+    }
+}
+
+/// Issue 13, item 3: removed while its trainer waits in an all-reduce, a
+/// member whose trainer holds results of the group's history holds the call
+/// instead of failing it, asks to come back, claims in the readmitting
+/// epoch's report what its trainer holds, receives the results it missed
+/// from the member that kept them and serves them in order; then it runs
+/// the next op with the group again.
+#[test]
+fn a_member_removed_in_lockstep_holds_its_call_and_serves_the_results_it_missed() {
+    let mut node = active(2, &[1, 2], NodeConfig::default());
+    node.handle_peer_up(ms(1), m(1));
+    drain(&mut node);
+    let op = |seq| OpId::new(0, seq);
+    node.handle_submit(ms(1), all_reduce(1, 1, &[1.0, 2.0]));
+    drain(&mut node);
+    node.handle_frame(ms(2), header(op(1), 1, 1, PAIR, 2), bytes(&[3.0, 3.0]));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Reply {
+            id: RequestId(1),
+            buffer: bytes(&[4.0, 5.0]),
+            outcome: Ok(done(op(1), 1, &[1, 2])),
+        }]
+    );
+    node.handle_submit(ms(3), all_reduce(2, 2, &[1.0, 1.0]));
+    drain(&mut node);
+    node.handle_group(ms(10), removed_for_a_test());
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Control(ControlRequest::WantIn)],
+        "the call is held, and the member asks to come back"
+    );
+    node.handle_group(ms(20), back_in_epoch_3());
+    let mine = RecoveryReport {
+        returning: vec![crate::membership::ReturnClaim {
+            stream: 0,
+            next: 2,
+            last: members(&[1, 2]),
+        }],
+        ..report(3, 2)
+    };
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Message {
+            to: m(1),
+            msg: NodeMessage::Recovery(mine),
+        }],
+        "its report claims what its trainer holds"
+    );
+    let theirs = RecoveryReport {
+        completed: vec![
+            kept_result(1, &[1, 2]),
+            kept_result(2, &[1]),
+            kept_result(3, &[1]),
+        ],
+        ..report(3, 1)
+    };
+    node.handle_message(ms(21), m(1), NodeMessage::Recovery(theirs));
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    assert!(
+        node.pending(0).is_empty(),
+        "back in lockstep, not waiting for a state"
+    );
+    // Member 1 broadcasts the results it kept (a chain's first hop).
+    node.handle_frame(ms(22), header(op(3), 3, 1, 0, 2), bytes(&[9.0, 9.0]));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![],
+        "kept for the trainer"
+    );
+    node.handle_frame(ms(23), header(op(2), 3, 1, 0, 2), bytes(&[7.0, 8.0]));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Reply {
+            id: RequestId(2),
+            buffer: bytes(&[7.0, 8.0]),
+            outcome: Ok(done(op(2), 3, &[1])),
+        }],
+        "the held call gets the group's result"
+    );
+    node.handle_submit(ms(24), all_reduce(3, 3, &[0.5, 0.5]));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Reply {
+            id: RequestId(3),
+            buffer: bytes(&[9.0, 9.0]),
+            outcome: Ok(done(op(3), 3, &[1])),
+        }]
+    );
+    node.handle_submit(ms(25), all_reduce(4, 4, &[1.0, 1.0]));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Frame {
+            to: m(1),
+            header: header(op(4), 3, 2, PAIR, 2),
+            payload: bytes(&[1.0, 1.0]),
+        }],
+        "the next op runs with the group again"
+    );
+}
+
+/// ... and with a result it needs gone from every member, its trainer is
+/// told why and must join again.
+#[test]
+fn a_return_refused_fails_the_held_call_with_the_reason() {
+    let mut node = active(2, &[1, 2], NodeConfig::default());
+    node.handle_peer_up(ms(1), m(1));
+    node.handle_submit(ms(1), all_reduce(1, 1, &[1.0, 2.0]));
+    node.handle_frame(
+        ms(2),
+        header(OpId::new(0, 1), 1, 1, PAIR, 2),
+        bytes(&[3.0, 3.0]),
+    );
+    node.handle_submit(ms(3), all_reduce(2, 2, &[1.0, 1.0]));
+    node.handle_group(ms(10), removed_for_a_test());
+    node.handle_group(ms(20), back_in_epoch_3());
+    drain(&mut node);
+    let theirs = RecoveryReport {
+        completed: vec![kept_result(3, &[1])],
+        ..report(3, 1)
+    };
+    node.handle_message(ms(21), m(1), NodeMessage::Recovery(theirs));
+    let actions = without_progress(drain(&mut node));
+    let [Action::Reply {
+        id: RequestId(2),
+        outcome: Err(OpError::NoQuorum(why)),
+        ..
+    }] = &actions[..]
+    else {
+        panic!("{actions:?}");
+    };
+    assert!(
+        why.starts_with("removed for a test; it could not come back in lockstep: no member"),
+        "{why}"
+    );
+    assert_eq!(node.pending(0), members(&[2]), "it waits for the state");
 }

@@ -291,6 +291,15 @@ pub enum Event {
         /// The plan's label.
         plan: &'static str,
     },
+    /// This member, removed while its trainer was in lockstep, was
+    /// readmitted: back in lockstep with `missed` results to serve its
+    /// trainer (`caught_up`), or not (its held calls failed).
+    Returned {
+        /// Whether it came back in lockstep.
+        caught_up: bool,
+        /// Results the trainer missed and receives.
+        missed: usize,
+    },
     /// A peer is suspected (`silent` or `stuck`).
     Suspected {
         /// The reason's label.
@@ -330,6 +339,14 @@ pub struct NodeConfig {
     /// before concluding the trainer cannot keep up at all (it then leaves
     /// the ring and rejoins with the state).
     pub max_kept_ahead: usize,
+    /// Results per stream kept at most for members removed lately, which
+    /// may come back with their trainers' history (for the recovery bound):
+    /// a member that missed more rejoins with the group's state instead.
+    /// Each is one op in flight when it is sent (below the core's
+    /// `max_ops_in_flight`) and one line in the recovery report.
+    pub return_kept_results: usize,
+    /// ... and bytes of them at most.
+    pub return_kept_bytes: usize,
     /// Step attribution: a member is demoted when it missed `demote_after`
     /// of the last `window` steps by more than `tolerance` each, and
     /// readmitted after `readmit_after` steps in time.
@@ -361,6 +378,8 @@ impl Default for NodeConfig {
             startup_grace: Duration::from_secs(2),
             kept_results: 16,
             max_kept_ahead: 256,
+            return_kept_results: 512,
+            return_kept_bytes: 256 << 20,
             attribution: AttributionConfig {
                 window: 10,
                 demote_after: 3,
