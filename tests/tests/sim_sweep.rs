@@ -450,7 +450,8 @@ fn a_member_removed_in_lockstep_comes_back_without_an_error() {
         assert_eq!(
             (report.stopped, report.returned, report.returns_refused),
             (0, 1, 0),
-            "seed {seed}, {members} members: m{paused}'s trainer saw an error, or its daemon              did not come back in lockstep: {report:?}"
+            "seed {seed}, {members} members: m{paused}'s trainer saw an error, or its daemon \
+             did not come back in lockstep: {report:?}"
         );
         assert!(
             report.caught_up > 0,

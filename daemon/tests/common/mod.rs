@@ -132,6 +132,9 @@ pub mod training {
         /// Per member index: the step whose call failed with another error,
         /// which ends the trainer (its daemon was killed, say).
         pub ended_at: Vec<Mutex<Option<u64>>>,
+        /// A trainer that computes long once: (member index, step, how
+        /// long), before it issues that step.
+        pub slow_step: Mutex<Option<(usize, u64, std::time::Duration)>>,
     }
 
     impl Shared {
@@ -144,6 +147,7 @@ pub mod training {
                 results: Mutex::new(Vec::new()),
                 no_quorum: (0..n).map(|_| Mutex::new((None, Vec::new()))).collect(),
                 ended_at: (0..n).map(|_| Mutex::new(None)).collect(),
+                slow_step: Mutex::new(None),
             })
         }
 
@@ -197,6 +201,10 @@ pub mod training {
                 let step = state[DIM] as u64;
                 if step >= shared.stop_at.load(Ordering::SeqCst) {
                     return Ok(state);
+                }
+                let slow = *shared.slow_step.lock().unwrap();
+                if let Some((_, _, long)) = slow.filter(|&(i, at, _)| i == idx && at == step) {
+                    thread::sleep(long);
                 }
                 let g = gradient(me, step, &state[..DIM]);
                 shared.grads.lock().unwrap().insert((me, step), g.clone());

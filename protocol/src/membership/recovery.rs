@@ -269,9 +269,14 @@ impl Recovery {
         let latest = self.latest_completed(stream).unwrap_or(0);
         if latest < last {
             return Return::Refused(format!(
-                "no other member completed op {last} of stream {stream}, whose result its trainer                  has (the group re-runs it without this member)"
+                "no other member completed op {last} of stream {stream}, whose result its trainer \
+                 has (the group re-runs it without this member)"
             ));
         }
+        // A holder's result of the claim's last op must name what the
+        // claimant's trainer got; with one that names others, the claimant
+        // completed a version the group re-ran without it.
+        let mut differs: Option<Vec<MemberId>> = None;
         let holder = self
             .reports
             .values()
@@ -282,22 +287,33 @@ impl Recovery {
                         .iter()
                         .find(|k| k.op.stream() == stream && k.op.seq() == seq)
                 };
-                if of(last).map(|k| &k.contributors) != Some(&claim.last) {
-                    return None;
+                match of(last) {
+                    Some(k) if k.contributors == claim.last => {}
+                    Some(k) => {
+                        differs = Some(k.contributors.clone());
+                        return None;
+                    }
+                    None => return None,
                 }
                 let results: Option<Vec<KeptResult>> =
                     (claim.next..=latest).map(|seq| of(seq).cloned()).collect();
                 let synced = h.synced.iter().find(|(s, _)| *s == stream).map(|&(_, e)| e);
                 results.map(|results| (h.member, results, synced))
             });
-        match holder {
-            Some((holder, results, synced)) => Return::CatchUp {
+        match (holder, differs) {
+            (Some((holder, results, synced)), _) => Return::CatchUp {
                 holder,
                 results,
                 synced,
             },
-            None => Return::Refused(format!(
-                "no member still holds every result of stream {stream} from op {last} to op                  {latest} (or its result of op {last} is not the group's)"
+            (None, Some(theirs)) => Return::Refused(format!(
+                "its trainer's result of op {last} of stream {stream} combines {:?}, the group's \
+                 {theirs:?}: this member completed a version the others re-ran without it",
+                claim.last
+            )),
+            (None, None) => Return::Refused(format!(
+                "no member still holds every result of stream {stream} from op {last} to op \
+                 {latest}"
             )),
         }
     }
@@ -613,8 +629,8 @@ mod tests {
         gone.add(report(1, &[], &[8])).unwrap();
         gone.add(returning(2, 6, &[0, 1, 2, 3])).unwrap();
         assert!(matches!(
-            gone.returns()[&(MemberId(2), 0)],
-            Return::Refused(_)
+            &gone.returns()[&(MemberId(2), 0)],
+            Return::Refused(why) if why.starts_with("no member still holds every result")
         ));
         // Its trainer got op 5 combining member 2's input; the others re-ran
         // it without member 2.
@@ -623,8 +639,8 @@ mod tests {
         other.add(report(1, &[], &[5, 6])).unwrap();
         other.add(returning(2, 6, &[0, 1, 2])).unwrap();
         assert!(matches!(
-            other.returns()[&(MemberId(2), 0)],
-            Return::Refused(_)
+            &other.returns()[&(MemberId(2), 0)],
+            Return::Refused(why) if why.ends_with("a version the others re-ran without it")
         ));
         // Nobody completed op 5 yet: refused too.
         let mut behind = Recovery::new(Epoch(2), m(&[0, 1, 2]));
