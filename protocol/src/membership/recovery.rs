@@ -323,15 +323,15 @@ impl Recovery {
     /// (its trainer submits it once it has caught up), and receives a kept
     /// result broadcast to parkers if its trainer misses it.
     pub fn plans(&self) -> BTreeMap<OpId, Plan> {
+        // Each claim decided once, here as in `returns`.
+        let returns = self.returns();
         let returned: Vec<(MemberId, u32, u64)> = self
             .reports
             .values()
             .flat_map(|r| r.returning.iter().map(move |c| (r.member, c)))
             .filter(|(m, c)| {
-                matches!(
-                    self.decide_return(c),
-                    Return::CatchUp { .. } if self.ring.contains(m)
-                )
+                matches!(returns.get(&(*m, c.stream)), Some(Return::CatchUp { .. }))
+                    && self.ring.contains(m)
             })
             .map(|(m, c)| (m, c.stream, c.next))
             .collect();
@@ -411,7 +411,7 @@ impl Recovery {
         // The results returning members missed that nobody parked: each is
         // broadcast once, from its lowest holder to every member that
         // misses it (one op may not run twice at a member).
-        for ret in self.returns().into_values() {
+        for ret in returns.into_values() {
             let Return::CatchUp { results, .. } = ret else {
                 continue;
             };

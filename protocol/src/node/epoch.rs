@@ -465,7 +465,7 @@ impl<B: Buffer> Node<B> {
     }
 
     /// Takes part in broadcasting a result this daemon kept.
-    pub(super) fn forward_result(&mut self, op: OpId, holder: MemberId, members: Vec<MemberId>) {
+    fn forward_result(&mut self, op: OpId, holder: MemberId, members: Vec<MemberId>) {
         let Some(kept) = self.kept(op) else {
             warn!(%op, "asked to forward a result this daemon no longer holds");
             return;
