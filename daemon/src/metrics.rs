@@ -34,6 +34,11 @@ pub const RERUNS: &str = "phalanx_ops_recovered_total";
 /// `outcome` `caught_up` (served the results it missed, no error) or
 /// `refused` (its trainer was told to join again).
 pub const RETURNS: &str = "phalanx_returns_total";
+/// Doubts after this daemon did not run (or heard nobody) for about its
+/// peers' suspicion bound, by how they ended: `confirmed` (the epoch went
+/// on with it), `removed` (results withheld from the trainer were taken
+/// back; the group's came by catch-up) or `failed`.
+pub const DOUBTS: &str = "phalanx_pause_doubts_total";
 /// Members removed from the ring (each is a failover).
 pub const FAILOVERS: &str = "phalanx_failovers_total";
 /// From this daemon's first proposal of a removal to its commit, seconds.

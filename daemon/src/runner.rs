@@ -244,6 +244,7 @@ fn record(event: Event, stragglers: &watch::Sender<Vec<StragglerRecord>>) {
             let outcome = if caught_up { "caught_up" } else { "refused" };
             counter!(m::RETURNS, "outcome" => outcome).increment(1);
         }
+        Event::Doubt { outcome } => counter!(m::DOUBTS, "outcome" => outcome).increment(1),
         Event::StepClosed { reason } => counter!(m::STEPS_CLOSED, "reason" => reason).increment(1),
         Event::Stragglers(records) => {
             for r in &records {

@@ -712,3 +712,46 @@ fn a_hand_over_whose_source_dies_goes_on_from_another_holder() {
         "the root died after its hand-over completed: nothing was re-run"
     );
 }
+
+// ... and stopped in the middle of an all-reduce: on resuming, its data
+// path ran a moment before its control task had applied its removal, and
+// frames that had waited in its socket completed ops the others, lacking
+// its frames, re-ran without it; handed to the trainer, such a result was
+// not the group's and the return was refused (4 of 5 runs). Now the daemon
+// withholds what completes while it doubts its epoch, takes it back on
+// hearing of its removal, and the group's version comes by catch-up.
+#[test]
+fn a_member_stopped_mid_all_reduce_comes_back_in_lockstep_without_an_error() {
+    use rustix::process::Signal;
+    let _serial = common::one_at_a_time();
+    let (mut cluster, shared) = start(5, "recovery_timeout_ms = 30000");
+    let trainers: Vec<_> = (0..5)
+        .map(|i| trainer(&cluster, i, false, &shared))
+        .collect();
+    training::wait_until("warm-up", 60, || {
+        shared.progress[4].load(Ordering::SeqCst) >= 20
+    });
+    cluster.signal(4, Signal::STOP).unwrap();
+    training::wait_until("the others remove the stopped member", 60, || {
+        cluster.metric(0, "phalanx_failovers_total").unwrap_or(0.0) >= 1.0
+    });
+    let during = shared.max_step();
+    training::wait_until("the others go on", 60, || shared.max_step() >= during + 10);
+    cluster.signal(4, Signal::CONT).unwrap();
+    let resumed_at = shared.max_step();
+    training::wait_until("the stopped member trains again", 60, || {
+        shared.progress[4].load(Ordering::SeqCst) > resumed_at
+    });
+    training::finish_all(&shared, trainers, 10);
+    let tail = || phalanx_testkit::tail(&cluster.members[4].log);
+    assert_eq!(
+        *shared.no_quorum[4].lock().unwrap(),
+        (None, vec![]),
+        "the stopped member's trainer saw NoQuorum:\n{}",
+        tail()
+    );
+    let doubts = cluster.metric(4, "phalanx_pause_doubts_total{outcome=\"removed\"}");
+    assert_eq!(doubts, Some(1.0), "phalanx_pause_doubts_total:\n{}", tail());
+    let returns = cluster.metric(4, "phalanx_returns_total{outcome=\"caught_up\"}");
+    assert_eq!(returns, Some(1.0), "phalanx_returns_total:\n{}", tail());
+}

@@ -46,6 +46,12 @@ const STEP: Duration = Duration::from_millis(1);
 const DIM: usize = 48;
 /// A parked op with no new epoch in this long fails (`recovery_timeout`).
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The link generation of a message already in its receiver's socket: a
+/// reset no longer takes it back.
+const IN_SOCKET: u64 = u64::MAX;
+/// How much later than its data path a stopped daemon's control plane
+/// applies what came while it was stopped.
+const CONTROL_LAG: Duration = Duration::from_millis(5);
 /// How often a proposal is retried (the daemon's control task uses the same).
 const RETRY: Duration = Duration::from_millis(300);
 
@@ -227,6 +233,9 @@ pub struct ClusterReport {
     pub caught_up: u64,
     /// Such members whose return was refused (their trainers joined again).
     pub returns_refused: u64,
+    /// Doubts after a pause, by how they ended (`confirmed`, `removed`,
+    /// `failed`).
+    pub doubts: BTreeMap<&'static str, u64>,
     /// State hand-overs by live trainers.
     pub hand_overs: u64,
     /// Hand-over roots crashed as they started.
@@ -519,6 +528,15 @@ impl ClusterSim {
             if self.now >= next_heartbeat {
                 self.heartbeats();
                 next_heartbeat = self.now.after(Duration::from_millis(100));
+            } else {
+                // A daemon's heartbeat timer that missed its ticks while
+                // the process was stopped fires once at once (tokio's
+                // `MissedTickBehavior::Delay`).
+                for a in 0..self.members.len() {
+                    if self.members[a].alive && self.members[a].paused_until == Some(self.now) {
+                        self.heartbeats_from(a);
+                    }
+                }
             }
             for i in 0..self.members.len() {
                 if self.running(i) {
@@ -579,9 +597,7 @@ impl ClusterSim {
         let n = self.members.len();
         for a in 0..n {
             if self.running(a) {
-                for b in (0..n).filter(|&b| b != a) {
-                    self.send(a, b, Packet::Heartbeat);
-                }
+                self.heartbeats_from(a);
             }
         }
         let back: Vec<(usize, usize)> = self
@@ -599,6 +615,12 @@ impl ClusterSim {
         }
     }
 
+    fn heartbeats_from(&mut self, a: usize) {
+        for b in (0..self.members.len()).filter(|&b| b != a) {
+            self.send(a, b, Packet::Heartbeat);
+        }
+    }
+
     fn deliver(&mut self) -> Result<(), ClusterFailure> {
         while let Some(Reverse((at, seq, from, to))) = self.net.peek().copied() {
             if at > self.now {
@@ -607,16 +629,21 @@ impl ClusterSim {
             self.net.pop();
             let (p, generation) = self.payloads.remove(&seq).expect("payload");
             let current = self.links.get(&link(from, to)).copied().unwrap_or(0);
-            if !self.members[to].alive || !self.members[from].alive || generation != current {
+            let lost = generation != current && generation != IN_SOCKET;
+            if !self.members[to].alive || !self.members[from].alive || lost {
                 continue;
             }
             // A partition holds messages back as QUIC does (it retransmits
-            // after the heal); a stopped process's socket buffer holds them
-            // (looked at again every 10 ms: the heal may resume it early).
-            let held = self.side[from] != self.side[to]
-                || self.members[to].paused_until.is_some_and(|u| self.now < u);
-            let hold = held.then(|| self.now.after(Duration::from_millis(10)));
-            if let Some(until) = hold {
+            // after the heal, unless the link is reset first); a stopped
+            // process's socket buffer holds them (looked at again every
+            // 10 ms: the heal may resume it early), and it reads them when
+            // it runs again even if the sender has reset the link since:
+            // they arrived before the reset did.
+            let partitioned = self.side[from] != self.side[to];
+            let stopped = self.members[to].paused_until.is_some_and(|u| self.now < u);
+            if partitioned || stopped {
+                let generation = if partitioned { generation } else { IN_SOCKET };
+                let until = self.now.after(Duration::from_millis(10));
                 self.seq += 1;
                 self.payloads.insert(self.seq, (p, generation));
                 self.net.push(Reverse((until, self.seq, from, to)));
@@ -653,9 +680,19 @@ impl ClusterSim {
         if m.plane.node().poll_timeout() <= now {
             m.plane.node_mut().handle_timeout(now);
         }
-        let out = match m.plane.step(now, &mut m.disk) {
-            Ok(out) => out,
-            Err(e) => return Err(self.fail(format!("m{i}: {e}"))),
+        // Stopped and running again, a daemon's data path goes on with what
+        // came meanwhile before its control task has applied what Raft
+        // brought (separate tasks; the log is written first): its trainer
+        // may issue an op, and frames waiting for it complete it, before
+        // the daemon learns it was removed (seen on real daemons, issue 13).
+        let catching_up = m.paused_until.is_some_and(|u| now < u.after(CONTROL_LAG));
+        let out = if catching_up {
+            Default::default()
+        } else {
+            match m.plane.step(now, &mut m.disk) {
+                Ok(out) => out,
+                Err(e) => return Err(self.fail(format!("m{i}: {e}"))),
+            }
         };
         for ev in &out.events {
             if let Event::Applied {
@@ -732,6 +769,9 @@ impl ClusterSim {
                     self.report.caught_up += missed as u64;
                 }
                 NodeEvent::Returned { .. } => self.report.returns_refused += 1,
+                NodeEvent::Doubt { outcome } => {
+                    *self.report.doubts.entry(outcome).or_default() += 1
+                }
                 _ => {}
             }
         }

@@ -413,6 +413,7 @@ impl StepsSim {
             joined_at: ring.iter().map(|&r| (r, Epoch(1))).collect(),
             ring,
             policy,
+            confirmed: None,
         }
     }
 
@@ -516,6 +517,14 @@ impl StepsSim {
                 Action::Control(ControlRequest::Suspect { member, reason }) => {
                     return Err(self.fail(format!(
                         "m{} suspects {member} ({reason}): nobody dies here",
+                        m + 1
+                    )))
+                }
+                // Heartbeats every 100 ms reach every member: none may
+                // think it was paused.
+                Action::Control(ControlRequest::Confirm { .. }) => {
+                    return Err(self.fail(format!(
+                        "m{} doubts its epoch as after a pause: nobody pauses here",
                         m + 1
                     )))
                 }

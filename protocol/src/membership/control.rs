@@ -280,6 +280,10 @@ pub struct Output {
     pub messages: Vec<Message>,
     /// What changed, in order.
     pub events: Vec<Event>,
+    /// Reads the leader confirmed: each asker's context and the log index
+    /// the group must be applied to before it is read (raft-rs
+    /// `ReadState`).
+    pub reads: Vec<(Vec<u8>, u64)>,
 }
 
 /// Why a proposal was not accepted.
@@ -348,9 +352,12 @@ pub fn encode_message(msg: &Message) -> Vec<u8> {
 /// `from` (the authenticated peer) and to go to `me`.
 pub fn decode_message(bytes: &[u8], from: MemberId, me: MemberId) -> Result<Message, String> {
     let msg = Message::parse_from_bytes(bytes).map_err(|e| format!("bad raft message: {e}"))?;
-    // A proposal keeps its author's id when a follower forwards it to the
-    // leader; every other message must come from the peer that sent it.
-    let forwarded = msg.get_msg_type() == raft::eraftpb::MessageType::MsgPropose;
+    // A proposal or a read index request keeps its author's id when a
+    // follower forwards it to the leader (the leader answers a read to its
+    // author directly); every other message must come from the peer that
+    // sent it.
+    use raft::eraftpb::MessageType::{MsgPropose, MsgReadIndex};
+    let forwarded = matches!(msg.get_msg_type(), MsgPropose | MsgReadIndex);
     if (msg.from != raft_id(from) && !forwarded) || msg.to != raft_id(me) {
         return Err(format!(
             "raft message from {} to {} arrived on the link {from} -> {me}",
@@ -638,6 +645,16 @@ impl ControlNode {
         self.raw.transfer_leader(raft_id(to));
     }
 
+    /// Asks the leader for a read index (raft-rs `read_index`, in its safe
+    /// mode: the leader confirms it still leads with a quorum's heartbeat
+    /// answers first). The answer comes out of [`ControlNode::process`] in
+    /// [`Output::reads`] with `ctx`; a request without a leader, or to one
+    /// that has not committed in its term yet, is dropped, so callers ask
+    /// again.
+    pub fn read_index(&mut self, ctx: Vec<u8>) {
+        self.raw.read_index(ctx);
+    }
+
     /// Tells Raft a peer could not be reached (it backs off appends).
     pub fn report_unreachable(&mut self, peer: MemberId) {
         self.raw.report_unreachable(raft_id(peer));
@@ -670,6 +687,11 @@ impl ControlNode {
             // (raft-rs: a leader may send them while it persists); we return
             // them after the writes anyway, which is always safe.
             out.messages.extend(rd.take_messages());
+            out.reads.extend(
+                rd.take_read_states()
+                    .into_iter()
+                    .map(|rs| (rs.request_ctx, rs.index)),
+            );
             let mut batch = PersistBatch::default();
             if !rd.snapshot().is_empty() {
                 let snap = rd.snapshot().clone();

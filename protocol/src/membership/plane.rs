@@ -46,6 +46,25 @@ pub struct ControlPlane {
     renew: Option<(Epoch, String, Time)>,
     retry: Duration,
     published: Option<GroupChange>,
+    /// The node's latest [`ControlRequest::Confirm`], until answered.
+    confirm: Option<Confirming>,
+}
+
+/// A read of the group the node asked for after a pause.
+#[derive(Debug)]
+struct Confirming {
+    asked: u64,
+    /// When the read index was last asked for (it is dropped without a
+    /// leader, and asked for again every `retry`).
+    sent: Option<Time>,
+    /// The index the leader confirmed: the group is read once applied.
+    index: Option<u64>,
+}
+
+impl Confirming {
+    fn ctx(&self) -> Vec<u8> {
+        format!("confirm-{}", self.asked).into_bytes()
+    }
 }
 
 impl ControlPlane {
@@ -68,6 +87,7 @@ impl ControlPlane {
             renew: None,
             retry,
             published: None,
+            confirm: None,
         }
     }
 
@@ -97,7 +117,48 @@ impl ControlPlane {
                     self.renew = Some((epoch, reason, Time::ZERO));
                 }
             }
+            ControlRequest::Confirm { asked } => {
+                self.confirm = Some(Confirming {
+                    asked,
+                    sent: None,
+                    index: None,
+                });
+            }
         }
+    }
+
+    /// Asks for the read index of a confirmation (again, if unanswered for
+    /// `retry`).
+    fn ask_read(&mut self, now: Time) {
+        let Some(c) = &mut self.confirm else {
+            return;
+        };
+        if c.index.is_some() || c.sent.is_some_and(|t| now < t.after(self.retry)) {
+            return;
+        }
+        c.sent = Some(now);
+        let ctx = c.ctx();
+        debug!(
+            asked = c.asked,
+            "reading the group at the leader's commit index"
+        );
+        self.node.read_index(ctx);
+    }
+
+    /// Whether the confirmation asked for is answered: its read index came
+    /// back and the group is applied up to it.
+    fn confirmed(&mut self, reads: &[(Vec<u8>, u64)]) -> Option<u64> {
+        let c = self.confirm.as_mut()?;
+        let ctx = c.ctx();
+        if let Some(&(_, index)) = reads.iter().find(|(got, _)| *got == ctx) {
+            c.index = Some(index);
+        }
+        let ready = c.index.is_some_and(|i| self.node.applied() >= i);
+        let asked = c.asked;
+        ready.then(|| {
+            self.confirm = None;
+            asked
+        })
     }
 
     /// The leader `member` was found silent: the lowest voter that is not
@@ -126,7 +187,9 @@ impl ControlPlane {
     /// and says what changed.
     pub fn step(&mut self, now: Time, disk: &mut dyn Durable) -> Result<PlaneOutput, String> {
         self.propose_due(now);
+        self.ask_read(now);
         let out = self.node.process(disk)?;
+        let confirmed = self.confirmed(&out.reads);
         let mut plane = PlaneOutput {
             messages: out.messages,
             ..PlaneOutput::default()
@@ -137,12 +200,16 @@ impl ControlPlane {
             }
             plane.events.push(ev);
         }
-        let change = GroupChange::of(self.node.group(), self.me(), self.incarnation);
+        let mut change = GroupChange::of(self.node.group(), self.me(), self.incarnation);
         let moved = self.published.as_ref().is_none_or(|last| {
             (last.epoch, last.admitted, &last.removed)
                 != (change.epoch, change.admitted, &change.removed)
         });
-        if moved {
+        if moved || confirmed.is_some() {
+            if let Some(asked) = confirmed {
+                debug!(asked, epoch = %change.epoch, "group read after the node's ask: publishing it");
+            }
+            change.confirmed = confirmed;
             self.published = Some(change.clone());
             plane.change = Some(change);
         }

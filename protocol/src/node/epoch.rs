@@ -47,6 +47,9 @@ impl<B: Buffer> Node<B> {
             self.policy = change.policy;
         }
         self.install(change.epoch, change.ring, change.admitted, change.removed);
+        if let Some(asked) = change.confirmed {
+            self.on_confirmed(asked);
+        }
         self.after_input();
     }
 
@@ -105,6 +108,7 @@ impl<B: Buffer> Node<B> {
         self.core.set_epoch(now, epoch);
         self.drain_core();
         self.new_epoch_steps();
+        self.settle_doubt(admitted, removed.is_some());
         if let Some(why) = removed {
             self.leave_history(&why);
         }

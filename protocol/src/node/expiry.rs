@@ -17,6 +17,7 @@ impl<B: Buffer> Node<B> {
         self.expire_parked();
         self.expire_joins();
         self.expire_return();
+        self.expire_doubt();
         self.expire_waiting();
     }
 
@@ -169,9 +170,15 @@ impl<B: Buffer> Node<B> {
                     .min()
             })
             .flatten();
-        [parked, joins, gone, self.return_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            parked,
+            joins,
+            gone,
+            self.return_deadline(),
+            self.doubt_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }

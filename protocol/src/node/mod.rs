@@ -59,6 +59,7 @@
 //! assert!(answered);
 //! ```
 
+mod doubt;
 mod epoch;
 mod expiry;
 mod joins;
@@ -89,6 +90,7 @@ use crate::membership::{FailureDetector, Plan, RecoveryReport};
 use crate::stragglers::QuorumPolicy;
 use crate::wire::{FrameHeader, NodeMessage};
 use crate::{Epoch, Incarnation, MemberId, OpId, Time};
+use doubt::Doubt;
 use epoch::Overdue;
 use joins::{JoinPoint, Joiner, Offer};
 use op::{Parked, Queued, Running};
@@ -159,6 +161,12 @@ pub struct Node<B> {
     catch_up: BTreeSet<OpId>,
     /// Per stream, the last op answered to the trainer, and when.
     answered: BTreeMap<u32, (u64, Time)>,
+    /// After a pause as long as the peers' suspicion bound: results are
+    /// withheld from the trainer until the epoch is confirmed (see
+    /// [`Node::doubt_after`]).
+    doubt: Option<Doubt<B>>,
+    /// Confirmations asked for so far.
+    confirms: u64,
 
     // Joins.
     /// Per stream, the epoch of its last state hand-over (absent: the
@@ -250,6 +258,8 @@ impl<B: Buffer> Node<B> {
             returned: BTreeMap::new(),
             catch_up: BTreeSet::new(),
             answered: BTreeMap::new(),
+            doubt: None,
+            confirms: 0,
             synced: BTreeMap::new(),
             joins: BTreeMap::new(),
             join_points: BTreeMap::new(),
@@ -391,6 +401,16 @@ impl<B: Buffer> Node<B> {
         for (_, j) in std::mem::take(&mut self.joins) {
             self.reply(j.caller.id, j.caller.buffer, Err(OpError::ShuttingDown));
         }
+        for w in self.doubt.take().map(|d| d.held).unwrap_or_default() {
+            let (id, buffer) = match w {
+                doubt::Withheld::Completed { run, .. } => match run.into_caller() {
+                    Some(c) => (c.id, c.buffer),
+                    None => continue,
+                },
+                doubt::Withheld::Served { q, .. } => (q.req.id, q.req.buffer),
+            };
+            self.reply(id, buffer, Err(OpError::ShuttingDown));
+        }
     }
 
     /// The next thing the shell must do, in order.
@@ -421,6 +441,7 @@ impl<B: Buffer> Node<B> {
             Some(self.next_progress),
             asking,
             self.coordinator_deadline(),
+            self.confirm_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -432,14 +453,17 @@ impl<B: Buffer> Node<B> {
     fn enter(&mut self, now: Time) {
         // The shell's clock never goes back; a late-delivered input must
         // not move the node's.
+        let gap = now.since(self.now);
         self.now = self.now.max(now);
         self.check_paused();
+        self.doubt_after(gap);
     }
 
     /// What every input is followed by: judging peers, progress, asks,
     /// deadlines, the core's actions, giving up.
     fn after_input(&mut self) {
         self.judge_peers();
+        self.ask_confirm();
         self.ask_in_when_connected();
         self.report_progress();
         self.ask_reports();
@@ -492,6 +516,7 @@ impl<B: Buffer> Node<B> {
                 "a removed member holds trainer ops"
             );
             assert!(self.retained.is_empty(), "a removed member keeps results");
+            assert!(self.doubt.is_none(), "a removed member withholds results");
         }
         assert!(self.stood_in_ahead() <= self.config.max_kept_ahead);
         for kept in self.retained.values() {

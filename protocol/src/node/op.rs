@@ -155,6 +155,14 @@ impl<B: Buffer> Running<B> {
         }
     }
 
+    /// The trainer's request it runs for, if any.
+    pub fn into_caller(self) -> Option<Caller<B>> {
+        match self.role {
+            Role::Trainer { caller, .. } => Some(caller),
+            _ => None,
+        }
+    }
+
     pub fn is_trainer(&self) -> bool {
         matches!(self.role, Role::Trainer { .. })
     }
@@ -431,6 +439,9 @@ impl<B: Buffer> Node<B> {
             output,
         };
         self.keep_result(stream, kept);
+        if self.in_doubt() && run.task() == Some(Task::Collective) {
+            return self.withhold(super::doubt::Withheld::Completed { run, done });
+        }
         match run.role {
             Role::Trainer { caller, .. } => {
                 self.event(Event::Op {

@@ -44,10 +44,13 @@ impl<B: Buffer> Node<B> {
             .unwrap_or(0);
         let (now, limit) = (self.now, self.config.recovery_timeout);
         self.away.retain(|_, since| now.since(*since) < limit);
+        // A doubt keeps the trainer's last result before it, which a return
+        // would claim.
         let oldest_away = self
             .away
             .keys()
             .map(|m| self.issued_by(*m, stream).saturating_sub(1))
+            .chain(self.doubt_floor(stream))
             .min();
         let bound = self.config.kept_results;
         let (away_bound, away_bytes) = (

@@ -103,7 +103,7 @@ impl<B: Buffer> Node<B> {
     /// A parked op of this daemon's trainer as the request it was, its
     /// input back in its buffer (a stand-in's is dropped: it is fetched
     /// again).
-    fn requeue(&mut self, mut run: Running<B>) -> Option<Queued<B>> {
+    pub(super) fn requeue(&mut self, mut run: Running<B>) -> Option<Queued<B>> {
         run.restore_input();
         let kind = match run.task()? {
             Task::HandOver => LocalKind::StateSync,

@@ -765,6 +765,10 @@ impl<B: Buffer> Node<B> {
 
     /// Hands a kept result to the trainer that asked for it.
     pub(super) fn serve_kept(&mut self, q: Queued<B>, output: Vec<u8>, mut done: OpDone) {
+        if self.in_doubt() {
+            let w = super::doubt::Withheld::Served { q, output, done };
+            return self.withhold(w);
+        }
         let Queued { mut req, since } = q;
         let bytes = req.buffer.as_bytes_mut();
         if bytes.len() != output.len() {

@@ -69,6 +69,7 @@ fn change(epoch: u64, ring: &[u32], me: u32) -> GroupChange {
         removed: None,
         joined_at: ring.iter().map(|&i| (m(i), Epoch(1))).collect(),
         policy: QuorumPolicy::SYNC,
+        confirmed: None,
     }
 }
 
@@ -629,6 +630,8 @@ fn during_the_start_up_grace_only_a_peer_heard_from_is_judged() {
     let due = node.poll_timeout().expect("a deadline");
     assert!(due <= ms(700), "m2's silence, not the grace's end: {due:?}");
     hear(&mut node, &[3], ms(t));
+    // (Heard within the suspicion bound: not in doubt of its own epoch.)
+    hear(&mut node, &[3], ms(600));
     node.handle_timeout(ms(700));
     let want = silent_for_400_ms(2);
     assert_eq!(without_progress(drain(&mut node)), want);
@@ -1035,7 +1038,11 @@ fn a_late_trainer_whose_stand_in_gives_up_is_told_why() {
     drain(&mut node);
     let limit = NodeConfig::default().recovery_timeout.as_millis() as u64;
     node.handle_timeout(ms(402 + limit - 1));
-    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Control(ControlRequest::Confirm { asked: 1 })],
+        "having heard nobody for 400 ms, it doubts its epoch"
+    );
     node.handle_timeout(ms(402 + limit));
     let actions = without_progress(drain(&mut node));
     assert!(
@@ -1874,4 +1881,121 @@ fn a_return_refused_fails_the_held_call_with_the_reason() {
         "{why}"
     );
     assert_eq!(node.pending(0), members(&[2]), "it waits for the state");
+}
+
+/// Issue 13, item 3: a daemon that did not run for its peers' suspicion
+/// bound withholds what completes from its trainer (frames that waited in
+/// its socket complete ops the others may have re-run without it) until
+/// its control plane has read the group after the pause: two heartbeat
+/// intervals on, it asks; still the same epoch, the result goes out.
+#[test]
+fn a_result_completed_after_a_pause_waits_for_the_epoch_to_be_confirmed() {
+    let mut node = active(2, &[1, 2], NodeConfig::default());
+    node.handle_peer_up(ms(1), m(1));
+    drain(&mut node);
+    let op = OpId::new(0, 1);
+    node.handle_submit(ms(1), all_reduce(1, 1, &[1.0, 2.0]));
+    drain(&mut node);
+    // Stopped from 1 ms to 301 ms: the peer's frame waited meanwhile.
+    node.handle_frame(ms(301), header(op, 1, 1, PAIR, 2), bytes(&[3.0, 3.0]));
+    assert_eq!(without_progress(drain(&mut node)), vec![], "withheld");
+    node.handle_heartbeat(ms(400), m(1));
+    node.handle_timeout(ms(500));
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    node.handle_timeout(ms(501));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Control(ControlRequest::Confirm { asked: 1 })]
+    );
+    // An older confirmation says nothing about this pause.
+    let read = |asked| GroupChange {
+        confirmed: Some(asked),
+        ..change(1, &[1, 2], 2)
+    };
+    node.handle_group(ms(505), read(0));
+    assert_eq!(without_progress(drain(&mut node)), vec![]);
+    node.handle_group(ms(510), read(1));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Reply {
+            id: RequestId(1),
+            buffer: bytes(&[4.0, 5.0]),
+            outcome: Ok(done(op, 1, &[1, 2])),
+        }]
+    );
+    // Not in doubt any more: the next result goes out at once.
+    node.handle_submit(ms(511), all_reduce(2, 2, &[1.0, 1.0]));
+    drain(&mut node);
+    node.handle_frame(
+        ms(512),
+        header(OpId::new(0, 2), 1, 1, PAIR, 2),
+        bytes(&[1.0, 1.0]),
+    );
+    let actions = without_progress(drain(&mut node));
+    assert!(
+        matches!(
+            &actions[..],
+            [Action::Reply {
+                id: RequestId(2),
+                outcome: Ok(_),
+                ..
+            }]
+        ),
+        "{actions:?}"
+    );
+}
+
+/// ... and removed meanwhile, it takes the result back: the call is held,
+/// its input back in its buffer, and the return claims the op before it,
+/// so the group's version comes by catch-up.
+#[test]
+fn a_result_withheld_after_a_pause_is_taken_back_when_the_member_was_removed() {
+    let mut node = active(2, &[1, 2], NodeConfig::default());
+    node.handle_peer_up(ms(1), m(1));
+    let op = |seq| OpId::new(0, seq);
+    node.handle_submit(ms(1), all_reduce(1, 1, &[1.0, 2.0]));
+    node.handle_frame(ms(2), header(op(1), 1, 1, PAIR, 2), bytes(&[3.0, 3.0]));
+    node.handle_submit(ms(3), all_reduce(2, 2, &[1.0, 1.0]));
+    drain(&mut node);
+    node.handle_frame(ms(400), header(op(2), 1, 1, PAIR, 2), bytes(&[5.0, 5.0]));
+    assert_eq!(without_progress(drain(&mut node)), vec![], "withheld");
+    node.handle_group(ms(410), removed_for_a_test());
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Control(ControlRequest::WantIn)],
+        "taken back: the call is held, and the member asks to come back"
+    );
+    node.handle_group(ms(420), back_in_epoch_3());
+    let mine = RecoveryReport {
+        returning: vec![crate::membership::ReturnClaim {
+            stream: 0,
+            next: 2,
+            last: members(&[1, 2]),
+        }],
+        ..report(3, 2)
+    };
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Message {
+            to: m(1),
+            msg: NodeMessage::Recovery(mine),
+        }],
+        "it claims the op before the withheld one"
+    );
+    let theirs = RecoveryReport {
+        completed: vec![kept_result(1, &[1, 2]), kept_result(2, &[1])],
+        ..report(3, 1)
+    };
+    node.handle_message(ms(421), m(1), NodeMessage::Recovery(theirs));
+    drain(&mut node);
+    node.handle_frame(ms(422), header(op(2), 3, 1, 0, 2), bytes(&[7.0, 8.0]));
+    assert_eq!(
+        without_progress(drain(&mut node)),
+        vec![Action::Reply {
+            id: RequestId(2),
+            buffer: bytes(&[7.0, 8.0]),
+            outcome: Ok(done(op(2), 3, &[1])),
+        }],
+        "the held call gets the group's result, not the one withheld"
+    );
 }

@@ -103,6 +103,11 @@ pub struct GroupChange {
     pub joined_at: BTreeMap<MemberId, Epoch>,
     /// How the epoch's steps close.
     pub policy: QuorumPolicy,
+    /// Set when this publication answers the node's
+    /// [`ControlRequest::Confirm`] of that number: the group was read at a
+    /// point of the Raft log later than the ask (a read index the leader
+    /// confirmed with a quorum), and this is what it was then.
+    pub confirmed: Option<u64>,
 }
 
 impl GroupChange {
@@ -138,6 +143,7 @@ impl GroupChange {
                 .map(|(&m, r)| (m, r.since))
                 .collect(),
             policy: group.policy,
+            confirmed: None,
         }
     }
 }
@@ -245,6 +251,15 @@ pub enum ControlRequest {
         /// Why, for logs.
         reason: String,
     },
+    /// This daemon did not run, or heard nobody, for about as long as its
+    /// peers wait before they suspect it: the group may have gone on
+    /// without it. Read the group at a point of the Raft log after this ask
+    /// (retried until it succeeds or the node asks again) and publish it
+    /// with [`GroupChange::confirmed`] set to `asked`.
+    Confirm {
+        /// The ask's number (they grow).
+        asked: u64,
+    },
 }
 
 /// How a trainer's op ended, for metrics.
@@ -299,6 +314,15 @@ pub enum Event {
         caught_up: bool,
         /// Results the trainer missed and receives.
         missed: usize,
+    },
+    /// A doubt after a pause (this daemon did not run, or heard nobody, for
+    /// about its peers' suspicion bound; results were withheld) ended:
+    /// `confirmed` (the epoch went on with this member, the results were
+    /// handed over), `removed` (taken back, the return claims the ops
+    /// before them) or `failed` (the calls failed).
+    Doubt {
+        /// How it ended.
+        outcome: &'static str,
     },
     /// A peer is suspected (`silent` or `stuck`).
     Suspected {
