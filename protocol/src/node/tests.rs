@@ -1771,29 +1771,7 @@ fn a_member_removed_in_lockstep_holds_its_call_and_serves_the_results_it_missed(
     );
     node.handle_submit(ms(3), all_reduce(2, 2, &[1.0, 1.0]));
     drain(&mut node);
-    node.handle_group(ms(10), removed_for_a_test());
-    assert_eq!(
-        without_progress(drain(&mut node)),
-        vec![Action::Control(ControlRequest::WantIn)],
-        "the call is held, and the member asks to come back"
-    );
-    node.handle_group(ms(20), back_in_epoch_3());
-    let mine = RecoveryReport {
-        returning: vec![crate::membership::ReturnClaim {
-            stream: 0,
-            next: 2,
-            last: members(&[1, 2]),
-        }],
-        ..report(3, 2)
-    };
-    assert_eq!(
-        without_progress(drain(&mut node)),
-        vec![Action::Message {
-            to: m(1),
-            msg: NodeMessage::Recovery(mine),
-        }],
-        "its report claims what its trainer holds"
-    );
+    removed_and_back_claiming_op_2(&mut node, ms(10));
     let theirs = RecoveryReport {
         completed: vec![
             kept_result(1, &[1, 2]),
@@ -1843,6 +1821,35 @@ fn a_member_removed_in_lockstep_holds_its_call_and_serves_the_results_it_missed(
             payload: bytes(&[1.0, 1.0]),
         }],
         "the next op runs with the group again"
+    );
+}
+
+/// Member 2 of [1, 2], its trainer waiting for op 2 (of stream 0) and
+/// holding op 1's result of both: removed at `at`, it holds the call and
+/// asks to come back; readmitted 10 ms later, its report claims op 2 on.
+fn removed_and_back_claiming_op_2(node: &mut TestNode, at: Time) {
+    node.handle_group(at, removed_for_a_test());
+    assert_eq!(
+        without_progress(drain(node)),
+        vec![Action::Control(ControlRequest::WantIn)],
+        "the call is held, and the member asks to come back"
+    );
+    node.handle_group(at.after(Duration::from_millis(10)), back_in_epoch_3());
+    let mine = RecoveryReport {
+        returning: vec![crate::membership::ReturnClaim {
+            stream: 0,
+            next: 2,
+            last: members(&[1, 2]),
+        }],
+        ..report(3, 2)
+    };
+    assert_eq!(
+        without_progress(drain(node)),
+        vec![Action::Message {
+            to: m(1),
+            msg: NodeMessage::Recovery(mine),
+        }],
+        "its report claims what its trainer holds"
     );
 }
 
@@ -1959,29 +1966,8 @@ fn a_result_withheld_after_a_pause_is_taken_back_when_the_member_was_removed() {
     drain(&mut node);
     node.handle_frame(ms(400), header(op(2), 1, 1, PAIR, 2), bytes(&[5.0, 5.0]));
     assert_eq!(without_progress(drain(&mut node)), vec![], "withheld");
-    node.handle_group(ms(410), removed_for_a_test());
-    assert_eq!(
-        without_progress(drain(&mut node)),
-        vec![Action::Control(ControlRequest::WantIn)],
-        "taken back: the call is held, and the member asks to come back"
-    );
-    node.handle_group(ms(420), back_in_epoch_3());
-    let mine = RecoveryReport {
-        returning: vec![crate::membership::ReturnClaim {
-            stream: 0,
-            next: 2,
-            last: members(&[1, 2]),
-        }],
-        ..report(3, 2)
-    };
-    assert_eq!(
-        without_progress(drain(&mut node)),
-        vec![Action::Message {
-            to: m(1),
-            msg: NodeMessage::Recovery(mine),
-        }],
-        "it claims the op before the withheld one"
-    );
+    // Taken back: it claims the op before the withheld one.
+    removed_and_back_claiming_op_2(&mut node, ms(410));
     let theirs = RecoveryReport {
         completed: vec![kept_result(1, &[1, 2]), kept_result(2, &[1])],
         ..report(3, 1)
