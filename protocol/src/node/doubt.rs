@@ -11,20 +11,22 @@
 //!
 //! So, in doubt, results completed for this daemon's trainer are withheld
 //! while its control plane reads the group at a point of the Raft log
-//! later than the pause (a read index: [`ControlRequest::Confirm`]). The
-//! read is asked for two heartbeat intervals after the doubt begins, not at
-//! once: a peer whose detector fired on the silence before this daemon's
-//! first heartbeat reached it has parked the ops and proposed the removal
-//! by then, and the removal is committed before the read (asked at once, the
-//! read beat such a removal in the simulator, and the result handed over
-//! was re-run without this member a moment later). Meanwhile the frames
-//! this daemon sent on resuming reach the peers still in the epoch, which
-//! complete the same ops with them. Still
-//! in the same epoch, or in a later one that kept it (whose recovery
-//! counts the result as this member's kept one), they are handed over.
-//! Removed, they are taken back: the calls wait as any held call (their
-//! inputs back in their buffers) and the return claims the ops before
-//! them, so the group's version comes by catch-up.
+//! later than the pause (a read index: [`ControlRequest::Confirm`]). Still
+//! in the same epoch, or in a later one that kept it (whose recovery counts
+//! the result as this member's kept one), they are handed over. Removed,
+//! they are taken back: the calls wait as any held call (their inputs back
+//! in their buffers) and the return claims the ops before them, so the
+//! group's version comes by catch-up.
+//!
+//! The read is asked for two heartbeat intervals after the doubt begins,
+//! not at once: a peer whose detector fired on the silence before this
+//! daemon's first heartbeat reached it has parked the ops and proposed the
+//! removal by then, and the removal commits before the read. (In the
+//! simulator, before it modelled a daemon's heartbeat timer firing as soon
+//! as the process runs again, a read asked at once was answered a few ms
+//! before such a removal committed.) Meanwhile the frames this daemon sent
+//! on resuming reach the peers still in the epoch, which complete the same
+//! ops with them.
 //!
 //! A partition does not need this: cut off on one side only, a member that
 //! still hears the others cannot complete an op whose later rounds need its
@@ -36,7 +38,7 @@ use std::collections::BTreeMap;
 use tracing::{info, warn};
 
 use super::op::{Queued, Running};
-use super::types::{Action, Buffer, ControlRequest, Event, OpDone, OpError};
+use super::types::{Action, Buffer, ControlRequest, Event, OpDone, OpError, Outcome};
 use super::Node;
 use crate::{Epoch, Time};
 
@@ -189,8 +191,10 @@ impl<B: Buffer> Node<B> {
                 self.waiting.extend(q);
             }
             self.waiting.sort_by_key(|q| q.req.op);
-        } else {
+        } else if admitted {
             self.fail_doubt("it was removed and readmitted while it was paused");
+        } else {
+            self.fail_doubt("it is out of the group's ring now");
         }
     }
 
@@ -200,7 +204,13 @@ impl<B: Buffer> Node<B> {
         for w in d.held {
             match w {
                 Withheld::Completed { run, done } => {
+                    let kind = run.name;
                     if let Some(caller) = run.into_caller() {
+                        self.event(Event::Op {
+                            outcome: Outcome::Completed,
+                            kind,
+                            elapsed: Some(self.now.since(caller.since)),
+                        });
                         self.reply(caller.id, caller.buffer, Ok(done));
                     }
                 }

@@ -439,6 +439,9 @@ impl<B: Buffer> Node<B> {
             output,
         };
         self.keep_result(stream, kept);
+        // After a pause, this result may be one the group re-ran without
+        // this member (see `doubt.rs`): kept, it reaches the trainer once
+        // the epoch is confirmed. (A hand-over's is not its history.)
         if self.in_doubt() && run.task() == Some(Task::Collective) {
             return self.withhold(super::doubt::Withheld::Completed { run, done });
         }
