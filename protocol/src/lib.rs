@@ -34,6 +34,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod checkpoint;
 pub mod collective;
 mod ids;
 pub mod local;

@@ -32,6 +32,9 @@ use phalanx_protocol::membership::{
 use phalanx_protocol::rng::SplitMix64;
 use phalanx_protocol::{Epoch, Incarnation, MemberId, Time};
 
+mod checkpoints;
+pub use checkpoints::{CheckpointLoad, CheckpointReport, Stage, Trigger, Victim};
+
 /// Simulation step.
 const STEP: Duration = Duration::from_millis(5);
 
@@ -59,6 +62,9 @@ pub struct ControlScenario {
     pub jitter: Duration,
     /// Faults, in time order.
     pub faults: Vec<(Duration, Fault)>,
+    /// A checkpoint workload beside the control plane (the checkpoint
+    /// sweep), with its own crashes at the stages of a save.
+    pub checkpoints: Option<CheckpointLoad>,
 }
 
 /// One fault.
@@ -142,13 +148,28 @@ impl ControlScenario {
             },
             jitter: Duration::from_millis(rng.range_inclusive(0, 40)),
             faults,
+            checkpoints: None,
         }
+    }
+
+    /// The scenario of `seed` with a checkpoint workload drawn from the
+    /// same seed: the control plane's faults, plus crashes at the stages of
+    /// chosen saves and corrupted chunks.
+    pub fn with_checkpoints(seed: u64) -> ControlScenario {
+        let mut sc = ControlScenario::from_seed(seed);
+        sc.checkpoints = Some(CheckpointLoad::from_seed(seed, sc.fault_phase));
+        sc
     }
 
     /// The command that replays this scenario.
     pub fn replay(&self) -> String {
         format!(
-            "cargo run --release --locked -p phalanx-tests --bin phalanx-sim -- control --seed {}",
+            "cargo run --release --locked -p phalanx-tests --bin phalanx-sim -- {} --seed {}",
+            if self.checkpoints.is_some() {
+                "checkpoint"
+            } else {
+                "control"
+            },
             self.seed
         )
     }
@@ -171,6 +192,8 @@ pub struct ControlReport {
     pub enrolled: u64,
     /// Messages dropped by the network.
     pub dropped: u64,
+    /// The checkpoint workload's figures, when there was one.
+    pub checkpoints: Option<CheckpointReport>,
 }
 
 /// A failed run.
@@ -212,6 +235,7 @@ struct Member {
     incarnation: Incarnation,
     paused_until: Option<Time>,
     last_epoch: Epoch,
+    ck: Option<checkpoints::Ck>,
 }
 
 /// The simulated cluster.
@@ -232,6 +256,10 @@ pub struct ControlSim {
     leaders: BTreeMap<u64, MemberId>,
     applied: BTreeMap<u64, Applied>,
     rings: BTreeMap<Epoch, Vec<MemberId>>,
+    /// Faults decided during the run (crashes at a stage of a save), in no
+    /// order.
+    later: Vec<(Time, Fault)>,
+    ckpt: Option<checkpoints::Plane>,
     /// What happened.
     pub report: ControlReport,
 }
@@ -269,6 +297,8 @@ impl ControlSim {
             leaders: BTreeMap::new(),
             applied: BTreeMap::new(),
             rings: BTreeMap::new(),
+            later: Vec::new(),
+            ckpt: sc.checkpoints.clone().map(checkpoints::Plane::new),
             report: ControlReport::default(),
             sc,
         };
@@ -287,6 +317,11 @@ impl ControlSim {
                 } else {
                     Epoch(0)
                 },
+                ck: sim
+                    .sc
+                    .checkpoints
+                    .as_ref()
+                    .map(|load| checkpoints::Ck::new(id, load)),
             });
         }
         sim
@@ -353,7 +388,12 @@ impl ControlSim {
 
     fn apply_fault(&mut self, fault: &Fault) {
         match fault {
-            Fault::Crash(m) => self.members[*m].node = None,
+            Fault::Crash(m) => {
+                self.members[*m].node = None;
+                if let Some(ck) = self.members[*m].ck.as_mut() {
+                    ck.crash();
+                }
+            }
             Fault::Restart(m) => self.restart(*m),
             Fault::Partition(side) => {
                 self.side = vec![0; self.sc.members];
@@ -380,6 +420,9 @@ impl ControlSim {
         mem.incarnation = Incarnation(mem.incarnation.0 + 1);
         mem.detector = FailureDetector::new(self.detector, others(&ids, id), self.now);
         mem.keeper = Housekeeper::new(Duration::from_millis(500), voters);
+        if let (Some(ck), Some(load)) = (mem.ck.as_mut(), self.sc.checkpoints.as_ref()) {
+            ck.restart(id, load);
+        }
         self.report.restarts += 1;
     }
 
@@ -390,11 +433,27 @@ impl ControlSim {
         let fault_end = Time::ZERO.after(self.sc.fault_phase);
         let end = fault_end.after(self.sc.heal_phase);
         let mut next_heartbeat = Time::ZERO;
+        if let Some(plane) = self.ckpt.as_mut() {
+            plane.quiet_from = Time(end.0.saturating_sub(5_000_000));
+        }
         while self.now < end {
             while next_fault < faults.len() && Time::ZERO.after(faults[next_fault].0) <= self.now {
                 let f = faults[next_fault].1.clone();
                 self.apply_fault(&f);
                 next_fault += 1;
+            }
+            if !self.healed {
+                let now = self.now;
+                let due: Vec<Fault> = self
+                    .later
+                    .iter()
+                    .filter(|(at, _)| *at <= now)
+                    .map(|(_, f)| f.clone())
+                    .collect();
+                self.later.retain(|(at, _)| *at > now);
+                for f in &due {
+                    self.apply_fault(f);
+                }
             }
             if !self.healed && self.now >= fault_end {
                 self.healed = true;
@@ -440,6 +499,8 @@ impl ControlSim {
             self.now = self.now.after(STEP);
         }
         self.check_converged()?;
+        self.checkpoint_converged()?;
+        self.report.checkpoints = self.ckpt.take().map(|p| p.report);
         Ok(self.report)
     }
 
@@ -541,6 +602,7 @@ impl ControlSim {
                 }
             }
         }
+        let mut first_applied = Vec::new();
         for ev in out.events {
             match ev {
                 Event::Applied { index, applied } => {
@@ -556,6 +618,7 @@ impl ControlSim {
                             Applied::Enrolled { .. } => self.report.enrolled += 1,
                             _ => {}
                         }
+                        first_applied.push(applied.clone());
                         self.applied.insert(index, applied);
                     }
                 }
@@ -574,7 +637,10 @@ impl ControlSim {
                 self.rings.insert(epoch, ring);
             }
         }
-        Ok(())
+        for applied in &first_applied {
+            self.checkpoint_applied(applied)?;
+        }
+        self.checkpoint_step(m)
     }
 
     fn check_converged(&self) -> Result<(), ControlFailure> {

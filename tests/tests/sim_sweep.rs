@@ -112,6 +112,59 @@ fn grid_members_lengths_dtypes_algorithms() {
     );
 }
 
+/// Checkpoints (the keeper, its reports through raft-rs) under the control
+/// plane's faults, with holders and the leader crashed at every stage of a
+/// save and chunks corrupted.
+#[test]
+fn seeded_checkpoint_scenarios() {
+    let count = env("PHALANX_CHECKPOINT_SEEDS", 400);
+    let start = env("PHALANX_SIM_SEED_START", 0);
+    let mut failures = Vec::new();
+    let mut total = phalanx_tests::control_sim::CheckpointReport::default();
+    let mut stages = std::collections::BTreeSet::new();
+    for seed in start..start + count {
+        let sc = phalanx_tests::control_sim::ControlScenario::with_checkpoints(seed);
+        match phalanx_tests::control_sim::ControlSim::new(sc).run() {
+            Ok(r) => {
+                let c = r.checkpoints.expect("a checkpoint workload");
+                total.committed += c.committed;
+                total.saves_committed += c.saves_committed;
+                total.superseded += c.superseded;
+                total.refused += c.refused;
+                total.stage_crashes += c.stage_crashes;
+                total.copies += c.copies;
+                total.restored += c.restored;
+                total.restored_older += c.restored_older;
+                total.restore_failures += c.restore_failures;
+                total.bad_copies_passed += c.bad_copies_passed;
+                total.corrupted += c.corrupted;
+                stages.extend(c.crashed_at);
+            }
+            Err(failure) => {
+                eprintln!("{failure}\n");
+                failures.push(seed);
+            }
+        }
+    }
+    println!("{count} checkpoint seeds from {start}: {total:?}");
+    assert!(
+        failures.is_empty(),
+        "failing seeds: {failures:?} (replay commands above)"
+    );
+    if count >= 50 {
+        assert!(total.committed > 0, "nothing committed");
+        assert!(
+            total.bad_copies_passed > 0,
+            "no restore passed a bad copy over"
+        );
+        assert_eq!(
+            stages.len(),
+            8,
+            "crashes at every stage, of holders and leaders: {stages:?}"
+        );
+    }
+}
+
 /// The control plane (raft-rs, failure detector, readmission policy) under
 /// crashes, restarts, pauses, partitions and lossy links, then healed.
 #[test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use metrics::{counter, gauge, histogram};
+use phalanx_protocol::checkpoint::CatalogChange;
 use phalanx_protocol::membership::control::{
     decode_message, destination, encode_message, initial_roles, ControlConfig, ControlNode, Event,
 };
@@ -379,6 +380,27 @@ impl ControlTask {
     }
 }
 
+fn log_checkpoint(change: &CatalogChange) {
+    match change {
+        CatalogChange::Reported {
+            id,
+            holder,
+            holders,
+            needed,
+        } => debug!(%id, %holder, holders, needed, "checkpoint copy reported"),
+        CatalogChange::Committed { manifest, dropped } => info!(
+            id = %manifest.id,
+            bytes = manifest.size(),
+            holders = ?manifest.holders,
+            dropped = dropped.len(),
+            "checkpoint committed"
+        ),
+        CatalogChange::HolderAdded { id, holder } => {
+            info!(%id, %holder, "checkpoint copied to a new holder")
+        }
+    }
+}
+
 /// Logs what the plane did not (leaders, roles, snapshots, ignored
 /// commands) and counts failovers.
 fn log_event(ev: &Event, group: &GroupState) {
@@ -398,6 +420,7 @@ fn log_event(ev: &Event, group: &GroupState) {
                     info!(%member, name = %rec.name, addr = %rec.addr, index, "new node enrolled: a learner, in the ring once its trainer joins")
                 }
             }
+            Applied::Checkpoint(change) => log_checkpoint(change),
             Applied::Ignored(why) => debug!(index, %why, "command ignored"),
         },
         Event::Leader { leader, term } => info!(leader = ?leader, term, "raft leader changed"),

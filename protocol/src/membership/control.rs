@@ -410,6 +410,7 @@ impl ControlNode {
                 members: Default::default(),
                 epoch: crate::Epoch(0),
                 policy: crate::stragglers::QuorumPolicy::SYNC,
+                checkpoints: Default::default(),
             },
         };
         store.apply_snapshot(snap);

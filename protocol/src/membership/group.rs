@@ -12,6 +12,7 @@ use std::fmt;
 
 use bincode::{Decode, Encode};
 
+use crate::checkpoint::{Catalog, CatalogChange, Report};
 use crate::stragglers::QuorumPolicy;
 use crate::{Epoch, Incarnation, MemberId};
 
@@ -110,6 +111,9 @@ pub enum Command {
         /// Why, for logs.
         reason: String,
     },
+    /// A holder's copy of a checkpoint is durable: counted towards its
+    /// commit (see [`Catalog::apply`]). No new epoch.
+    Checkpointed(Report),
 }
 
 /// What applying a command changed.
@@ -137,6 +141,8 @@ pub enum Applied {
         /// The member.
         member: MemberId,
     },
+    /// The checkpoints changed (a report counted, a checkpoint committed).
+    Checkpoint(CatalogChange),
     /// Nothing changed, and why (a stale or repeated command).
     Ignored(String),
 }
@@ -163,6 +169,9 @@ pub struct GroupState {
     pub epoch: Epoch,
     /// How steps close (the default: synchronous).
     pub policy: QuorumPolicy,
+    /// The checkpoints: committed manifests, and reports waiting for
+    /// holders.
+    pub checkpoints: Catalog,
 }
 
 impl GroupState {
@@ -191,6 +200,7 @@ impl GroupState {
                 .collect(),
             epoch: Epoch(1),
             policy: QuorumPolicy::SYNC,
+            checkpoints: Catalog::default(),
         }
     }
 
@@ -328,6 +338,16 @@ impl GroupState {
                     epoch: self.epoch,
                     ring: self.ring(),
                     change: Change::Policy(*policy),
+                }
+            }
+            Command::Checkpointed(report) => {
+                let ring_len = self.ring().len();
+                let members = &self.members;
+                let active =
+                    |m: MemberId| members.get(&m).is_some_and(|r| r.status == Status::Active);
+                match self.checkpoints.apply(report, active, ring_len) {
+                    Ok(change) => Applied::Checkpoint(change),
+                    Err(why) => Applied::Ignored(why),
                 }
             }
             Command::Renew { by, epoch, reason } => {

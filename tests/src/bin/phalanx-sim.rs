@@ -55,6 +55,16 @@ enum Command {
         #[arg(long)]
         seed: u64,
     },
+    /// Runs one checkpoint seed: the control plane's seed with every member
+    /// saving checkpoints through the real keeper and raft-rs, holders and
+    /// the leader crashed at each stage of chosen saves, chunks corrupted;
+    /// checks that a manifest commits only once its holders have the copy,
+    /// that kept copies stay, that restores never return a torn state.
+    Checkpoint {
+        /// The scenario's seed.
+        #[arg(long)]
+        seed: u64,
+    },
     /// Runs one seed of the whole failure path: raft-rs control nodes,
     /// failure detectors and collective cores with trainers, under crashes,
     /// pauses and partitions, then a heal; checks every step's result and
@@ -114,6 +124,11 @@ fn main() -> ExitCode {
         Command::Demo { members, len } => demo(members, len),
         Command::Control { seed } => {
             let scenario = phalanx_tests::control_sim::ControlScenario::from_seed(seed);
+            println!("{scenario:?}");
+            outcome(phalanx_tests::control_sim::ControlSim::new(scenario).run())
+        }
+        Command::Checkpoint { seed } => {
+            let scenario = phalanx_tests::control_sim::ControlScenario::with_checkpoints(seed);
             println!("{scenario:?}");
             outcome(phalanx_tests::control_sim::ControlSim::new(scenario).run())
         }
