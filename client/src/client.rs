@@ -9,8 +9,8 @@ use std::ptr::NonNull;
 
 use half::{bf16, f16};
 use phalanx_protocol::local::{
-    decode_local, encode_local, local_limits, LocalErrorCode, LocalKind, LocalRequest,
-    LocalResponse, StepMeta,
+    decode_local, encode_local, local_limits, CheckpointInfo, LocalErrorCode, LocalKind,
+    LocalRequest, LocalResponse, StepMeta,
 };
 use phalanx_protocol::wire::{
     DType, EnvelopeHeader, Held, ReduceOp, ENVELOPE_LEN, PROTOCOL_VERSION,
@@ -103,6 +103,9 @@ pub enum ClientError {
     /// The daemon speaks another protocol version.
     #[error("version mismatch: {0}")]
     Version(String),
+    /// A checkpoint was not committed, and never will be.
+    #[error("the checkpoint was not committed: {0}")]
+    Checkpoint(String),
 }
 
 impl From<rustix::io::Errno> for ClientError {
@@ -507,6 +510,87 @@ impl Client {
         let info = OpInfo::from_done(self.call(&req, None)?)?;
         self.unstage(0, state);
         Ok(info)
+    }
+
+    /// Checkpoints `state` as the state after `step` of this connection's
+    /// stream, and returns once the daemon has copied it out (the snapshot:
+    /// one copy into shared memory, one out of it). The daemons then write
+    /// it to the disks of `checkpoint.replicas` members and commit it
+    /// through Raft while training goes on; [`Client::wait_checkpoint`]
+    /// says when it is committed. Every trainer of a data-parallel stream
+    /// checkpoints the same step with the same state. A step must be later
+    /// than the stream's last checkpoint; while the stream's previous
+    /// checkpoint is still being written here, the call waits for it.
+    pub fn checkpoint<T: Element>(&mut self, state: &[T], step: u64) -> Result<(), ClientError> {
+        let bytes = std::mem::size_of_val(state);
+        self.ensure_arena(bytes)?;
+        self.stage(0, state);
+        let req = LocalRequest::Checkpoint {
+            buffer: self.arena.id,
+            offset_bytes: 0,
+            len_bytes: bytes as u64,
+            step,
+        };
+        match self.call(&req, None)? {
+            LocalResponse::Snapshotted { step: s } if s == step => Ok(()),
+            other => Err(ClientError::Protocol(format!(
+                "expected the snapshot of step {step}, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Waits until the checkpoint of `step` is committed and returns the
+    /// daemon's word on it (the members holding a durable copy); fails with
+    /// [`ClientError::Checkpoint`] saying why when it never will be (a
+    /// later one was committed first, a copy could not be written).
+    pub fn wait_checkpoint(&mut self, step: u64) -> Result<String, ClientError> {
+        match self.call(&LocalRequest::AwaitCheckpoint { step }, None)? {
+            LocalResponse::CheckpointEnded {
+                committed: true,
+                detail,
+                ..
+            } => Ok(detail),
+            LocalResponse::CheckpointEnded { detail, .. } => Err(ClientError::Checkpoint(detail)),
+            other => Err(ClientError::Protocol(format!(
+                "expected the end of checkpoint {step}, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Restores the stream's latest committed checkpoint into `state`,
+    /// which must be its size, and returns its step. A copy whose chunks
+    /// fail their checksums is passed over for an older checkpoint; the
+    /// state is never a torn or mixed one. This daemon reads its own copy
+    /// (reading another holder's is not built yet: with
+    /// `checkpoint.replicas` equal to the number of members, every member
+    /// holds one).
+    pub fn restore<T: Element>(&mut self, state: &mut [T]) -> Result<u64, ClientError> {
+        let bytes = std::mem::size_of_val(state);
+        self.ensure_arena(bytes)?;
+        let req = LocalRequest::Restore {
+            buffer: self.arena.id,
+            offset_bytes: 0,
+            len_bytes: bytes as u64,
+        };
+        match self.call(&req, None)? {
+            LocalResponse::Restored { step } => {
+                self.unstage(0, state);
+                Ok(step)
+            }
+            other => Err(ClientError::Protocol(format!(
+                "expected a restored state, got {other:?}"
+            ))),
+        }
+    }
+
+    /// The stream's committed checkpoints, oldest first.
+    pub fn checkpoints(&mut self) -> Result<Vec<CheckpointInfo>, ClientError> {
+        match self.call(&LocalRequest::ListCheckpoints, None)? {
+            LocalResponse::Checkpoints { list } => Ok(list),
+            other => Err(ClientError::Protocol(format!(
+                "expected the checkpoint list, got {other:?}"
+            ))),
+        }
     }
 
     /// Every member's `input`, concatenated in ring order.

@@ -31,7 +31,7 @@ mod client;
 #[cfg(feature = "async")]
 pub use client::AsyncClient;
 pub use client::{Client, ClientError, Element, OpInfo};
-pub use phalanx_protocol::local::StepMeta;
+pub use phalanx_protocol::local::{CheckpointInfo, StepMeta};
 pub use phalanx_protocol::{Epoch, MemberId, OpId};
 
 pub use phalanx_compute::{

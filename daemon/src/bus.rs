@@ -13,6 +13,7 @@
 //! (never behind data frames) and the latest [`GroupView`] on a watch.
 
 use bytes::Bytes;
+use phalanx_protocol::checkpoint::{CheckpointId, Report, SaveOutcome};
 use phalanx_protocol::membership::GroupState;
 use phalanx_protocol::node::{ControlRequest, JoinRequest, OpDone, OpError, Request};
 use phalanx_protocol::stragglers::QuorumPolicy;
@@ -71,6 +72,43 @@ pub enum TrainerCall<B> {
     Join(JoinRequest<B>, oneshot::Sender<Reply<B>>),
 }
 
+/// A restore's answer: the checkpoint read and its bytes, or why none.
+pub type RestoreResult = Result<(CheckpointId, Vec<u8>), String>;
+
+/// What the local plane asks the checkpoint task for a trainer.
+#[derive(Debug)]
+pub enum CheckpointCall {
+    /// May the state of `id` be copied out? Answered once it may (the
+    /// stream's previous copy may still be being written), or with why not.
+    Save {
+        /// The checkpoint.
+        id: CheckpointId,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The state of `id`, copied out of the trainer's buffer.
+    Snapped {
+        /// The checkpoint.
+        id: CheckpointId,
+        /// The state.
+        bytes: Vec<u8>,
+    },
+    /// Answered once the save of `id` has ended.
+    Await {
+        /// The checkpoint.
+        id: CheckpointId,
+        /// Where the verdict goes.
+        reply: oneshot::Sender<SaveOutcome>,
+    },
+    /// The stream's latest committed checkpoint that reads back intact.
+    Restore {
+        /// The stream.
+        stream: u32,
+        /// Its id and bytes, or why none.
+        reply: oneshot::Sender<RestoreResult>,
+    },
+}
+
 /// What the control task is told.
 #[derive(Debug)]
 pub enum ControlInput {
@@ -101,6 +139,8 @@ pub enum ControlInput {
         /// Whether it was proposed, or why not.
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// The checkpoint task's report of a durable copy, to propose.
+    Checkpointed(Report),
 }
 
 /// What `phalanxctl members` and the metrics show of the group.

@@ -128,6 +128,28 @@ pub struct ControlPlaneConfig {
     pub recovery_timeout_ms: u64,
 }
 
+/// `[checkpoint]`: how trainers' checkpoints are kept. Every daemon of a
+/// group must be given the same.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Durable copies a checkpoint needs before it commits (capped by the
+    /// ring's size): 2, so losing any one node loses no checkpoint.
+    pub replicas: u32,
+    /// Committed checkpoints kept per stream; older copies are deleted
+    /// everywhere.
+    pub keep: u32,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            replicas: 2,
+            keep: 3,
+        }
+    }
+}
+
 impl Default for ControlPlaneConfig {
     fn default() -> Self {
         ControlPlaneConfig {
@@ -176,6 +198,9 @@ pub struct Config {
     /// Control-plane (Raft) settings.
     #[serde(default)]
     pub control: ControlPlaneConfig,
+    /// Checkpoints (copies live in `data_dir/checkpoints`).
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
     /// How a first start finds its group (command-line flags only).
     #[serde(skip)]
     pub start: StartFlag,
@@ -245,6 +270,13 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.members.is_empty() {
             bail!("`members` is empty: list every member of the group, this one included");
+        }
+        if self.checkpoint.replicas == 0 || self.checkpoint.keep == 0 {
+            bail!(
+                "checkpoint.replicas and checkpoint.keep must be at least 1, got {} and {}",
+                self.checkpoint.replicas,
+                self.checkpoint.keep
+            );
         }
         let mut ids: Vec<u32> = self.members.iter().map(|m| m.id).collect();
         ids.sort_unstable();
@@ -387,6 +419,15 @@ impl Config {
         }
     }
 
+    /// The checkpoint keeper's settings.
+    pub fn keeper_config(&self) -> phalanx_protocol::checkpoint::KeeperConfig {
+        phalanx_protocol::checkpoint::KeeperConfig {
+            replicas: self.checkpoint.replicas,
+            keep: self.checkpoint.keep,
+            ..Default::default()
+        }
+    }
+
     /// The op timeout.
     pub fn op_timeout(&self) -> Duration {
         Duration::from_millis(self.data_plane.op_timeout_ms)
@@ -453,6 +494,11 @@ channels = 2
             ControlPlaneConfig::default(),
             "the example documents the defaults"
         );
+        assert_eq!(
+            c.checkpoint,
+            CheckpointConfig::default(),
+            "the example documents the defaults"
+        );
     }
 
     #[test]
@@ -486,6 +532,13 @@ channels = 2
             .unwrap_err()
             .to_string()
             .contains("keep_alive_ms"));
+        let mut bad = c.clone();
+        bad.checkpoint.replicas = 0;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("checkpoint.replicas"));
         std::fs::write(&path, SAMPLE.replace("channels = 2", "chanels = 2")).unwrap();
         let err = format!("{:#}", Config::load(&path).unwrap_err());
         assert!(err.contains("chanels"), "{err}");

@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod bus;
+pub mod checkpoints;
 pub mod config;
 pub mod control;
 pub mod local;

@@ -64,6 +64,17 @@ pub const STRAGGLER_MISSED_SECONDS: &str = "phalanx_straggler_missed_seconds";
 /// Gauge per `member`: 1 while it is a demoted observer.
 pub const STRAGGLER_OBSERVER: &str = "phalanx_straggler_observer";
 
+/// Bytes of checkpoint copies written to this daemon's store.
+pub const CHECKPOINT_BYTES: &str = "phalanx_checkpoint_bytes_written_total";
+/// Checkpoint copies this daemon failed to write.
+pub const CHECKPOINT_FAILURES: &str = "phalanx_checkpoint_failures_total";
+/// Copying a trainer's state out of its buffer (the snapshot), seconds.
+pub const CHECKPOINT_SNAPSHOT_SECONDS: &str = "phalanx_checkpoint_snapshot_seconds";
+/// Writing a copy durably to the store, seconds.
+pub const CHECKPOINT_PERSIST_SECONDS: &str = "phalanx_checkpoint_persist_seconds";
+/// Gauge per `stream`: the step of its latest committed checkpoint.
+pub const CHECKPOINT_LAST_STEP: &str = "phalanx_checkpoint_last_committed_step";
+
 /// Explicit latency buckets: 50 µs to 60 s.
 const OP_BUCKETS: [f64; 16] = [
     50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
@@ -82,6 +93,16 @@ pub fn handle() -> Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Full(OP_SECONDS.into()), &OP_BUCKETS)
         .context("histogram buckets")?
         .set_buckets_for_metric(Matcher::Full(EPOCH_COMMIT_SECONDS.into()), &OP_BUCKETS)
+        .context("histogram buckets")?
+        .set_buckets_for_metric(
+            Matcher::Full(CHECKPOINT_SNAPSHOT_SECONDS.into()),
+            &OP_BUCKETS,
+        )
+        .context("histogram buckets")?
+        .set_buckets_for_metric(
+            Matcher::Full(CHECKPOINT_PERSIST_SECONDS.into()),
+            &OP_BUCKETS,
+        )
         .context("histogram buckets")?
         .build_recorder();
     let h = recorder.handle();

@@ -241,6 +241,16 @@ pub async fn run(
         group_tx,
     )?;
 
+    let store = crate::store::Store::open(&config.data_dir.join("checkpoints"))?;
+    let (checkpoints_tx, checkpoints_rx) = mpsc::channel(64);
+    let checkpoints = crate::checkpoints::CheckpointTask::new(
+        me,
+        config.keeper_config(),
+        store,
+        local_tx.clone(),
+    )?;
+    let checkpoints_stop = stop_rx.clone();
+
     let origin = tokio::time::Instant::now();
     let node = Node::new(
         me,
@@ -285,6 +295,17 @@ pub async fn run(
     essential.spawn(async move { ("control plane", control_task.run(inputs, stop_rx).await) });
 
     let mut background = JoinSet::new();
+    {
+        let view = view.clone();
+        background.spawn(async move {
+            if let Err(e) = checkpoints
+                .run(checkpoints_rx, view, checkpoints_stop)
+                .await
+            {
+                warn!(error = %format!("{e:#}"), "the checkpoint task ended");
+            }
+        });
+    }
     if let Some(listener) = sockets.http {
         listener
             .set_nonblocking(true)
@@ -311,6 +332,7 @@ pub async fn run(
             runner: trainers_tx,
             max_tensor_bytes: config.data_plane.max_tensor_bytes,
             streams: Default::default(),
+            checkpoints: checkpoints_tx,
         },
     );
     info!(member = %me, "phalanxd ready");

@@ -93,6 +93,52 @@ pub enum LocalRequest {
         /// them in [`StepMeta::samples`].
         samples: Option<u64>,
     },
+    /// Checkpoints the state in bytes `offset_bytes..offset_bytes +
+    /// len_bytes` of `buffer` as step `step` of this connection's stream.
+    /// Answered with `Snapshotted` once the daemon has copied it out (the
+    /// trainer may change its buffer then); the daemon persists it after.
+    Checkpoint {
+        /// The registered buffer.
+        buffer: u32,
+        /// Where the state starts.
+        offset_bytes: u64,
+        /// Its length.
+        len_bytes: u64,
+        /// The step it is the state after.
+        step: u64,
+    },
+    /// Waits until the checkpoint of `step` is committed, or will never be:
+    /// `CheckpointEnded`.
+    AwaitCheckpoint {
+        /// The step.
+        step: u64,
+    },
+    /// Restores the stream's latest committed checkpoint into bytes
+    /// `offset_bytes..offset_bytes + len_bytes` of `buffer` (its size):
+    /// `Restored`.
+    Restore {
+        /// The registered buffer.
+        buffer: u32,
+        /// Where the state goes.
+        offset_bytes: u64,
+        /// The state's length.
+        len_bytes: u64,
+    },
+    /// Lists the stream's committed checkpoints: `Checkpoints`.
+    ListCheckpoints,
+}
+
+/// A committed checkpoint, as a trainer sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct CheckpointInfo {
+    /// The step it holds the state after.
+    pub step: u64,
+    /// The epoch it was taken in.
+    pub epoch: Epoch,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// The members holding a durable copy.
+    pub holders: Vec<MemberId>,
 }
 
 /// What a result says about the step's quorum (all-reduce under the
@@ -166,6 +212,30 @@ pub enum LocalResponse {
         /// The step's quorum.
         meta: StepMeta,
     },
+    /// Answer to `Checkpoint`: the state is copied out.
+    Snapshotted {
+        /// The step.
+        step: u64,
+    },
+    /// Answer to `AwaitCheckpoint`.
+    CheckpointEnded {
+        /// The step.
+        step: u64,
+        /// Whether it is committed.
+        committed: bool,
+        /// Why not, or where it is held.
+        detail: String,
+    },
+    /// Answer to `Restore`: the buffer holds the state of `step`.
+    Restored {
+        /// The step.
+        step: u64,
+    },
+    /// Answer to `ListCheckpoints`, oldest first.
+    Checkpoints {
+        /// The stream's committed checkpoints.
+        list: Vec<CheckpointInfo>,
+    },
     /// A request failed; the connection stays usable unless the code says otherwise.
     Error {
         /// Machine-readable reason.
@@ -238,6 +308,19 @@ mod tests {
                 len: 99,
                 samples: Some(32),
             },
+            LocalRequest::Checkpoint {
+                buffer: 1,
+                offset_bytes: 8,
+                len_bytes: 1 << 20,
+                step: 40,
+            },
+            LocalRequest::AwaitCheckpoint { step: 40 },
+            LocalRequest::Restore {
+                buffer: 1,
+                offset_bytes: 0,
+                len_bytes: 12,
+            },
+            LocalRequest::ListCheckpoints,
         ];
         for r in reqs {
             let bytes = encode_local(&r);

@@ -319,6 +319,17 @@ impl ControlTask {
                 };
                 let _ = reply.send(result);
             }
+            ControlInput::Checkpointed(report) => {
+                let id = report.id;
+                if let Err(e) = self
+                    .plane
+                    .node_mut()
+                    .propose(&Command::Checkpointed(report))
+                {
+                    // The keeper proposes again until the group shows it.
+                    debug!(%id, error = %e, "checkpoint report not proposed yet");
+                }
+            }
             ControlInput::JoinRequest { member, name, addr } => {
                 match self.plane.node_mut().propose_enroll(member, &name, &addr) {
                     Ok(()) => {

@@ -19,18 +19,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
+use phalanx_protocol::checkpoint::{CheckpointId, SaveOutcome};
+use phalanx_protocol::local::CheckpointInfo;
 use phalanx_protocol::local::{
     decode_local, encode_local, local_limits, stream_op_id, LocalErrorCode, LocalKind,
     LocalRequest, LocalResponse,
 };
 use phalanx_protocol::node::{Buffer, JoinRequest, OpDone, OpError, Request, RequestId};
 use phalanx_protocol::wire::{DType, EnvelopeHeader, ENVELOPE_LEN, PROTOCOL_VERSION};
-use phalanx_protocol::{MemberId, OpId};
+use phalanx_protocol::{MemberId, OpId, Step};
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::bus::{GroupView, Reply, TrainerCall};
+use crate::bus::{CheckpointCall, GroupView, Reply, TrainerCall};
 use shm::Mapping;
 
 /// A byte range of a trainer's shared buffer: the memory a trainer's op
@@ -72,6 +74,8 @@ pub struct LocalContext {
     /// issued (a reconnecting trainer continues the numbering, so op ids stay
     /// unique within the epoch).
     pub streams: Arc<Mutex<std::collections::BTreeMap<u32, StreamState>>>,
+    /// The checkpoint task.
+    pub checkpoints: mpsc::Sender<CheckpointCall>,
 }
 
 /// Binds the socket with mode 0660. A stale socket file (no daemon behind it)
@@ -392,8 +396,204 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                     }
                 }
             },
+            LocalRequest::Checkpoint {
+                buffer,
+                offset_bytes,
+                len_bytes,
+                step,
+            } => match claim
+                .stream
+                .ok_or_else(|| "say hello before checkpointing".to_string())
+                .and_then(|stream| {
+                    bytes_of(&buffers, buffer, offset_bytes, len_bytes).map(|r| (stream, r))
+                }) {
+                Err(message) => error(LocalErrorCode::BadRequest, message),
+                Ok((stream, region)) => checkpoint(
+                    ctx,
+                    CheckpointId {
+                        stream,
+                        step: Step(step),
+                    },
+                    &region,
+                ),
+            },
+            LocalRequest::AwaitCheckpoint { step } => match claim.stream {
+                None => error(LocalErrorCode::BadRequest, "say hello first"),
+                Some(stream) => {
+                    let id = CheckpointId {
+                        stream,
+                        step: Step(step),
+                    };
+                    let (reply, rx) = oneshot::channel();
+                    if ctx
+                        .checkpoints
+                        .blocking_send(CheckpointCall::Await { id, reply })
+                        .is_err()
+                    {
+                        error(LocalErrorCode::ShuttingDown, "the daemon is stopping")
+                    } else {
+                        match rx.blocking_recv() {
+                            Ok(outcome) => ended(step, outcome, &ctx.view.borrow(), id),
+                            Err(_) => error(LocalErrorCode::ShuttingDown, "the daemon is stopping"),
+                        }
+                    }
+                }
+            },
+            LocalRequest::Restore {
+                buffer,
+                offset_bytes,
+                len_bytes,
+            } => match claim
+                .stream
+                .ok_or_else(|| "say hello before restoring".to_string())
+                .and_then(|stream| {
+                    bytes_of(&buffers, buffer, offset_bytes, len_bytes).map(|r| (stream, r))
+                }) {
+                Err(message) => error(LocalErrorCode::BadRequest, message),
+                Ok((stream, mut region)) => restore(ctx, stream, &mut region),
+            },
+            LocalRequest::ListCheckpoints => match claim.stream {
+                None => error(LocalErrorCode::BadRequest, "say hello first"),
+                Some(stream) => LocalResponse::Checkpoints {
+                    list: ctx
+                        .view
+                        .borrow()
+                        .group
+                        .checkpoints
+                        .committed
+                        .get(&stream)
+                        .into_iter()
+                        .flatten()
+                        .map(|m| CheckpointInfo {
+                            step: m.id.step.0,
+                            epoch: m.epoch,
+                            bytes: m.size(),
+                            holders: m.holders.clone(),
+                        })
+                        .collect(),
+                },
+            },
         };
         send(&mut stream, &resp)?;
+    }
+}
+
+/// Bytes `offset_bytes..offset_bytes + len_bytes` of a registered buffer.
+fn bytes_of(
+    buffers: &HashMap<u32, Arc<Mapping>>,
+    buffer: u32,
+    offset_bytes: u64,
+    len_bytes: u64,
+) -> Result<Region, String> {
+    let map = buffers
+        .get(&buffer)
+        .ok_or_else(|| format!("buffer {buffer} is not registered"))?;
+    let end = offset_bytes
+        .checked_add(len_bytes)
+        .ok_or("range overflows")?;
+    if end > map.len() as u64 {
+        return Err(format!(
+            "bytes {offset_bytes}..{end} lie outside buffer {buffer} ({} bytes)",
+            map.len()
+        ));
+    }
+    Ok(Region {
+        map: map.clone(),
+        offset: offset_bytes as usize,
+        len: len_bytes as usize,
+    })
+}
+
+/// The snapshot phase: waits until the keeper lets this state be copied
+/// (the stream's previous copy may still be being written), copies it out,
+/// and answers; the checkpoint task persists it after.
+fn checkpoint(ctx: &LocalContext, id: CheckpointId, region: &Region) -> LocalResponse {
+    let stopping = || error(LocalErrorCode::ShuttingDown, "the daemon is stopping");
+    let (reply, rx) = oneshot::channel();
+    if ctx
+        .checkpoints
+        .blocking_send(CheckpointCall::Save { id, reply })
+        .is_err()
+    {
+        return stopping();
+    }
+    match rx.blocking_recv() {
+        Err(_) => stopping(),
+        Ok(Err(why)) => error(LocalErrorCode::BadRequest, why),
+        Ok(Ok(())) => {
+            let t = std::time::Instant::now();
+            let bytes = region.as_bytes().to_vec();
+            metrics::histogram!(crate::metrics::CHECKPOINT_SNAPSHOT_SECONDS)
+                .record(t.elapsed().as_secs_f64());
+            if ctx
+                .checkpoints
+                .blocking_send(CheckpointCall::Snapped { id, bytes })
+                .is_err()
+            {
+                return stopping();
+            }
+            LocalResponse::Snapshotted { step: id.step.0 }
+        }
+    }
+}
+
+fn ended(step: u64, outcome: SaveOutcome, view: &GroupView, id: CheckpointId) -> LocalResponse {
+    let (committed, detail) = match outcome {
+        SaveOutcome::Committed => {
+            let holders = view
+                .group
+                .checkpoints
+                .get(id)
+                .map(|m| m.holders.clone())
+                .unwrap_or_default();
+            (true, format!("committed, held by {holders:?}"))
+        }
+        SaveOutcome::Superseded(by) => (
+            false,
+            format!(
+                "step {} of the stream was committed first; this one never will be",
+                by.step.0
+            ),
+        ),
+        SaveOutcome::Failed(why) => (false, why),
+    };
+    LocalResponse::CheckpointEnded {
+        step,
+        committed,
+        detail,
+    }
+}
+
+/// Reads the stream's latest committed checkpoint into `region`, which must
+/// be its size.
+fn restore(ctx: &LocalContext, stream: u32, region: &mut Region) -> LocalResponse {
+    let stopping = || error(LocalErrorCode::ShuttingDown, "the daemon is stopping");
+    let (reply, rx) = oneshot::channel();
+    if ctx
+        .checkpoints
+        .blocking_send(CheckpointCall::Restore { stream, reply })
+        .is_err()
+    {
+        return stopping();
+    }
+    match rx.blocking_recv() {
+        Err(_) => stopping(),
+        Ok(Err(why)) => error(LocalErrorCode::Aborted, why),
+        Ok(Ok((id, bytes))) => {
+            if bytes.len() != region.len {
+                return error(
+                    LocalErrorCode::BadRequest,
+                    format!(
+                        "the checkpoint of step {} holds {} bytes; the buffer given is {}",
+                        id.step.0,
+                        bytes.len(),
+                        region.len
+                    ),
+                );
+            }
+            region.as_bytes_mut().copy_from_slice(&bytes);
+            LocalResponse::Restored { step: id.step.0 }
+        }
     }
 }
 

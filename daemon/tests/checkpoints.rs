@@ -1,0 +1,168 @@
+//! Checkpoints with real daemons: trainers save their state every 10 steps
+//! while they train; every daemon and trainer is SIGKILLed; the daemons
+//! restart and each trainer restores exactly the state of the latest
+//! committed checkpoint from its daemon's store.
+
+mod common;
+
+use std::time::Duration;
+
+use phalanx_client::{Client, ClientError, ReduceOp};
+use phalanx_testkit::{LocalCluster, KILL};
+
+/// Elements of state: 4 MiB of f32, so a copy spans several chunks.
+const STATE: usize = 1 << 20;
+
+/// Trains `steps` steps from `state` (each adds the all-reduced step
+/// gradient to it) and checkpoints after every 10th, waiting for the
+/// commit. Returns the state and what the commits said.
+fn train(
+    client: &mut Client,
+    state: &mut [f32],
+    steps: std::ops::RangeInclusive<u64>,
+) -> Vec<String> {
+    let mut said = Vec::new();
+    for step in steps {
+        let mut grad = vec![step as f32 * 0.25; 1024];
+        client.all_reduce(&mut grad, ReduceOp::Sum).unwrap();
+        for (i, s) in state.iter_mut().enumerate() {
+            *s += grad[i % grad.len()] + (i % 7) as f32;
+        }
+        if step % 10 == 0 {
+            client.checkpoint(state, step).unwrap();
+            said.push(client.wait_checkpoint(step).unwrap());
+        }
+    }
+    said
+}
+
+fn cluster(members: usize, replicas: usize) -> LocalCluster {
+    common::cluster_with(
+        members,
+        "",
+        &format!("\n[checkpoint]\nreplicas = {replicas}\nkeep = 2"),
+    )
+}
+
+#[test]
+fn after_every_daemon_and_trainer_is_killed_each_trainer_restores_the_latest_committed_checkpoint()
+{
+    let _serial = common::one_at_a_time();
+    let mut cluster = cluster(3, 3);
+    let sockets: Vec<_> = cluster.members.iter().map(|m| m.socket.clone()).collect();
+    // Each trainer trains 30 steps (checkpoints at 10, 20, 30), then 5 more
+    // that no checkpoint holds, then waits to be killed with its daemon.
+    let (at30_tx, at30_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let trainers: Vec<_> = sockets
+        .iter()
+        .cloned()
+        .map(|socket| {
+            let (at30, done) = (at30_tx.clone(), done_tx.clone());
+            std::thread::spawn(move || {
+                let mut client = Client::connect(&socket).unwrap();
+                let mut state = vec![1.0f32; STATE];
+                let said = train(&mut client, &mut state, 1..=30);
+                at30.send(state.clone()).unwrap();
+                train(&mut client, &mut state, 31..=35);
+                done.send(said).unwrap();
+                // Every later call fails once the daemon is killed.
+                loop {
+                    let mut x = [0f32; 4];
+                    if client.all_reduce(&mut x, ReduceOp::Sum).is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    let at30: Vec<Vec<f32>> = (0..3)
+        .map(|_| at30_rx.recv_timeout(Duration::from_secs(120)).unwrap())
+        .collect();
+    assert!(
+        at30.iter().all(|s| *s == at30[0]),
+        "the trainers' states differ at step 30"
+    );
+    for _ in 0..3 {
+        let said = done_rx.recv_timeout(Duration::from_secs(120)).unwrap();
+        assert_eq!(said.len(), 3, "three checkpoints committed");
+        assert!(said.iter().all(|s| s.starts_with("committed")), "{said:?}");
+    }
+    for i in 0..3 {
+        cluster.signal(i, KILL).unwrap();
+    }
+    for t in trainers {
+        t.join().unwrap();
+    }
+    for i in 0..3 {
+        cluster.spawn(i).unwrap();
+    }
+    cluster.wait_ready(Duration::from_secs(60)).unwrap();
+    for socket in &sockets {
+        let mut client = Client::connect(socket).unwrap();
+        // The group state came back from the Raft log: the last two
+        // checkpoints (keep = 2), each on all three members.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let list = loop {
+            let list = client.checkpoints().unwrap();
+            if list.len() == 2 || std::time::Instant::now() > deadline {
+                break list;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let steps: Vec<u64> = list.iter().map(|c| c.step).collect();
+        assert_eq!(steps, vec![20, 30]);
+        assert!(
+            list.iter()
+                .all(|c| c.holders.len() == 3 && c.bytes == (STATE * 4) as u64),
+            "{list:?}"
+        );
+        let mut state = vec![0f32; STATE];
+        assert_eq!(client.restore(&mut state).unwrap(), 30);
+        assert!(state == at30[0], "the restored state is not step 30's");
+        let mut small = vec![0f32; 16];
+        match client.restore(&mut small) {
+            Err(ClientError::BadRequest(why)) => {
+                assert!(why.contains("holds 4194304 bytes"), "{why}")
+            }
+            other => panic!("a buffer of the wrong size: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_commits_on_two_holders_and_a_step_must_be_later() {
+    let _serial = common::one_at_a_time();
+    let cluster = cluster(3, 2);
+    let trainers: Vec<_> = cluster
+        .members
+        .iter()
+        .map(|m| {
+            let socket = m.socket.clone();
+            std::thread::spawn(move || {
+                let mut client = Client::connect(&socket).unwrap();
+                let mut state = vec![0.5f32; 4096];
+                let said = train(&mut client, &mut state, 1..=10);
+                let again = client.checkpoint(&state, 10);
+                let list = client.checkpoints().unwrap();
+                (said, again, list)
+            })
+        })
+        .collect();
+    for t in trainers {
+        let (said, again, list) = t.join().unwrap();
+        assert!(said[0].starts_with("committed"), "{said:?}");
+        match again {
+            Err(ClientError::BadRequest(why)) => assert!(why.contains("must be later"), "{why}"),
+            other => panic!("checkpointing step 10 twice: {other:?}"),
+        }
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].step, 10);
+        assert_eq!(
+            list[0].holders.len(),
+            2,
+            "checkpoint.replicas = 2: {list:?}"
+        );
+    }
+    drop(cluster);
+}
