@@ -495,8 +495,9 @@ impl Client {
     /// joining trainers' states are compared and the group resumes from the
     /// most advanced one (its checksum must agree among those as advanced);
     /// the state of a `Client` that has completed no call counts for
-    /// nothing. With no state anywhere the call fails with
-    /// [`ClientError::BadRequest`] saying so.
+    /// nothing — unless it was [`Client::restore`]d from a checkpoint, which
+    /// counts as the group's state at that checkpoint. With no state
+    /// anywhere the call fails with [`ClientError::BadRequest`] saying so.
     pub fn join<T: Element>(&mut self, state: &mut [T]) -> Result<OpInfo, ClientError> {
         self.ensure_arena(std::mem::size_of_val(state))?;
         self.stage(0, state);
@@ -530,6 +531,7 @@ impl Client {
             offset_bytes: 0,
             len_bytes: bytes as u64,
             step,
+            holds: self.last_op,
         };
         match self.call(&req, None)? {
             LocalResponse::Snapshotted { step: s } if s == step => Ok(()),
@@ -560,7 +562,11 @@ impl Client {
     /// Restores the stream's latest committed checkpoint into `state`,
     /// which must be its size, and returns its step. A copy whose chunks
     /// fail their checksums is passed over for an older checkpoint; the
-    /// state is never a torn or mixed one. This daemon reads its own copy
+    /// state is never a torn or mixed one. A [`Client::join`] after it
+    /// offers the restored state as the group's state at the checkpoint:
+    /// after the whole cluster restarted, every trainer restores and joins,
+    /// and the group resumes from the checkpoint (or from a more advanced
+    /// state a joiner still holds). This daemon reads its own copy
     /// (reading another holder's is not built yet: with
     /// `checkpoint.replicas` equal to the number of members, every member
     /// holds one).
@@ -573,8 +579,11 @@ impl Client {
             len_bytes: bytes as u64,
         };
         match self.call(&req, None)? {
-            LocalResponse::Restored { step } => {
+            LocalResponse::Restored { step, holds } => {
                 self.unstage(0, state);
+                // The state is what the group ran up to that op: a join()
+                // offers it as such.
+                self.last_op = holds;
                 Ok(step)
             }
             other => Err(ClientError::Protocol(format!(

@@ -13,7 +13,7 @@
 //! (never behind data frames) and the latest [`GroupView`] on a watch.
 
 use bytes::Bytes;
-use phalanx_protocol::checkpoint::{CheckpointId, Report, SaveOutcome};
+use phalanx_protocol::checkpoint::{CheckpointId, Manifest, Report, SaveOutcome};
 use phalanx_protocol::membership::GroupState;
 use phalanx_protocol::node::{ControlRequest, JoinRequest, OpDone, OpError, Request};
 use phalanx_protocol::stragglers::QuorumPolicy;
@@ -72,8 +72,9 @@ pub enum TrainerCall<B> {
     Join(JoinRequest<B>, oneshot::Sender<Reply<B>>),
 }
 
-/// A restore's answer: the checkpoint read and its bytes, or why none.
-pub type RestoreResult = Result<(CheckpointId, Vec<u8>), String>;
+/// A restore's answer: the manifest of the checkpoint read and its bytes,
+/// or why none.
+pub type RestoreResult = Result<(Manifest, Vec<u8>), String>;
 
 /// What the local plane asks the checkpoint task for a trainer.
 #[derive(Debug)]
@@ -83,6 +84,8 @@ pub enum CheckpointCall {
     Save {
         /// The checkpoint.
         id: CheckpointId,
+        /// The last op of the stream the state includes.
+        holds: Option<phalanx_protocol::wire::Held>,
         /// Where the answer goes.
         reply: oneshot::Sender<Result<(), String>>,
     },

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use phalanx_protocol::checkpoint::{
-    CheckpointId, Keeper, KeeperAction, KeeperConfig, Part, SaveOutcome, Source, CHUNK_BYTES,
+    CheckpointId, Keeper, KeeperAction, KeeperConfig, Manifest, Part, SaveOutcome, Source,
+    CHUNK_BYTES,
 };
 use phalanx_protocol::{MemberId, Time};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -29,7 +30,7 @@ use crate::store::Store;
 /// What a blocking store call reports back.
 enum Done {
     Persisted(CheckpointId, Result<Vec<Part>, String>, Duration, u64),
-    Loaded(u64, CheckpointId, Source, Result<Vec<u8>, String>),
+    Loaded(u64, Manifest, Source, Result<Vec<u8>, String>),
 }
 
 /// The checkpoint task of one daemon.
@@ -46,8 +47,8 @@ pub struct CheckpointTask {
     /// Verdicts given, for trainers that ask after (the last few).
     ended: BTreeMap<CheckpointId, SaveOutcome>,
     restores: HashMap<u64, oneshot::Sender<RestoreResult>>,
-    /// The bytes a restore read, until the keeper says which read ends it.
-    read: HashMap<u64, Vec<u8>>,
+    /// What a restore read, until the keeper says which read ends it.
+    read: HashMap<u64, (Manifest, Vec<u8>)>,
     next_restore: u64,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -139,9 +140,9 @@ impl CheckpointTask {
 
     fn call(&mut self, call: CheckpointCall, view: &watch::Receiver<GroupView>) {
         match call {
-            CheckpointCall::Save { id, reply } => {
+            CheckpointCall::Save { id, holds, reply } => {
                 let epoch = view.borrow().group.epoch;
-                match self.keeper.request(id, epoch) {
+                match self.keeper.request(id, epoch, holds) {
                     Ok(()) => {
                         self.go.insert(id, reply);
                     }
@@ -186,9 +187,10 @@ impl CheckpointTask {
                 }
                 self.keeper.persisted(now, id, result);
             }
-            Done::Loaded(restore, id, source, result) => {
+            Done::Loaded(restore, manifest, source, result) => {
+                let id = manifest.id;
                 let result = result.map(|bytes| {
-                    self.read.insert(restore, bytes);
+                    self.read.insert(restore, (manifest, bytes));
                 });
                 self.keeper.loaded(restore, id, source, result);
             }
@@ -264,7 +266,7 @@ impl CheckpointTask {
                     tokio::task::spawn_blocking(move || {
                         let mut out = vec![0u8; manifest.size() as usize];
                         let result = store.read_into(&manifest, &mut out).map(|()| out);
-                        let _ = tx.send(Done::Loaded(restore, id, source, result));
+                        let _ = tx.send(Done::Loaded(restore, manifest, source, result));
                     });
                 }
                 KeeperAction::Saved { id, outcome } => {
@@ -281,14 +283,14 @@ impl CheckpointTask {
                     }
                 }
                 KeeperAction::Restored { restore, result } => {
-                    let bytes = self.read.remove(&restore);
+                    let read = self.read.remove(&restore);
                     if let Some(reply) = self.restores.remove(&restore) {
-                        let _ = reply.send(match (result, bytes) {
-                            (Ok(id), Some(bytes)) => {
+                        let _ = reply.send(match (result, read) {
+                            (Ok(id), Some((manifest, bytes))) if manifest.id == id => {
                                 info!(%id, bytes = bytes.len(), "checkpoint restored");
-                                Ok((id, bytes))
+                                Ok((manifest, bytes))
                             }
-                            (Ok(id), None) => Err(format!("{id} was read, but its bytes are gone")),
+                            (Ok(id), _) => Err(format!("{id} was read, but its bytes are gone")),
                             (Err(why), _) => Err(why),
                         });
                     }

@@ -332,6 +332,7 @@ mod tests {
             epoch: phalanx_protocol::Epoch(1),
             parts,
             holders: vec![],
+            held: None,
         }
     }
 

@@ -1,7 +1,8 @@
 //! Checkpoints with real daemons: trainers save their state every 10 steps
 //! while they train; every daemon and trainer is SIGKILLed; the daemons
-//! restart and each trainer restores exactly the state of the latest
-//! committed checkpoint from its daemon's store.
+//! restart, each trainer restores exactly the state of the latest
+//! committed checkpoint from its daemon's store, joins, and the training
+//! goes on from there to the very state it had reached before the kill.
 
 mod common;
 
@@ -23,12 +24,8 @@ fn train(
 ) -> Vec<String> {
     let mut said = Vec::new();
     for step in steps {
-        let mut grad = vec![step as f32 * 0.25; 1024];
-        client.all_reduce(&mut grad, ReduceOp::Sum).unwrap();
-        for (i, s) in state.iter_mut().enumerate() {
-            *s += grad[i % grad.len()] + (i % 7) as f32;
-        }
-        if step % 10 == 0 {
+        one_step(client, state, step);
+        if step.is_multiple_of(10) {
             client.checkpoint(state, step).unwrap();
             said.push(client.wait_checkpoint(step).unwrap());
         }
@@ -64,8 +61,9 @@ fn after_every_daemon_and_trainer_is_killed_each_trainer_restores_the_latest_com
                 let mut state = vec![1.0f32; STATE];
                 let said = train(&mut client, &mut state, 1..=30);
                 at30.send(state.clone()).unwrap();
-                train(&mut client, &mut state, 31..=35);
-                done.send(said).unwrap();
+                // Past the last checkpoint: lost with the kill, redone after.
+                train_only(&mut client, &mut state, 31..=35);
+                done.send((said, state)).unwrap();
                 // Every later call fails once the daemon is killed.
                 loop {
                     let mut x = [0f32; 4];
@@ -83,10 +81,12 @@ fn after_every_daemon_and_trainer_is_killed_each_trainer_restores_the_latest_com
         at30.iter().all(|s| *s == at30[0]),
         "the trainers' states differ at step 30"
     );
+    let mut at35 = Vec::new();
     for _ in 0..3 {
-        let said = done_rx.recv_timeout(Duration::from_secs(120)).unwrap();
+        let (said, state) = done_rx.recv_timeout(Duration::from_secs(120)).unwrap();
         assert_eq!(said.len(), 3, "three checkpoints committed");
         assert!(said.iter().all(|s| s.starts_with("committed")), "{said:?}");
+        at35.push(state);
     }
     for i in 0..3 {
         cluster.signal(i, KILL).unwrap();
@@ -98,36 +98,124 @@ fn after_every_daemon_and_trainer_is_killed_each_trainer_restores_the_latest_com
         cluster.spawn(i).unwrap();
     }
     cluster.wait_ready(Duration::from_secs(60)).unwrap();
-    for socket in &sockets {
-        let mut client = Client::connect(socket).unwrap();
-        // The group state came back from the Raft log: the last two
-        // checkpoints (keep = 2), each on all three members.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let list = loop {
-            let list = client.checkpoints().unwrap();
-            if list.len() == 2 || std::time::Instant::now() > deadline {
-                break list;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+    let resumed: Vec<_> = sockets
+        .iter()
+        .cloned()
+        .map(|socket| {
+            std::thread::spawn(move || {
+                let mut client = Client::connect(&socket).unwrap();
+                // The group state came back from the Raft log: the last two
+                // checkpoints (keep = 2), each on all three members.
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                let list = loop {
+                    let list = client.checkpoints().unwrap();
+                    if list.len() == 2 || std::time::Instant::now() > deadline {
+                        break list;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                };
+                let mut small = vec![0f32; 16];
+                let wrong_size = client.restore(&mut small);
+                let mut state = vec![0f32; STATE];
+                let step = client.restore(&mut state).unwrap();
+                let restored = state.clone();
+                // No trainer holds a newer state: the group resumes from
+                // the restored one (or from a member that went on from it
+                // first) and redoes the steps up to 35.
+                client.join(&mut state).unwrap();
+                let from = *state.last().unwrap() as u64;
+                assert!(from >= 30, "joined with the state of step {from}");
+                // Until step 35 at least, and on until a step every member
+                // contributed to (all three have joined): the same step for
+                // every trainer, as they see the same results.
+                let mut last = from;
+                loop {
+                    last += 1;
+                    if one_step(&mut client, &mut state, last) == 3 && last >= 35 {
+                        break;
+                    }
+                }
+                (list, wrong_size, step, restored, (last, state))
+            })
+        })
+        .collect();
+    // What steps 31 on make of step 30's state: what the trainers reached
+    // before the kill, and must reach again.
+    let mut expected = at30[0].clone();
+    for step in 31..=35 {
+        update(&mut expected, step);
+    }
+    assert!(
+        at35.iter().all(|s| *s == expected),
+        "before the kill, step 35's state"
+    );
+    let mut ends = Vec::new();
+    for (i, t) in resumed.into_iter().enumerate() {
+        let (list, wrong_size, step, restored, (last, state)) = t.join().unwrap();
+        ends.push(last);
         let steps: Vec<u64> = list.iter().map(|c| c.step).collect();
-        assert_eq!(steps, vec![20, 30]);
+        assert_eq!(steps, vec![20, 30], "member {i}");
         assert!(
             list.iter()
                 .all(|c| c.holders.len() == 3 && c.bytes == (STATE * 4) as u64),
             "{list:?}"
         );
-        let mut state = vec![0f32; STATE];
-        assert_eq!(client.restore(&mut state).unwrap(), 30);
-        assert!(state == at30[0], "the restored state is not step 30's");
-        let mut small = vec![0f32; 16];
-        match client.restore(&mut small) {
+        match wrong_size {
             Err(ClientError::BadRequest(why)) => {
                 assert!(why.contains("holds 4194304 bytes"), "{why}")
             }
             other => panic!("a buffer of the wrong size: {other:?}"),
         }
+        assert_eq!(step, 30, "member {i} restored step {step}");
+        assert!(
+            restored == at30[0],
+            "member {i}'s restored state is not step 30's"
+        );
+        let mut want = at30[0].clone();
+        for s in 31..=last {
+            update(&mut want, s);
+        }
+        assert!(
+            state == want,
+            "member {i} resumed to another state at step {last}"
+        );
     }
+    assert!(
+        ends.iter().all(|e| *e == ends[0]),
+        "the trainers ended at {ends:?}"
+    );
+}
+
+/// Trains `steps` steps without checkpointing.
+fn train_only(client: &mut Client, state: &mut [f32], steps: std::ops::RangeInclusive<u64>) {
+    for step in steps {
+        one_step(client, state, step);
+    }
+}
+
+/// One step: the state's last element is its step; members waiting for
+/// the state are handed it, as the README's loop does. Returns how many
+/// members contributed.
+fn one_step(client: &mut Client, state: &mut [f32], step: u64) -> usize {
+    let mut grad = vec![step as f32 * 0.25; 1024];
+    // A mean of equal inputs is exact whoever contributed (a member still
+    // joining, say), so every member's state follows `update`.
+    let info = client.all_reduce(&mut grad, ReduceOp::Mean).unwrap();
+    assert!(grad.iter().all(|g| *g == step as f32 * 0.25));
+    update(state, step);
+    if !info.waiting.is_empty() {
+        client.admit(state).unwrap();
+    }
+    info.contributors.len()
+}
+
+/// What a step does to the state.
+fn update(state: &mut [f32], step: u64) {
+    let (counter, rest) = state.split_last_mut().unwrap();
+    for (i, s) in rest.iter_mut().enumerate() {
+        *s += step as f32 * 0.25 + (i % 7) as f32;
+    }
+    *counter = step as f32;
 }
 
 #[test]

@@ -161,6 +161,7 @@ fn copies_survive_sigkill_at_any_moment_and_torn_ones_are_never_listed() {
                 epoch: Epoch(1),
                 parts,
                 holders: vec![],
+                held: None,
             };
             let mut got = vec![0; want.len()];
             store

@@ -106,6 +106,10 @@ pub enum LocalRequest {
         len_bytes: u64,
         /// The step it is the state after.
         step: u64,
+        /// The last op of this stream whose result the state includes (the
+        /// client's last completed call), kept in the manifest: a trainer
+        /// that restores the checkpoint joins with it.
+        holds: Option<Held>,
     },
     /// Waits until the checkpoint of `step` is committed, or will never be:
     /// `CheckpointEnded`.
@@ -230,6 +234,9 @@ pub enum LocalResponse {
     Restored {
         /// The step.
         step: u64,
+        /// The last op of the stream the state includes, as the trainers
+        /// said when they checkpointed.
+        holds: Option<Held>,
     },
     /// Answer to `ListCheckpoints`, oldest first.
     Checkpoints {
@@ -313,6 +320,10 @@ mod tests {
                 offset_bytes: 8,
                 len_bytes: 1 << 20,
                 step: 40,
+                holds: Some(Held {
+                    seq: 9,
+                    epoch: Epoch(2),
+                }),
             },
             LocalRequest::AwaitCheckpoint { step: 40 },
             LocalRequest::Restore {

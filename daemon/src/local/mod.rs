@@ -401,6 +401,7 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                 offset_bytes,
                 len_bytes,
                 step,
+                holds,
             } => match claim
                 .stream
                 .ok_or_else(|| "say hello before checkpointing".to_string())
@@ -414,6 +415,7 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                         stream,
                         step: Step(step),
                     },
+                    holds,
                     &region,
                 ),
             },
@@ -507,12 +509,17 @@ fn bytes_of(
 /// The snapshot phase: waits until the keeper lets this state be copied
 /// (the stream's previous copy may still be being written), copies it out,
 /// and answers; the checkpoint task persists it after.
-fn checkpoint(ctx: &LocalContext, id: CheckpointId, region: &Region) -> LocalResponse {
+fn checkpoint(
+    ctx: &LocalContext,
+    id: CheckpointId,
+    holds: Option<phalanx_protocol::wire::Held>,
+    region: &Region,
+) -> LocalResponse {
     let stopping = || error(LocalErrorCode::ShuttingDown, "the daemon is stopping");
     let (reply, rx) = oneshot::channel();
     if ctx
         .checkpoints
-        .blocking_send(CheckpointCall::Save { id, reply })
+        .blocking_send(CheckpointCall::Save { id, holds, reply })
         .is_err()
     {
         return stopping();
@@ -579,7 +586,8 @@ fn restore(ctx: &LocalContext, stream: u32, region: &mut Region) -> LocalRespons
     match rx.blocking_recv() {
         Err(_) => stopping(),
         Ok(Err(why)) => error(LocalErrorCode::Aborted, why),
-        Ok(Ok((id, bytes))) => {
+        Ok(Ok((manifest, bytes))) => {
+            let id = manifest.id;
             if bytes.len() != region.len {
                 return error(
                     LocalErrorCode::BadRequest,
@@ -592,7 +600,10 @@ fn restore(ctx: &LocalContext, stream: u32, region: &mut Region) -> LocalRespons
                 );
             }
             region.as_bytes_mut().copy_from_slice(&bytes);
-            LocalResponse::Restored { step: id.step.0 }
+            LocalResponse::Restored {
+                step: id.step.0,
+                holds: manifest.held,
+            }
         }
     }
 }

@@ -108,7 +108,7 @@ impl Catalog {
             .get_mut(&id.stream)
             .and_then(|v| v.iter_mut().find(|m| m.id == id))
         {
-            if m.parts != report.parts {
+            if m.parts != report.parts || m.held != report.held {
                 return Err(format!(
                     "{holder}'s copy of {id} differs from the committed one; not counted"
                 ));
@@ -132,8 +132,9 @@ impl Catalog {
             epoch: report.epoch,
             parts: report.parts.clone(),
             holders: Vec::new(),
+            held: report.held,
         });
-        if entry.parts != report.parts {
+        if entry.parts != report.parts || entry.held != report.held {
             return Err(format!(
                 "{holder}'s copy of {id} differs from {}'s: the trainers' states diverged; not counted",
                 entry.holders.first().map_or("another holder".into(), |m| m.to_string())
@@ -207,6 +208,7 @@ mod tests {
             },
             epoch: Epoch(3),
             parts: vec![Part::of(REPLICA_PART, None, bytes, 4)],
+            held: None,
             holder: MemberId(holder),
             replicas: 2,
             keep: 2,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::{holders, Catalog, CheckpointId, Manifest, Part, Report};
+use crate::wire::Held;
 use crate::{Epoch, MemberId, Time};
 
 /// How a daemon's checkpoints are kept (`[checkpoint]` in its config; every
@@ -149,6 +150,7 @@ enum Stage {
 struct Save {
     id: CheckpointId,
     epoch: Epoch,
+    held: Option<Held>,
     stage: Stage,
     /// The trainer asked for it (not a copy replacing a holder), and is
     /// told how it ends.
@@ -180,8 +182,8 @@ pub struct Keeper {
     saves: BTreeMap<u32, VecDeque<Save>>,
     /// Copies durable in this daemon's store.
     held: BTreeSet<CheckpointId>,
-    /// Copies being fetched from another holder, and from whom.
-    copying: BTreeMap<CheckpointId, MemberId>,
+    /// Copies being fetched from another holder: from whom, and what.
+    copying: BTreeMap<CheckpointId, (MemberId, Manifest)>,
     restores: BTreeMap<u64, Restoring>,
     actions: VecDeque<KeeperAction>,
 }
@@ -223,12 +225,18 @@ impl Keeper {
         &self.catalog
     }
 
-    /// The trainer asks to checkpoint its state as `id` in `epoch`. The
+    /// The trainer asks to checkpoint its state as `id` in `epoch`, a state
+    /// that includes the stream's ops up to `held`. The
     /// snapshot is taken at once ([`KeeperAction::Snapshot`]) unless the
     /// stream's previous save is still being written here: then once it
     /// is, so at most one copy of the state is in memory per stream. The
     /// error says why the request is refused.
-    pub fn request(&mut self, id: CheckpointId, epoch: Epoch) -> Result<(), String> {
+    pub fn request(
+        &mut self,
+        id: CheckpointId,
+        epoch: Epoch,
+        held: Option<Held>,
+    ) -> Result<(), String> {
         if let Some(latest) = self.catalog.latest(id.stream) {
             if latest.id.step >= id.step {
                 return Err(format!(
@@ -274,6 +282,7 @@ impl Keeper {
         saves.push_back(Save {
             id,
             epoch,
+            held,
             stage: Stage::Queued,
             asked: true,
         });
@@ -332,8 +341,12 @@ impl Keeper {
     /// The store finished writing `id` (a snapshot or a copy): the parts as
     /// written, or why it could not.
     pub fn persisted(&mut self, now: Time, id: CheckpointId, result: Result<Vec<Part>, String>) {
-        let copied = self.copying.remove(&id).is_some();
-        let epoch = self.save_mut(id).map(|s| s.epoch).unwrap_or(self.epoch);
+        let copied = self.copying.remove(&id);
+        let (epoch, held) = match self.save_mut(id) {
+            Some(s) => (s.epoch, s.held),
+            None => (self.epoch, copied.as_ref().and_then(|(_, m)| m.held)),
+        };
+        let copied = copied.is_some();
         match result {
             Ok(parts) => {
                 self.held.insert(id);
@@ -341,6 +354,7 @@ impl Keeper {
                     id,
                     epoch,
                     parts,
+                    held,
                     holder: self.me,
                     replicas: self.config.replicas,
                     keep: self.config.keep,
@@ -361,6 +375,7 @@ impl Keeper {
                     self.saves.entry(id.stream).or_default().push_front(Save {
                         id,
                         epoch,
+                        held,
                         stage: Stage::Reported {
                             report,
                             at: now,
@@ -543,7 +558,7 @@ impl Keeper {
         }
         for (manifest, from) in copies {
             info!(id = %manifest.id, %from, "copying a checkpoint whose holder left the ring");
-            self.copying.insert(manifest.id, from);
+            self.copying.insert(manifest.id, (from, manifest.clone()));
             self.actions
                 .push_back(KeeperAction::Copy { manifest, from });
         }

@@ -2,9 +2,16 @@
 
 use super::*;
 use crate::checkpoint::{CatalogChange, REPLICA_PART};
+use crate::wire::Held;
 use crate::Step;
 
 const RING: [MemberId; 3] = [MemberId(1), MemberId(2), MemberId(3)];
+
+/// The op the trainers' state includes when they checkpoint.
+const HELD: Option<Held> = Some(Held {
+    seq: 7,
+    epoch: Epoch(2),
+});
 
 fn id(step: u64) -> CheckpointId {
     CheckpointId {
@@ -45,6 +52,7 @@ fn report(step: u64, holder: MemberId) -> Report {
         id: id(step),
         epoch: Epoch(2),
         parts: parts(),
+        held: HELD,
         holder,
         replicas: 2,
         keep: 3,
@@ -63,7 +71,7 @@ fn a_holder_snapshots_persists_reports_and_hears_the_commit() {
     let me = MemberId(1);
     let step = step_where(me, true);
     let mut k = keeper(1, &[]);
-    k.request(id(step), Epoch(2)).unwrap();
+    k.request(id(step), Epoch(2), HELD).unwrap();
     assert_eq!(drain(&mut k), vec![KeeperAction::Snapshot { id: id(step) }]);
     k.snapped(id(step));
     assert_eq!(drain(&mut k), vec![KeeperAction::Persist { id: id(step) }]);
@@ -98,7 +106,7 @@ fn a_non_holder_keeps_its_snapshot_and_persists_it_when_a_holder_leaves_first() 
     let me = MemberId(2);
     let step = step_where(me, false);
     let mut k = keeper(2, &[]);
-    k.request(id(step), Epoch(2)).unwrap();
+    k.request(id(step), Epoch(2), HELD).unwrap();
     k.snapped(id(step));
     assert_eq!(drain(&mut k), vec![KeeperAction::Snapshot { id: id(step) }]);
     // The holders are m1 and m3: one of them leaves before reporting.
@@ -113,7 +121,7 @@ fn a_committed_save_ends_a_non_holders_wait_and_frees_its_snapshot() {
     let me = MemberId(2);
     let step = step_where(me, false);
     let mut k = keeper(2, &[]);
-    k.request(id(step), Epoch(2)).unwrap();
+    k.request(id(step), Epoch(2), HELD).unwrap();
     k.snapped(id(step));
     drain(&mut k);
     let mut c = Catalog::default();
@@ -136,15 +144,15 @@ fn a_request_while_the_previous_save_is_written_waits_for_it() {
     let me = MemberId(1);
     let first = step_where(me, true);
     let mut k = keeper(1, &[]);
-    k.request(id(first), Epoch(2)).unwrap();
+    k.request(id(first), Epoch(2), HELD).unwrap();
     k.snapped(id(first));
     drain(&mut k);
     let next = first + 1;
-    k.request(id(next), Epoch(2)).unwrap();
+    k.request(id(next), Epoch(2), HELD).unwrap();
     assert_eq!(drain(&mut k), vec![], "one copy in memory per stream");
-    let err = k.request(id(next + 1), Epoch(2)).unwrap_err();
+    let err = k.request(id(next + 1), Epoch(2), HELD).unwrap_err();
     assert!(err.contains("checkpoint less often"), "{err}");
-    let err = k.request(id(first), Epoch(2)).unwrap_err();
+    let err = k.request(id(first), Epoch(2), HELD).unwrap_err();
     assert!(err.contains("must be later"), "{err}");
     k.persisted(Time(5), id(first), Ok(parts()));
     assert_eq!(
@@ -162,7 +170,7 @@ fn a_report_the_group_does_not_show_is_proposed_again() {
     let me = MemberId(1);
     let step = step_where(me, true);
     let mut k = keeper(1, &[]);
-    k.request(id(step), Epoch(2)).unwrap();
+    k.request(id(step), Epoch(2), HELD).unwrap();
     k.snapped(id(step));
     k.persisted(Time(1_000), id(step), Ok(parts()));
     drain(&mut k);

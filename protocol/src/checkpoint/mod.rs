@@ -31,6 +31,7 @@ use bincode::{Decode, Encode};
 use std::fmt;
 
 use crate::membership::state_checksum;
+use crate::wire::Held;
 use crate::{Epoch, MemberId, Step};
 
 /// The bytes of one checksummed chunk of a part (the last may be shorter).
@@ -120,6 +121,10 @@ pub struct Manifest {
     pub parts: Vec<Part>,
     /// The members that reported a durable copy, in report order.
     pub holders: Vec<MemberId>,
+    /// The last op of the stream whose result the state includes, as the
+    /// trainers said when they checkpointed: a trainer that restores it
+    /// joins with it, so the group can resume from the restored state.
+    pub held: Option<Held>,
 }
 
 impl Manifest {
@@ -139,6 +144,9 @@ pub struct Report {
     pub epoch: Epoch,
     /// The parts it holds, with their checksums.
     pub parts: Vec<Part>,
+    /// The last op of the stream the state includes (see
+    /// [`Manifest::held`]).
+    pub held: Option<Held>,
     /// The reporting member.
     pub holder: MemberId,
     /// How many holders the checkpoint needs before it commits

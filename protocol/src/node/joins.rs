@@ -70,8 +70,8 @@ pub(super) fn choose_state(
     let Some((held, root)) = best else {
         return Err(format!(
             "no trainer holds stream {stream}'s state: every member of the ring is joining, none \
-             with a state the group ran (restore the trainers from a checkpoint and start them \
-             without join(), or start training over)"
+             with a state the group ran (restore() the trainers' state from a checkpoint, then \
+             join(), or start training over)"
         ));
     };
     let same: Vec<(MemberId, u64)> = offers

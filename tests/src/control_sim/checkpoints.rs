@@ -25,6 +25,7 @@ use phalanx_protocol::checkpoint::{
 };
 use phalanx_protocol::membership::{Applied, Command};
 use phalanx_protocol::rng::SplitMix64;
+use phalanx_protocol::wire::Held;
 use phalanx_protocol::{Epoch, MemberId, Step, Time};
 
 use super::{ControlFailure, ControlSim, Fault};
@@ -494,7 +495,17 @@ impl ControlSim {
             let id = ckpt(interval);
             let ck = self.ck(m);
             ck.next = interval + 1;
-            match ck.keeper.as_mut().expect("running").request(id, epoch) {
+            // Every trainer's state includes the same ops at a step.
+            let held = Some(Held {
+                seq: id.step.0,
+                epoch: Epoch(1),
+            });
+            match ck
+                .keeper
+                .as_mut()
+                .expect("running")
+                .request(id, epoch, held)
+            {
                 Ok(()) => {
                     ck.outcomes.insert(id, None);
                 }
