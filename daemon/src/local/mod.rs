@@ -720,9 +720,9 @@ fn region(
     dtype: DType,
     len: u64,
 ) -> Result<Region, String> {
-    let map = buffers
-        .get(&buffer)
-        .ok_or_else(|| format!("buffer {buffer} is not registered"))?;
+    if !buffers.contains_key(&buffer) {
+        return Err(format!("buffer {buffer} is not registered"));
+    }
     let ring = ctx.view.borrow().group.ring();
     let n = ring.len() as u64;
     let elems = match kind {
@@ -744,16 +744,5 @@ fn region(
             ctx.max_tensor_bytes
         ));
     }
-    let end = offset_bytes.checked_add(bytes).ok_or("range overflows")?;
-    if end > map.len() as u64 {
-        return Err(format!(
-            "bytes {offset_bytes}..{end} lie outside buffer {buffer} ({} bytes)",
-            map.len()
-        ));
-    }
-    Ok(Region {
-        map: map.clone(),
-        offset: offset_bytes as usize,
-        len: bytes as usize,
-    })
+    bytes_of(buffers, buffer, offset_bytes, bytes)
 }

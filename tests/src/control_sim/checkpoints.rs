@@ -581,19 +581,7 @@ impl ControlSim {
                     self.trigger(Stage::Persist, id, m);
                 }
                 KeeperAction::Copy { manifest, from } => {
-                    let f = from.0 as usize;
-                    let read = if self.running(f) && self.reachable(m, f) {
-                        match self.members[f]
-                            .ck
-                            .as_ref()
-                            .and_then(|c| c.store.get(&manifest.id))
-                        {
-                            Some(s) => s.read(&manifest),
-                            None => Err(format!("{from} has no copy")),
-                        }
-                    } else {
-                        Err(format!("{from} is unreachable"))
-                    };
+                    let read = self.read_from(m, from, &manifest);
                     match read {
                         Ok(bytes) => self.ck(m).writes.push(Write {
                             done: now.after(persist),
@@ -637,21 +625,7 @@ impl ControlSim {
                             Some(s) => s.read(&manifest),
                             None => Err("this store has no copy".into()),
                         },
-                        Source::Holder(h) => {
-                            let hm = h.0 as usize;
-                            if hm < self.sc.members && self.running(hm) && self.reachable(m, hm) {
-                                match self.members[hm]
-                                    .ck
-                                    .as_ref()
-                                    .and_then(|c| c.store.get(&manifest.id))
-                                {
-                                    Some(s) => s.read(&manifest),
-                                    None => Err(format!("{h} has no copy")),
-                                }
-                            } else {
-                                Err(format!("{h} is unreachable"))
-                            }
-                        }
+                        Source::Holder(h) => self.read_from(m, h, &manifest),
                     };
                     let result = match read {
                         Ok(bytes) => {
@@ -699,6 +673,23 @@ impl ControlSim {
                     self.check_restored(m, result)?;
                 }
             }
+        }
+    }
+
+    /// What member `m` reads of `manifest` from holder `h`'s store, over
+    /// the network as it is now.
+    fn read_from(&self, m: usize, h: MemberId, manifest: &Manifest) -> Result<Vec<u8>, String> {
+        let hm = h.0 as usize;
+        if hm >= self.sc.members || !self.running(hm) || !self.reachable(m, hm) {
+            return Err(format!("{h} is unreachable"));
+        }
+        match self.members[hm]
+            .ck
+            .as_ref()
+            .and_then(|c| c.store.get(&manifest.id))
+        {
+            Some(s) => s.read(manifest),
+            None => Err(format!("{h} has no copy")),
         }
     }
 
