@@ -155,12 +155,20 @@ impl CheckpointTask {
                 self.snapshots.insert(id, Arc::new(bytes));
                 self.keeper.snapped(id);
             }
-            CheckpointCall::Await { id, reply } => match self.ended.get(&id) {
-                Some(outcome) => {
+            CheckpointCall::Await { id, reply } => {
+                if let Some(outcome) = self.ended.get(&id) {
                     let _ = reply.send(outcome.clone());
+                } else if self.keeper.is_saving(id) {
+                    self.waiting.entry(id).or_default().push(reply);
+                } else if self.keeper.catalog().get(id).is_some() {
+                    let _ = reply.send(SaveOutcome::Committed);
+                } else {
+                    let _ = reply.send(SaveOutcome::Failed(format!(
+                        "no checkpoint of step {} was asked for on this daemon since it started",
+                        id.step.0
+                    )));
                 }
-                None => self.waiting.entry(id).or_default().push(reply),
-            },
+            }
             CheckpointCall::Restore { stream, reply } => {
                 let r = self.next_restore;
                 self.next_restore += 1;

@@ -233,12 +233,20 @@ fn a_checkpoint_commits_on_two_holders_and_a_step_must_be_later() {
                 let said = train(&mut client, &mut state, 1..=10);
                 let again = client.checkpoint(&state, 10);
                 let list = client.checkpoints().unwrap();
-                (said, again, list)
+                // A step nobody checkpointed gets an answer, not a wait.
+                let never = client.wait_checkpoint(15);
+                (said, again, list, never)
             })
         })
         .collect();
     for t in trainers {
-        let (said, again, list) = t.join().unwrap();
+        let (said, again, list, never) = t.join().unwrap();
+        match never {
+            Err(ClientError::Checkpoint(why)) => {
+                assert!(why.contains("no checkpoint of step 15"), "{why}")
+            }
+            other => panic!("waiting for a step never checkpointed: {other:?}"),
+        }
         assert!(said[0].starts_with("committed"), "{said:?}");
         match again {
             Err(ClientError::BadRequest(why)) => assert!(why.contains("must be later"), "{why}"),

@@ -220,6 +220,14 @@ impl Keeper {
         &self.held
     }
 
+    /// Whether the trainer's save of `id` is under way here (its verdict
+    /// is still to come).
+    pub fn is_saving(&self, id: CheckpointId) -> bool {
+        self.saves
+            .get(&id.stream)
+            .is_some_and(|v| v.iter().any(|s| s.id == id && s.asked))
+    }
+
     /// The group's checkpoints as last published.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
