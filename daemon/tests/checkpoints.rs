@@ -260,5 +260,23 @@ fn a_checkpoint_commits_on_two_holders_and_a_step_must_be_later() {
             "checkpoint.replicas = 2: {list:?}"
         );
     }
+    // What `phalanxctl checkpoints` prints: stream, step, epoch, bytes,
+    // chunks, holders.
+    let table = phalanx_testkit::http_get(cluster.members[0].metrics, "/checkpoints").unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("0 "))
+        .unwrap_or_else(|| panic!("no row for stream 0:\n{table}"));
+    let words: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        (words[1], words[3], words[4]),
+        ("10", "16384", "1"),
+        "{table}"
+    );
+    assert_eq!(
+        words[5..].join(" ").matches('m').count(),
+        2,
+        "two holders: {table}"
+    );
     drop(cluster);
 }

@@ -25,6 +25,14 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9464")]
         metrics: std::net::SocketAddr,
     },
+    /// Lists the group's checkpoints as the daemon at ADDR knows them: per
+    /// stream the committed ones (step, epoch, size, chunks, the members
+    /// holding a durable copy), then those still waiting for holders.
+    Checkpoints {
+        /// The daemon's metrics endpoint (`metrics` in its config).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics: std::net::SocketAddr,
+    },
     /// Shows or sets how the group closes each all-reduce step (the quorum
     /// policy, replicated through Raft; a change starts a new epoch at
     /// every member). Without a policy: prints the current one.
@@ -86,6 +94,9 @@ fn real_main() -> Result<()> {
     match Cli::parse().command {
         Command::Members { metrics } => {
             print!("{}", admin::http_get(metrics, "/members")?);
+        }
+        Command::Checkpoints { metrics } => {
+            print!("{}", admin::http_get(metrics, "/checkpoints")?);
         }
         Command::Policy { metrics, policy } => {
             if policy.is_empty() {

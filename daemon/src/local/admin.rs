@@ -1,7 +1,8 @@
 //! The admin API, served next to `/metrics` by [`super::http`]: `GET
-//! /members` (the group as `phalanxctl members` prints it), `GET /policy`
-//! and `POST /policy` (propose a quorum policy through Raft). And the
-//! client side `phalanxctl` uses.
+//! /members` (the group as `phalanxctl members` prints it), `GET
+//! /checkpoints` (`phalanxctl checkpoints`), `GET /policy` and `POST
+//! /policy` (propose a quorum policy through Raft). And the client side
+//! `phalanxctl` uses.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -38,6 +39,7 @@ impl Admin {
                     render(&self.group.borrow()) + &render_stragglers(&self.stragglers.borrow());
                 ("200 OK", table)
             }
+            ("GET", "/checkpoints") => ("200 OK", render_checkpoints(&self.group.borrow())),
             ("GET", "/policy") => {
                 let g = self.group.borrow();
                 (
@@ -105,6 +107,61 @@ pub fn render(view: &GroupView) -> String {
             r.since.to_string(),
             r.reason
         );
+    }
+    out
+}
+
+/// The group's checkpoints as a table for operators: committed ones per
+/// stream (oldest first), then those waiting for holders.
+pub fn render_checkpoints(view: &GroupView) -> String {
+    let c = &view.group.checkpoints;
+    let ring = view.group.ring();
+    let holders = |hs: &[phalanx_protocol::MemberId]| {
+        hs.iter()
+            .map(|h| {
+                if ring.contains(h) {
+                    h.to_string()
+                } else {
+                    format!("{h} (out of the ring)")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = format!(
+        "{:<7} {:>10} {:<7} {:>14} {:>7} holders
+",
+        "stream", "step", "epoch", "bytes", "chunks"
+    );
+    for manifests in c.committed.values() {
+        for m in manifests {
+            let chunks: u64 = m.parts.iter().map(|p| p.chunks()).sum();
+            out += &format!(
+                "{:<7} {:>10} {:<7} {:>14} {:>7} {}\n",
+                m.id.stream,
+                m.id.step.0,
+                m.epoch.to_string(),
+                m.size(),
+                chunks,
+                holders(&m.holders)
+            );
+        }
+    }
+    if c.committed.is_empty() {
+        out += "(no committed checkpoint)\n";
+    }
+    if !c.pending.is_empty() {
+        out += "\nwaiting for holders\n";
+        for m in c.pending.values() {
+            out += &format!(
+                "{:<7} {:>10} {:<7} {:>14} reported by {}\n",
+                m.id.stream,
+                m.id.step.0,
+                m.epoch.to_string(),
+                m.size(),
+                holders(&m.holders)
+            );
+        }
     }
     out
 }
