@@ -9,7 +9,7 @@
 //! `checkpoint.replicas` set to the number of members, every member holds
 //! one), and a holder that leaves is not replaced.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,8 +44,6 @@ pub struct CheckpointTask {
     go: HashMap<CheckpointId, oneshot::Sender<Result<(), String>>>,
     /// Trainers waiting for a save's verdict.
     waiting: HashMap<CheckpointId, Vec<oneshot::Sender<SaveOutcome>>>,
-    /// Verdicts given, for trainers that ask after (the last few).
-    ended: BTreeMap<CheckpointId, SaveOutcome>,
     restores: HashMap<u64, oneshot::Sender<RestoreResult>>,
     /// What a restore read, until the keeper says which read ends it.
     read: HashMap<u64, (Manifest, Vec<u8>)>,
@@ -81,7 +79,6 @@ impl CheckpointTask {
             snapshots: HashMap::new(),
             go: HashMap::new(),
             waiting: HashMap::new(),
-            ended: BTreeMap::new(),
             restores: HashMap::new(),
             read: HashMap::new(),
             next_restore: 1,
@@ -155,20 +152,12 @@ impl CheckpointTask {
                 self.snapshots.insert(id, Arc::new(bytes));
                 self.keeper.snapped(id);
             }
-            CheckpointCall::Await { id, reply } => {
-                if let Some(outcome) = self.ended.get(&id) {
-                    let _ = reply.send(outcome.clone());
-                } else if self.keeper.is_saving(id) {
-                    self.waiting.entry(id).or_default().push(reply);
-                } else if self.keeper.catalog().get(id).is_some() {
-                    let _ = reply.send(SaveOutcome::Committed);
-                } else {
-                    let _ = reply.send(SaveOutcome::Failed(format!(
-                        "no checkpoint of step {} was asked for on this daemon since it started",
-                        id.step.0
-                    )));
+            CheckpointCall::Await { id, reply } => match self.keeper.verdict(id) {
+                Some(outcome) => {
+                    let _ = reply.send(outcome);
                 }
-            }
+                None => self.waiting.entry(id).or_default().push(reply),
+            },
             CheckpointCall::Restore { stream, reply } => {
                 let r = self.next_restore;
                 self.next_restore += 1;
@@ -284,10 +273,6 @@ impl CheckpointTask {
                     }
                     for w in self.waiting.remove(&id).into_iter().flatten() {
                         let _ = w.send(outcome.clone());
-                    }
-                    self.ended.insert(id, outcome);
-                    while self.ended.len() > 64 {
-                        self.ended.pop_first();
                     }
                 }
                 KeeperAction::Restored { restore, result } => {

@@ -402,12 +402,7 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                 len_bytes,
                 step,
                 holds,
-            } => match claim
-                .stream
-                .ok_or_else(|| "say hello before checkpointing".to_string())
-                .and_then(|stream| {
-                    bytes_of(&buffers, buffer, offset_bytes, len_bytes).map(|r| (stream, r))
-                }) {
+            } => match claim.stream_range(&buffers, buffer, offset_bytes, len_bytes) {
                 Err(message) => error(LocalErrorCode::BadRequest, message),
                 Ok((stream, region)) => checkpoint(
                     ctx,
@@ -426,18 +421,9 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                         stream,
                         step: Step(step),
                     };
-                    let (reply, rx) = oneshot::channel();
-                    if ctx
-                        .checkpoints
-                        .blocking_send(CheckpointCall::Await { id, reply })
-                        .is_err()
-                    {
-                        error(LocalErrorCode::ShuttingDown, "the daemon is stopping")
-                    } else {
-                        match rx.blocking_recv() {
-                            Ok(outcome) => ended(step, outcome, &ctx.view.borrow(), id),
-                            Err(_) => error(LocalErrorCode::ShuttingDown, "the daemon is stopping"),
-                        }
+                    match ask(ctx, |reply| CheckpointCall::Await { id, reply }) {
+                        Some(outcome) => ended(step, outcome, &ctx.view.borrow(), id),
+                        None => stopping(),
                     }
                 }
             },
@@ -445,12 +431,7 @@ fn serve(mut stream: UnixStream, ctx: &LocalContext) -> Result<()> {
                 buffer,
                 offset_bytes,
                 len_bytes,
-            } => match claim
-                .stream
-                .ok_or_else(|| "say hello before restoring".to_string())
-                .and_then(|stream| {
-                    bytes_of(&buffers, buffer, offset_bytes, len_bytes).map(|r| (stream, r))
-                }) {
+            } => match claim.stream_range(&buffers, buffer, offset_bytes, len_bytes) {
                 Err(message) => error(LocalErrorCode::BadRequest, message),
                 Ok((stream, mut region)) => restore(ctx, stream, &mut region),
             },
@@ -515,19 +496,10 @@ fn checkpoint(
     holds: Option<phalanx_protocol::wire::Held>,
     region: &Region,
 ) -> LocalResponse {
-    let stopping = || error(LocalErrorCode::ShuttingDown, "the daemon is stopping");
-    let (reply, rx) = oneshot::channel();
-    if ctx
-        .checkpoints
-        .blocking_send(CheckpointCall::Save { id, holds, reply })
-        .is_err()
-    {
-        return stopping();
-    }
-    match rx.blocking_recv() {
-        Err(_) => stopping(),
-        Ok(Err(why)) => error(LocalErrorCode::BadRequest, why),
-        Ok(Ok(())) => {
+    match ask(ctx, |reply| CheckpointCall::Save { id, holds, reply }) {
+        None => stopping(),
+        Some(Err(why)) => error(LocalErrorCode::BadRequest, why),
+        Some(Ok(())) => {
             let t = std::time::Instant::now();
             let bytes = region.as_bytes().to_vec();
             metrics::histogram!(crate::metrics::CHECKPOINT_SNAPSHOT_SECONDS)
@@ -542,6 +514,21 @@ fn checkpoint(
             LocalResponse::Snapshotted { step: id.step.0 }
         }
     }
+}
+
+/// Asks the checkpoint task and waits for its answer; `None` when the
+/// daemon is stopping.
+fn ask<T>(
+    ctx: &LocalContext,
+    call: impl FnOnce(oneshot::Sender<T>) -> CheckpointCall,
+) -> Option<T> {
+    let (reply, rx) = oneshot::channel();
+    ctx.checkpoints.blocking_send(call(reply)).ok()?;
+    rx.blocking_recv().ok()
+}
+
+fn stopping() -> LocalResponse {
+    error(LocalErrorCode::ShuttingDown, "the daemon is stopping")
 }
 
 fn ended(step: u64, outcome: SaveOutcome, view: &GroupView, id: CheckpointId) -> LocalResponse {
@@ -574,19 +561,10 @@ fn ended(step: u64, outcome: SaveOutcome, view: &GroupView, id: CheckpointId) ->
 /// Reads the stream's latest committed checkpoint into `region`, which must
 /// be its size.
 fn restore(ctx: &LocalContext, stream: u32, region: &mut Region) -> LocalResponse {
-    let stopping = || error(LocalErrorCode::ShuttingDown, "the daemon is stopping");
-    let (reply, rx) = oneshot::channel();
-    if ctx
-        .checkpoints
-        .blocking_send(CheckpointCall::Restore { stream, reply })
-        .is_err()
-    {
-        return stopping();
-    }
-    match rx.blocking_recv() {
-        Err(_) => stopping(),
-        Ok(Err(why)) => error(LocalErrorCode::Aborted, why),
-        Ok(Ok((manifest, bytes))) => {
+    match ask(ctx, |reply| CheckpointCall::Restore { stream, reply }) {
+        None => stopping(),
+        Some(Err(why)) => error(LocalErrorCode::Aborted, why),
+        Some(Ok((manifest, bytes))) => {
             let id = manifest.id;
             if bytes.len() != region.len {
                 return error(
@@ -650,6 +628,20 @@ struct StreamClaim {
 static NEXT_CLAIM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl StreamClaim {
+    /// The claimed stream and bytes `offset_bytes..offset_bytes +
+    /// len_bytes` of a registered buffer: what a checkpoint or a restore
+    /// works on.
+    fn stream_range(
+        &self,
+        buffers: &HashMap<u32, Arc<Mapping>>,
+        buffer: u32,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<(u32, Region), String> {
+        let stream = self.stream.ok_or("say hello first")?;
+        bytes_of(buffers, buffer, offset_bytes, len_bytes).map(|r| (stream, r))
+    }
+
     fn claim(&mut self, stream: u32, conn: &UnixStream) -> Result<(), String> {
         if self.stream.is_some() {
             return Err("hello was already said on this connection".into());

@@ -185,7 +185,26 @@ pub struct Keeper {
     /// Copies being fetched from another holder: from whom, and what.
     copying: BTreeMap<CheckpointId, (MemberId, Manifest)>,
     restores: BTreeMap<u64, Restoring>,
+    /// How the trainer's last saves ended, for a trainer that asks after.
+    ended: BTreeMap<CheckpointId, SaveOutcome>,
     actions: VecDeque<KeeperAction>,
+}
+
+/// Verdicts remembered for trainers that ask after the fact.
+const ENDED_KEPT: usize = 64;
+
+/// Tells the trainer how its save ended, and remembers it.
+fn saved(
+    actions: &mut VecDeque<KeeperAction>,
+    ended: &mut BTreeMap<CheckpointId, SaveOutcome>,
+    id: CheckpointId,
+    outcome: SaveOutcome,
+) {
+    ended.insert(id, outcome.clone());
+    while ended.len() > ENDED_KEPT {
+        ended.pop_first();
+    }
+    actions.push_back(KeeperAction::Saved { id, outcome });
 }
 
 impl Keeper {
@@ -206,6 +225,7 @@ impl Keeper {
             held: held.into_iter().collect(),
             copying: BTreeMap::new(),
             restores: BTreeMap::new(),
+            ended: BTreeMap::new(),
             actions: VecDeque::new(),
         }
     }
@@ -220,12 +240,29 @@ impl Keeper {
         &self.held
     }
 
-    /// Whether the trainer's save of `id` is under way here (its verdict
-    /// is still to come).
-    pub fn is_saving(&self, id: CheckpointId) -> bool {
-        self.saves
+    /// How the trainer's save of `id` ended, or `None` while it is under
+    /// way here: its verdict (the last few are remembered), committed when
+    /// the group state shows it so, else failed — this daemon never saved
+    /// it (a trainer asking about a step it did not checkpoint is told at
+    /// once, not left waiting).
+    pub fn verdict(&self, id: CheckpointId) -> Option<SaveOutcome> {
+        if let Some(outcome) = self.ended.get(&id) {
+            return Some(outcome.clone());
+        }
+        let saving = self
+            .saves
             .get(&id.stream)
-            .is_some_and(|v| v.iter().any(|s| s.id == id && s.asked))
+            .is_some_and(|v| v.iter().any(|s| s.id == id && s.asked));
+        if saving {
+            return None;
+        }
+        if self.catalog.get(id).is_some() {
+            return Some(SaveOutcome::Committed);
+        }
+        Some(SaveOutcome::Failed(format!(
+            "no checkpoint of step {} was asked for on this daemon since it started",
+            id.step.0
+        )))
     }
 
     /// The group's checkpoints as last published.
@@ -279,12 +316,14 @@ impl Keeper {
                 self.actions.push_back(KeeperAction::Release { id: old.id });
             }
             if old.asked {
-                self.actions.push_back(KeeperAction::Saved {
-                    id: old.id,
-                    outcome: SaveOutcome::Failed(format!(
+                saved(
+                    &mut self.actions,
+                    &mut self.ended,
+                    old.id,
+                    SaveOutcome::Failed(format!(
                         "not committed before {SAVES_PER_STREAM} later checkpoints were asked for"
                     )),
-                });
+                );
             }
         }
         saves.push_back(Save {
@@ -404,12 +443,14 @@ impl Keeper {
                         let old = saves.remove(i).expect("present");
                         self.actions.push_back(KeeperAction::Release { id });
                         if old.asked {
-                            self.actions.push_back(KeeperAction::Saved {
+                            saved(
+                                &mut self.actions,
+                                &mut self.ended,
                                 id,
-                                outcome: SaveOutcome::Failed(format!(
+                                SaveOutcome::Failed(format!(
                                     "this daemon could not write it: {why}"
                                 )),
-                            });
+                            );
                         }
                     }
                 }
@@ -474,8 +515,7 @@ impl Keeper {
                     self.actions.push_back(KeeperAction::Release { id: s.id });
                 }
                 if s.asked {
-                    self.actions
-                        .push_back(KeeperAction::Saved { id: s.id, outcome });
+                    saved(&mut self.actions, &mut self.ended, s.id, outcome);
                 }
                 return false;
             }

@@ -102,6 +102,37 @@ fn a_holder_snapshots_persists_reports_and_hears_the_commit() {
 }
 
 #[test]
+fn a_verdict_waits_while_the_save_is_under_way_and_is_given_for_a_step_never_saved() {
+    let me = MemberId(1);
+    let step = step_where(me, true);
+    let mut k = keeper(1, &[]);
+    k.request(id(step), Epoch(2), HELD).unwrap();
+    assert_eq!(k.verdict(id(step)), None);
+    k.snapped(id(step));
+    k.persisted(Time(5), id(step), Ok(parts()));
+    assert_eq!(k.verdict(id(step)), None, "reported, not committed");
+    let mut c = Catalog::default();
+    let other = *holders(id(step), &RING, 2)
+        .iter()
+        .find(|h| **h != me)
+        .unwrap();
+    reported(&mut c, step, &[me, other]);
+    k.group(Epoch(2), &RING, &c);
+    assert_eq!(k.verdict(id(step)), Some(SaveOutcome::Committed));
+    assert_eq!(
+        k.verdict(id(step + 5)),
+        Some(SaveOutcome::Failed(format!(
+            "no checkpoint of step {} was asked for on this daemon since it started",
+            step + 5
+        )))
+    );
+    // A daemon restarted after the commit: the group state says so.
+    let mut fresh = keeper(2, &[]);
+    fresh.group(Epoch(3), &RING, &c);
+    assert_eq!(fresh.verdict(id(step)), Some(SaveOutcome::Committed));
+}
+
+#[test]
 fn a_non_holder_keeps_its_snapshot_and_persists_it_when_a_holder_leaves_first() {
     let me = MemberId(2);
     let step = step_where(me, false);

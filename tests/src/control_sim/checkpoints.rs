@@ -398,10 +398,8 @@ impl ControlSim {
                     if self.plane().corrupted.contains(&(m, manifest.id)) {
                         continue;
                     }
-                    let ok = self.members[m]
-                        .ck
-                        .as_ref()
-                        .and_then(|c| c.store.get(&manifest.id))
+                    let ok = self
+                        .stored(m, manifest.id)
                         .is_some_and(|s| s.intact(manifest));
                     if !ok {
                         return Err(self.fail(format!(
@@ -621,7 +619,7 @@ impl ControlSim {
                     source,
                 } => {
                     let read = match source {
-                        Source::Local => match self.ck(m).store.get(&manifest.id) {
+                        Source::Local => match self.stored(m, manifest.id) {
                             Some(s) => s.read(&manifest),
                             None => Err("this store has no copy".into()),
                         },
@@ -676,6 +674,11 @@ impl ControlSim {
         }
     }
 
+    /// Member `m`'s copy of `id` on its store (which survives its crashes).
+    fn stored(&self, m: usize, id: CheckpointId) -> Option<&Stored> {
+        self.members[m].ck.as_ref().and_then(|c| c.store.get(&id))
+    }
+
     /// What member `m` reads of `manifest` from holder `h`'s store, over
     /// the network as it is now.
     fn read_from(&self, m: usize, h: MemberId, manifest: &Manifest) -> Result<Vec<u8>, String> {
@@ -683,11 +686,7 @@ impl ControlSim {
         if hm >= self.sc.members || !self.running(hm) || !self.reachable(m, hm) {
             return Err(format!("{h} is unreachable"));
         }
-        match self.members[hm]
-            .ck
-            .as_ref()
-            .and_then(|c| c.store.get(&manifest.id))
-        {
+        match self.stored(hm, manifest.id) {
             Some(s) => s.read(manifest),
             None => Err(format!("{h} has no copy")),
         }
@@ -723,10 +722,8 @@ impl ControlSim {
                     for h in &manifest.holders {
                         let hm = h.0 as usize;
                         let reachable = hm == m || (self.running(hm) && self.reachable(m, hm));
-                        let intact = self.members[hm]
-                            .ck
-                            .as_ref()
-                            .and_then(|c| c.store.get(&manifest.id))
+                        let intact = self
+                            .stored(hm, manifest.id)
                             .is_some_and(|s| s.intact(manifest));
                         if reachable && intact {
                             return Err(self.fail(format!(
@@ -781,11 +778,7 @@ impl ControlSim {
                     if self.plane().corrupted.contains(&(hm, manifest.id)) {
                         continue;
                     }
-                    let held = self.members[hm]
-                        .ck
-                        .as_ref()
-                        .and_then(|c| c.store.get(&manifest.id))
-                        .is_some();
+                    let held = self.stored(hm, manifest.id).is_some();
                     if !held {
                         let kept: Vec<u64> = truth.newest_first(0).map(|m| m.id.step.0).collect();
                         return Err(self.fail(format!(
